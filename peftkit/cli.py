@@ -1,0 +1,60 @@
+"""The `peftkit` command line. User errors are caught here, once: message on stderr, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from peftkit.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe keys")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning from one YAML recipe.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train, evaluate and write a run folder")
+    _add_recipe_arguments(train)
+    train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    train.set_defaults(handler=_train)
+
+    validate = commands.add_parser("validate", help="print the fully resolved recipe")
+    _add_recipe_arguments(validate)
+    validate.set_defaults(handler=_validate)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> None:
+    from peftkit.recipe.load import load_recipe
+    from peftkit.training.run import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_dir = train(recipe, resume=args.resume)
+    print(f"run folder: {run_dir}")
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from peftkit.recipe.load import load_recipe
+    from peftkit.run_folder import recipe_as_yaml
+
+    print(recipe_as_yaml(load_recipe(args.recipe, args.overrides)), end="")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[peftkit] %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args.handler(args)
+    except UserError as error:
+        print(f"peftkit: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0

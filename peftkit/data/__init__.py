@@ -1,0 +1,1 @@
+"""Loading the recipe's data sources into `datasets.Dataset` splits."""

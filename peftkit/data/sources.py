@@ -1,0 +1,111 @@
+"""Load each data source of a recipe (local files or hub datasets) into a `datasets.Dataset`."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import datasets
+
+from peftkit.errors import UserError
+from peftkit.recipe.schema import DataSection, DataSource
+from peftkit.references import looks_like_local_path, resolve_reference
+
+SPLITS = ("train", "validation", "test")
+_EXTENSION_FORMATS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+
+
+def load_splits(data: DataSection) -> dict[str, datasets.Dataset]:
+    """Every split the recipe defines, with `validation_fraction` carved off train when asked."""
+    splits = {name: load_source(getattr(data, name), f"data.{name}") for name in SPLITS if getattr(data, name)}
+    if data.validation is None and data.validation_fraction:
+        parts = splits["train"].train_test_split(test_size=data.validation_fraction, seed=data.train.seed)
+        splits["train"], splits["validation"] = parts["train"], parts["test"]
+    return splits
+
+
+def load_source(source: DataSource, key_path: str) -> datasets.Dataset:
+    location = resolve_reference(source.path, f"{key_path}.path")
+    data_format = _detect_format(source, location, key_path)
+    datasets.disable_progress_bars()
+    try:
+        if data_format == "hub":
+            dataset = datasets.load_dataset(location, source.subset, split=source.split or key_path.split(".")[-1])
+        else:
+            dataset = _load_file(location, data_format)
+    except UserError:
+        raise
+    except Exception as exc:  # datasets raises many types for unreadable files and unknown hub names
+        what = "hub dataset" if data_format == "hub" else f"{data_format} file"
+        raise UserError(f"{key_path}.path: could not read {what} `{location}`: {_first_line(exc)}") from None
+    finally:
+        datasets.enable_progress_bars()
+    dataset = _rename(dataset, source, key_path)
+    if len(dataset) == 0:
+        raise UserError(f"{key_path}: `{location}` holds no rows; point it at a file with data")
+    if source.limit is not None and source.limit < len(dataset):
+        dataset = dataset.shuffle(seed=source.seed).select(range(source.limit))
+    return dataset
+
+
+def _detect_format(source: DataSource, location: str, key_path: str) -> str:
+    if source.format != "auto":
+        if source.format != "hub" and not Path(location).is_file():
+            raise UserError(f"{key_path}.path: file `{location}` does not exist")
+        return source.format
+    path = Path(location)
+    if path.is_file():
+        data_format = _EXTENSION_FORMATS.get(path.suffix.lower())
+        if data_format is None:
+            allowed = ", ".join(_EXTENSION_FORMATS)
+            raise UserError(
+                f"{key_path}.path: cannot tell the format of `{location}` from its extension; use one of "
+                f"{allowed} or set {key_path}.format"
+            )
+        return data_format
+    if looks_like_local_path(source.path):
+        raise UserError(f"{key_path}.path: file `{location}` does not exist (paths are relative to {Path.cwd()})")
+    return "hub"
+
+
+def _load_file(location: str, data_format: str) -> datasets.Dataset:
+    if data_format in ("json", "jsonl"):
+        return datasets.load_dataset("json", data_files=location, split="train")
+    if data_format == "csv":
+        return datasets.load_dataset("csv", data_files=location, split="train")
+    if data_format == "tsv":
+        # TSV corpora (GLUE among them) use quote characters as plain text.
+        return datasets.load_dataset("csv", data_files=location, split="train", sep="\t", quoting=csv.QUOTE_NONE)
+    return datasets.load_dataset("parquet", data_files=location, split="train")
+
+
+def _rename(dataset: datasets.Dataset, source: DataSource, key_path: str) -> datasets.Dataset:
+    missing = [old for old in source.rename if old not in dataset.column_names]
+    if missing:
+        raise UserError(
+            f"{key_path}.rename: column(s) {missing} not in `{source.path}`; its columns are {dataset.column_names}"
+        )
+    return dataset.rename_columns(source.rename) if source.rename else dataset
+
+
+def require_columns(dataset: datasets.Dataset, columns: list[str], split: str, source_path: str, hint_key: str) -> None:
+    """Fail with the file, the missing column and the columns present, before any tokenization."""
+    missing = [column for column in columns if column not in dataset.column_names]
+    if missing:
+        raise UserError(
+            f"data.{split}: `{source_path}` has no column {missing[0]!r} (columns: {dataset.column_names}); "
+            f"set {hint_key} or rename the column with data.{split}.rename"
+        )
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def split_origin(data: DataSection, split: str) -> str:
+    """The file or hub name a split came from, for error messages (a carved-off validation names train's)."""
+    source = getattr(data, split)
+    if source is None:
+        return f"{data.train.path} (validation_fraction)"
+    return source.path

@@ -1,0 +1,8 @@
+"""The one exception type for mistakes a user can fix (recipe, data, paths).
+
+The CLI catches it once, prints the message without a traceback and exits with code 2.
+"""
+
+
+class UserError(Exception):
+    """A problem in the user's input; the message says what is wrong and how to fix it."""

@@ -1,0 +1,1 @@
+"""Scoring, reports and pictures of a finished run."""

@@ -1,0 +1,37 @@
+"""`report.md`: what was trained, how training went, and each split's metrics with the task's error analysis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from peftkit.recipe.schema import Recipe
+from peftkit.run_folder import write_text_atomic
+
+
+def write_report(run_dir: Path, recipe: Recipe, summary: dict, split_sections: dict[str, str], has_loss_plot: bool) -> None:
+    parameters = summary["parameters"]
+    lines = [
+        f"# Run report: {recipe.name}",
+        "",
+        f"- model: `{recipe.model.name}`" + (" (trust_remote_code ON)" if recipe.model.trust_remote_code else ""),
+        f"- task: {recipe.task.type}",
+        f"- adapter: {recipe.adapter.method}"
+        + (f" (r={recipe.adapter.r}, alpha={recipe.adapter.alpha})" if recipe.adapter.method == "lora" else ""),
+        f"- quantization: {recipe.quantization.bits or 'none'}" + (" bit" if recipe.quantization.bits else ""),
+        f"- trainable parameters: {parameters['trainable']:,} of {parameters['total']:,} "
+        f"({100 * parameters['trainable'] / max(parameters['total'], 1):.2f}%)",
+        f"- examples: " + ", ".join(f"{split} {count}" for split, count in summary["examples"].items()),
+    ]
+    train = summary.get("train", {})
+    if train:
+        lines.append(
+            f"- training: {train.get('global_step')} steps, {train.get('train_runtime', 0):.1f} s, "
+            f"final training loss {train.get('train_loss', float('nan')):.4f}"
+        )
+    if summary.get("best_checkpoint"):
+        lines.append(f"- best checkpoint: `{summary['best_checkpoint']}` ({summary['best_metric_name']} = {summary['best_metric']:.4f})")
+    if has_loss_plot:
+        lines += ["", "## Loss", "", "![loss curves](plots/loss.png)"]
+    for split, section in split_sections.items():
+        lines += ["", f"## {split.capitalize()} results", "", section]
+    write_text_atomic(run_dir / "report.md", "\n".join(lines) + "\n")

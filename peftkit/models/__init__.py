@@ -1,0 +1,1 @@
+"""Loading base models and tokenizers, with quantization and adapters applied from the recipe."""

@@ -1,0 +1,63 @@
+"""Load the tokenizer and base model a recipe names, turning loader failures into user errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from peftkit.errors import UserError
+from peftkit.models.quantization import build_quantization_config, torch_dtype
+from peftkit.recipe.schema import ModelSection, Recipe
+from peftkit.references import resolve_reference
+
+
+def model_location(model: ModelSection) -> str:
+    return resolve_reference(model.name, "model.name")
+
+
+def _hub_kwargs(model: ModelSection) -> dict[str, Any]:
+    return {"revision": model.revision, "trust_remote_code": model.trust_remote_code}
+
+
+def load_config(model: ModelSection) -> PretrainedConfig:
+    """Reading the config first catches a wrong model path before any data work is done."""
+    location = model_location(model)
+    try:
+        return AutoConfig.from_pretrained(location, **_hub_kwargs(model))
+    except Exception as exc:  # OSError, ValueError, EnvironmentError from hub/local resolution
+        raise UserError(
+            f"model.name: cannot load a model config from `{model.name}` ({location}): "
+            f"{str(exc).strip().splitlines()[0][:300]}. Give a local model folder, a hub id, or package:<module>/<dir>"
+        ) from None
+
+
+def load_tokenizer(model: ModelSection) -> PreTrainedTokenizerBase:
+    location = model_location(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **_hub_kwargs(model))
+    except Exception as exc:
+        raise UserError(f"model.name: cannot load a tokenizer from `{model.name}`: {str(exc).splitlines()[0][:300]}") from None
+    if tokenizer.pad_token is None:
+        # Decoder-only models often ship without a pad token; padding positions are masked anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(recipe: Recipe, auto_class: type, keep_unquantized: list[str] = (), **task_kwargs: Any):
+    """Load `auto_class` with the recipe's dtype, quantization and trust settings plus task-specific kwargs."""
+    model = recipe.model
+    kwargs: dict[str, Any] = {**_hub_kwargs(model), **task_kwargs, "use_safetensors": True}
+    if model.dtype != "auto":
+        kwargs["dtype"] = torch_dtype(model.dtype)
+    else:
+        kwargs["dtype"] = "auto"
+    if model.attn_implementation:
+        kwargs["attn_implementation"] = model.attn_implementation
+    quantization_config = build_quantization_config(recipe, keep_unquantized)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    try:
+        return auto_class.from_pretrained(model_location(model), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model.name: cannot load `{model.name}`: {str(exc).strip().splitlines()[0][:300]}") from None

@@ -1,0 +1,29 @@
+"""Build the bitsandbytes quantization config of the frozen base from the recipe."""
+
+from __future__ import annotations
+
+import torch
+from transformers import BitsAndBytesConfig
+
+from peftkit.recipe.schema import Recipe
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}[name]
+
+
+def build_quantization_config(recipe: Recipe, keep_unquantized: list[str] = ()) -> BitsAndBytesConfig | None:
+    """None when the base stays in full precision; task heads listed in `keep_unquantized` stay unquantized."""
+    quant = recipe.quantization
+    if quant.bits is None:
+        return None
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(keep_unquantized) or None)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
+        bnb_4bit_quant_storage=torch_dtype(quant.storage_dtype),
+        llm_int8_skip_modules=list(keep_unquantized) or None,
+    )

@@ -1,0 +1,103 @@
+"""The run folder: where it is, how it is created and cleaned up, and the files that describe a run."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+from peftkit.errors import UserError
+from peftkit.recipe.schema import Recipe
+
+CHECKPOINTS = "checkpoints"
+LIBRARIES = ("peftkit", "torch", "transformers", "peft", "accelerate", "datasets", "trl", "bitsandbytes", "deepspeed")
+
+
+def run_dir_for(recipe: Recipe) -> Path:
+    return Path(recipe.output.dir or Path("runs") / recipe.name)
+
+
+@contextlib.contextmanager
+def run_folder(recipe: Recipe, resume: bool, is_main_process: bool = True) -> Iterator[Path]:
+    """Create (or reuse, when resuming) the run folder; remove it again if the run fails before any checkpoint."""
+    run_dir = run_dir_for(recipe)
+    created = False
+    if is_main_process:
+        if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+            if not recipe.output.overwrite:
+                raise UserError(
+                    f"output.dir: run folder `{run_dir}` already exists; pass --resume to continue it, "
+                    "set output.overwrite=true to replace it, or choose another output.dir"
+                )
+            shutil.rmtree(run_dir)
+        created = not run_dir.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        yield run_dir
+    except BaseException:
+        if created and is_main_process and not list((run_dir / CHECKPOINTS).glob("checkpoint-*")):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
+
+
+def write_json(path: Path, content: Any) -> None:
+    write_text_atomic(path, json.dumps(content, indent=2, sort_keys=False) + "\n")
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+
+
+def recipe_as_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def library_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_revision() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def manifest(recipe: Recipe, **facts: Any) -> dict[str, Any]:
+    return {
+        "recipe": recipe.name,
+        "seed": recipe.training.seed,
+        "trust_remote_code": recipe.model.trust_remote_code,
+        "command": sys.argv,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_revision": git_revision(),
+        "libraries": library_versions(),
+        **facts,
+    }

@@ -1,0 +1,187 @@
+"""Text classification: single sentences or pairs, binary or multi-class, labels as strings or integers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+
+from peftkit.data.sources import require_columns, split_origin
+from peftkit.errors import UserError
+from peftkit.evaluation.plots import plot_confusion_matrix
+from peftkit.models.load import load_base_model
+from peftkit.recipe.schema import Recipe
+
+PEFT_TASK_TYPE = "SEQ_CLS"
+DEFAULT_METRIC = "f1_macro"
+HEAD_NAMES = ("classifier", "score")
+
+
+def label_names(recipe: Recipe, train) -> list[str]:
+    """Label names in id order: the recipe's list, else the sorted distinct training labels."""
+    if recipe.task.labels:
+        return list(recipe.task.labels)
+    values = set(train[recipe.task.label_column])
+    if all(isinstance(value, (int, np.integer)) for value in values):
+        return [str(value) for value in sorted(values)]
+    return sorted(str(value) for value in values)
+
+
+def _label_ids(values: list[Any], names: list[str], split: str, source: str, label_column: str) -> list[int]:
+    index = {name: i for i, name in enumerate(names)}
+    ids, unknown = [], set()
+    for value in values:
+        key = str(value)
+        if key not in index and isinstance(value, (int, np.integer)) and 0 <= value < len(names):
+            key = names[value]  # integer labels index into explicit label names
+        if key not in index:
+            unknown.add(key)
+        else:
+            ids.append(index[key])
+    if unknown:
+        raise UserError(
+            f"data.{split}: `{source}` column {label_column!r} has label(s) {sorted(unknown)[:10]} that do not occur "
+            f"in the training labels {names}; fix the data or list every label in task.labels"
+        )
+    return ids
+
+
+def prepare(recipe: Recipe, splits: dict, tokenizer) -> tuple[dict, dict]:
+    """Check columns and labels of every split, then tokenize. Returns (tokenized splits, task info)."""
+    task = recipe.task
+    columns = [task.text_column, task.label_column] + ([task.text_pair_column] if task.text_pair_column else [])
+    for split, dataset in splits.items():
+        require_columns(dataset, columns, split, split_origin(recipe.data, split), "task.text_column/task.label_column")
+    names = label_names(recipe, splits["train"])
+    if len(names) < 2:
+        raise UserError(f"data.train: column {task.label_column!r} has only the label {names}; classification needs two or more")
+
+    def tokenize(batch):
+        pair = batch[task.text_pair_column] if task.text_pair_column else None
+        return tokenizer(batch[task.text_column], pair, truncation=True, max_length=recipe.data.max_length)
+
+    tokenized = {}
+    for split, dataset in splits.items():
+        ids = _label_ids(dataset[task.label_column], names, split, split_origin(recipe.data, split), task.label_column)
+        encoded = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names)
+        tokenized[split] = encoded.add_column("labels", ids)
+    return tokenized, {"labels": names}
+
+
+def load_model(recipe: Recipe, info: dict):
+    names = info["labels"]
+    return load_base_model(
+        recipe,
+        AutoModelForSequenceClassification,
+        keep_unquantized=list(HEAD_NAMES),
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={name: i for i, name in enumerate(names)},
+    )
+
+
+def head_modules(model) -> list[str]:
+    present = {name.split(".")[-1] for name, _ in model.named_modules()}
+    return [name for name in HEAD_NAMES if name in present]
+
+
+def collator(tokenizer):
+    return DataCollatorWithPadding(tokenizer)
+
+
+def compute_metrics(info: dict):
+    """Metrics for periodic evaluation inside the Trainer."""
+
+    def compute(eval_prediction) -> dict[str, float]:
+        logits = eval_prediction.predictions
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        predicted = np.asarray(logits).argmax(-1)
+        gold = np.asarray(eval_prediction.label_ids)
+        _, _, f1, _ = precision_recall_fscore_support(gold, predicted, average="macro", zero_division=0)
+        return {"accuracy": float(accuracy_score(gold, predicted)), "f1_macro": float(f1)}
+
+    return compute
+
+
+def predict(trainer, tokenized, raw, recipe: Recipe, info: dict) -> list[dict]:
+    """One record per example: inputs, gold and predicted label, and the predicted label's probability."""
+    output = trainer.predict(tokenized)
+    logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+    probabilities = _softmax(np.asarray(logits, dtype=np.float64))
+    names = info["labels"]
+    records = []
+    for i, (gold, probs) in enumerate(zip(tokenized["labels"], probabilities)):
+        record = {"text": raw[i][recipe.task.text_column]}
+        if recipe.task.text_pair_column:
+            record["text_pair"] = raw[i][recipe.task.text_pair_column]
+        predicted = int(probs.argmax())
+        record.update(
+            gold=names[gold],
+            predicted=names[predicted],
+            probability=round(float(probs[predicted]), 6),
+            gold_probability=round(float(probs[gold]), 6),
+        )
+        records.append(record)
+    return records
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def score(records: list[dict], info: dict) -> dict[str, Any]:
+    names = info["labels"]
+    gold = [r["gold"] for r in records]
+    predicted = [r["predicted"] for r in records]
+    precision, recall, f1, support = precision_recall_fscore_support(
+        gold, predicted, labels=names, average=None, zero_division=0
+    )
+    macro = precision_recall_fscore_support(gold, predicted, labels=names, average="macro", zero_division=0)
+    return {
+        "examples": len(records),
+        "accuracy": float(accuracy_score(gold, predicted)),
+        "precision_macro": float(macro[0]),
+        "recall_macro": float(macro[1]),
+        "f1_macro": float(macro[2]),
+        "per_class": {
+            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(names, precision, recall, f1, support)
+        },
+        "confusion_matrix": {"labels": names, "matrix": confusion_matrix(gold, predicted, labels=names).tolist()},
+    }
+
+
+def report(records: list[dict], metrics: dict, split: str, run_dir: Path, worst: int) -> str:
+    """Markdown for one split: headline metrics, per-class table, confusion matrix picture, worst errors."""
+    picture = Path("plots") / f"confusion_matrix_{split}.png"
+    matrix = metrics["confusion_matrix"]
+    plot_confusion_matrix(matrix["matrix"], matrix["labels"], run_dir / picture, title=f"Confusion matrix ({split})")
+    lines = [
+        f"| accuracy | precision (macro) | recall (macro) | F1 (macro) | examples |",
+        "|---|---|---|---|---|",
+        f"| {metrics['accuracy']:.4f} | {metrics['precision_macro']:.4f} | {metrics['recall_macro']:.4f} "
+        f"| {metrics['f1_macro']:.4f} | {metrics['examples']} |",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in metrics["per_class"].items():
+        lines.append(f"| {name} | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1']:.4f} | {row['support']} |")
+    lines += ["", f"![confusion matrix]({picture.as_posix()})", ""]
+    errors = sorted((r for r in records if r["gold"] != r["predicted"]), key=lambda r: r["gold_probability"])
+    if errors and worst:
+        lines += [f"Worst misclassified examples (lowest probability of the gold label), {min(worst, len(errors))} of {len(errors)}:", ""]
+        lines += ["| text | gold | predicted | p(predicted) |", "|---|---|---|---|"]
+        for record in errors[:worst]:
+            text = record["text"] + (f" ‖ {record['text_pair']}" if "text_pair" in record else "")
+            lines.append(f"| {_cell(text)} | {record['gold']} | {record['predicted']} | {record['probability']:.3f} |")
+    return "\n".join(lines)
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    text = str(text).replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
