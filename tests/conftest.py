@@ -1,0 +1,138 @@
+"""Shared fixtures: tiny models built from configs (no downloads) and a small learnable dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+POSITIVE_WORDS = ["great", "good", "excellent", "lovely", "superb", "wonderful", "fine", "happy"]
+NEGATIVE_WORDS = ["bad", "awful", "poor", "terrible", "boring", "sad", "broken", "ugly"]
+FILLER_WORDS = ["the", "a", "movie", "food", "service", "it", "was", "very", "really", "and", "this", "place"]
+
+
+def _word_level_tokenizer(directory: Path):
+    """A real fast tokenizer over a small vocabulary, built offline (no hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"] + sorted(
+        set(POSITIVE_WORDS + NEGATIVE_WORDS + FILLER_WORDS + [str(i) for i in range(20)])
+    )
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", bos_token="<s>", eos_token="</s>",
+    )
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A 2-layer BERT encoder saved as a standard HF model folder."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = _word_level_tokenizer(directory)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+    )
+    BertModel(config).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama decoder (causal LM weights; heads are added by each task)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = _word_level_tokenizer(directory)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def sentiment_rows(count: int, seed: int) -> list[dict]:
+    """Balanced rows whose label is decided by one sentiment word among fillers: learnable in a few steps."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        label = "positive" if i % 2 == 0 else "negative"
+        words = rng.sample(FILLER_WORDS, 4) + [rng.choice(POSITIVE_WORDS if label == "positive" else NEGATIVE_WORDS)]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    rng.shuffle(rows)
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture
+def sentiment_files(tmp_path) -> dict[str, Path]:
+    return {
+        "train": write_jsonl(tmp_path / "train.jsonl", sentiment_rows(160, seed=1)),
+        "validation": write_jsonl(tmp_path / "validation.jsonl", sentiment_rows(40, seed=2)),
+        "test": write_jsonl(tmp_path / "test.jsonl", sentiment_rows(40, seed=3)),
+    }
+
+
+def classification_recipe(model_dir: Path, files: dict[str, Path], run_dir: Path, **sections) -> dict:
+    """A plain-dict recipe for the tiny models; keyword sections are deep-merged over it."""
+    from peftkit.recipe.load import deep_merge
+
+    recipe = {
+        "name": "tiny",
+        "model": {"name": str(model_dir)},
+        "task": {"type": "classification"},
+        "data": {name: {"path": str(path)} for name, path in files.items()},
+        "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "training": {
+            "epochs": 3, "batch_size": 8, "learning_rate": 5e-3, "logging_steps": 5, "seed": 7,
+            "eval_strategy": "epoch", "save_strategy": "epoch",
+        },
+        "output": {"dir": str(run_dir), "tensorboard": False},
+    }
+    return deep_merge(recipe, sections)
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m peftkit ...` in a fresh process against this checkout."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "peftkit", *args], capture_output=True, text=True, cwd=cwd or REPO_ROOT,
+        timeout=timeout, env=full_env,
+    )
