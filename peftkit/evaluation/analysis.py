@@ -24,7 +24,8 @@ def length_bucket_table(lengths: list[int], scores: list[float], score_name: str
     for high in edges[1:] if len(edges) > 1 else edges:
         inside = (lengths_array >= low) & (lengths_array <= high)
         if inside.any():
-            lines.append(f"| {low}–{int(high)} | {int(inside.sum())} | {scores_array[inside].mean():.4f} |")
+            span = f"{low}" if low == high else f"{low}–{int(high)}"
+            lines.append(f"| {span} | {int(inside.sum())} | {scores_array[inside].mean():.4f} |")
         low = int(high) + 1
     return "\n".join(lines)
 
