@@ -49,9 +49,10 @@ def load_source(source: DataSource, key_path: str) -> datasets.Dataset:
         raise UserError(f"{key_path}: `{location}` holds no rows; point it at a file with data")
     if source.rows:
         start, _, end = source.rows.partition(":")
-        dataset = dataset.select(range(len(dataset))[slice(int(start) if start else None, int(end) if end else None)])
-        if len(dataset) == 0:
-            raise UserError(f"{key_path}.rows: `{source.rows}` selects no rows of `{location}`")
+        selected = range(len(dataset))[slice(int(start) if start else None, int(end) if end else None)]
+        if not selected:
+            raise UserError(f"{key_path}.rows: `{source.rows}` selects none of the {len(dataset)} rows of `{location}`")
+        dataset = dataset.select(selected)
     if source.limit is not None and source.limit < len(dataset):
         dataset = dataset.shuffle(seed=source.seed).select(range(source.limit))
     return dataset

@@ -1,8 +1,8 @@
 """SQuAD's nested JSON (`data[].paragraphs[].{context, qas[]}`) flattened to one row per question.
 
 Rows match the hub's `rajpurkar/squad` columns (id, title, context, question, answers{text, answer_start}),
-plus `article` (the article's index in the file, for splitting by article) and, for SQuAD v2 files,
-`is_impossible`.
+plus `article` (the article's index in the file, for splitting by article) and `is_impossible`
+(SQuAD v2's flag; for v1 files, whether the question lists no answer).
 """
 
 from __future__ import annotations
@@ -56,8 +56,7 @@ def flatten_squad(content: dict) -> list[dict]:
                         "text": [answer["text"] for answer in answers],
                         "answer_start": [int(answer["answer_start"]) for answer in answers],
                     },
+                    "is_impossible": bool(qa.get("is_impossible", not answers)),
                 }
-                if "is_impossible" in qa:
-                    row["is_impossible"] = bool(qa["is_impossible"])
                 rows.append(row)
     return rows
