@@ -123,5 +123,5 @@ def test_scitldr_lists_become_documents_and_reference_sets(tiny_t5_dir, tmp_path
     )
     splits = load_splits(recipe.data)
     tokenized, _ = seq2seq.prepare(recipe, splits, AutoTokenizer.from_pretrained(tiny_t5_dir))
-    assert len(tokenized["train"]) == len(splits["train"]) == 618
+    assert len(tokenized["train"]) == len(splits["train"]) > 600  # no SciTLDR row has an empty side
     assert max(len(seq2seq.references(v)) for v in splits["train"]["target"]) > 1
