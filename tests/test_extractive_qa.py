@@ -96,6 +96,7 @@ def test_stride_must_fit_the_window(tiny_bert_dir, tmp_path):
         extractive_qa.prepare(recipe, {"train": Dataset.from_list(qa_rows(2, 1))}, AutoTokenizer.from_pretrained(tiny_bert_dir))
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_metrics_predictions_and_report(tiny_bert_dir, tmp_path):
     from peftkit.evaluation.saved_run import evaluate_run
     from peftkit.training.run import train

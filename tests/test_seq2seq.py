@@ -31,6 +31,7 @@ def _records(run_dir):
     return [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_translation_run_scores_generations_with_sacrebleu(tiny_t5_dir, tmp_path):
     from peftkit.evaluation.saved_run import predict_file
     from peftkit.training.run import train
@@ -60,6 +61,7 @@ def test_translation_run_scores_generations_with_sacrebleu(tiny_t5_dir, tmp_path
     assert all(set(p) == {"source", "predicted"} for p in predicted)
 
 
+@pytest.mark.slow
 def test_summarization_run_reports_rouge(tiny_t5_dir, tmp_path):
     from rouge_score import rouge_scorer
 
