@@ -37,7 +37,7 @@ def build_training_args(recipe: Recipe, run_dir: Path, best_metric: str) -> Trai
         optim=training.optimizer,
         seed=training.seed,
         data_seed=training.seed,
-        gradient_checkpointing=training.gradient_checkpointing,
+        activation_checkpointing=training.gradient_checkpointing,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
