@@ -17,7 +17,7 @@ def test_validate_prints_the_resolved_recipe(tmp_path, sentiment_files, tiny_ber
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)
     assert resolved["training"]["learning_rate"] == 0.5 and resolved["adapter"]["r"] == 2
-    assert resolved["name"] == "r" and resolved["model"]["trust_remote_code"] is False
+    assert resolved["name"] == "tiny" and resolved["model"]["trust_remote_code"] is False
     assert resolved["training"]["scheduler"] == "linear"  # defaults are filled in
     assert not (tmp_path / "run").exists()
 

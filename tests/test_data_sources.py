@@ -89,3 +89,20 @@ def test_broken_json_lines_name_the_file(tmp_path):
     broken.write_text('{"text": "ok", "label": 1}\n{"text": broken\n')
     with pytest.raises(UserError, match="broken.jsonl"):
         load_source(DataSource(path=str(broken)), "data.train")
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("broken.jsonl", b'{"text": "ok", "label": 1}\n{"text": "fine", "label": 0}\n{"text": broken\n', "line 3 is not valid JSON"),
+        ("list.jsonl", b'{"text": "ok", "label": 1}\n[1, 2]\n', "line 2 is a JSON list"),
+        ("latin1.jsonl", '{"text": "ok", "label": 1}\n{"text": "caf\u00e9", "label": 0}\n'.encode("latin-1"), "line 2 is not UTF-8"),
+        ("ragged.csv", b"text,label\nok,1\ntoo,many,fields\n", "line 3 has 3 fields but the header has 2"),
+    ],
+)
+def test_bad_files_name_the_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(UserError) as caught:
+        load_source(DataSource(path=str(path)), "data.train")
+    assert message in str(caught.value) and name in str(caught.value)
