@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA
 from peftkit.data.sources import load_source
 from peftkit.errors import UserError
 from peftkit.recipe.schema import DataSource

@@ -10,7 +10,7 @@ import pytest
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from conftest import SHARED_DATA, classification_recipe, qa_rows, write_jsonl
+from tests.conftest import SHARED_DATA, classification_recipe, qa_rows, write_jsonl
 from peftkit.errors import UserError
 from peftkit.recipe.load import validate_recipe
 from peftkit.tasks import extractive_qa

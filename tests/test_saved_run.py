@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from conftest import classification_recipe, sentiment_rows, write_jsonl
+from tests.conftest import classification_recipe, sentiment_rows, write_jsonl
 from peftkit.cli import main
 
 pytestmark = pytest.mark.slow
