@@ -140,6 +140,23 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict
 
 
 @pytest.fixture(scope="session")
+def trained_run(tiny_bert_dir, tmp_path_factory):
+    """A classification run trained on the sentiment data: (run folder, data files). Tests may add files to it."""
+    from peftkit.recipe.load import validate_recipe
+    from peftkit.training.run import train
+
+    data_dir = tmp_path_factory.mktemp("data")
+    files = {
+        "train": write_jsonl(data_dir / "train.jsonl", sentiment_rows(160, seed=1)),
+        "validation": write_jsonl(data_dir / "validation.jsonl", sentiment_rows(40, seed=2)),
+        "test": write_jsonl(data_dir / "test.jsonl", sentiment_rows(40, seed=3)),
+    }
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    recipe = validate_recipe(classification_recipe(tiny_bert_dir, files, run_dir, output={"tensorboard": True}))
+    return train(recipe), files
+
+
+@pytest.fixture(scope="session")
 def tiny_t5_dir(tmp_path_factory) -> Path:
     """A 2+2-layer T5 encoder-decoder whose tokenizer ends every sequence with </s> (so generation can stop)."""
     import torch

@@ -10,28 +10,15 @@ import json
 
 import pytest
 
-from tests.conftest import classification_recipe, sentiment_rows, write_jsonl
+from tests.conftest import sentiment_rows, write_jsonl
 from peftkit.cli import main
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def finished_run(tiny_bert_dir, tmp_path_factory):
-    from peftkit.recipe.load import validate_recipe
-    from peftkit.training.run import train
-
-    folder = tmp_path_factory.mktemp("saved-run")
-    files = {
-        "train": write_jsonl(folder / "train.jsonl", sentiment_rows(64, seed=1)),
-        "validation": write_jsonl(folder / "validation.jsonl", sentiment_rows(24, seed=2)),
-    }
-    recipe = classification_recipe(tiny_bert_dir, files, folder / "run", training={"epochs": 2})
-    return train(validate_recipe(recipe)), folder
-
-
-def test_eval_reproduces_the_run_scores_and_scores_other_data(finished_run, capfd):
-    run_dir, folder = finished_run
+def test_eval_reproduces_the_run_scores_and_scores_other_data(trained_run, capfd):
+    run_dir, files = trained_run
+    folder = files["train"].parent
     trained = json.loads((run_dir / "metrics.json").read_text())["validation"]
     assert main(["eval", str(run_dir), "--split", "validation"]) == 0
     printed = capfd.readouterr().out
@@ -47,8 +34,9 @@ def test_eval_reproduces_the_run_scores_and_scores_other_data(finished_run, capf
     assert len((run_dir / "evaluations" / "other" / "predictions.jsonl").read_text().splitlines()) == 10
 
 
-def test_predict_writes_jsonl_for_unlabelled_inputs(finished_run, capfd):
-    run_dir, folder = finished_run
+def test_predict_writes_jsonl_for_unlabelled_inputs(trained_run, capfd):
+    run_dir, files = trained_run
+    folder = files["train"].parent
     rows = sentiment_rows(6, seed=4)
     inputs = write_jsonl(folder / "inputs.jsonl", [{"text": row["text"]} for row in rows])
     output = folder / "predictions.jsonl"
@@ -62,8 +50,9 @@ def test_predict_writes_jsonl_for_unlabelled_inputs(finished_run, capfd):
     assert all(0.5 <= p["probability"] <= 1 and "gold" not in p for p in predictions)
 
 
-def test_user_errors_exit_2_with_a_message(finished_run, tmp_path, capfd):
-    run_dir, folder = finished_run
+def test_user_errors_exit_2_with_a_message(trained_run, tmp_path, capfd):
+    run_dir, files = trained_run
+    folder = files["train"].parent
     assert main(["eval", str(tmp_path)]) == 2
     assert "not a finished run folder" in capfd.readouterr().err
     assert main(["eval", str(run_dir), "--split", "test"]) == 2

@@ -20,6 +20,9 @@ from peftkit.recipe.schema import Recipe
 
 log = logging.getLogger("peftkit")
 
+# The half of the task contract both tasks take as is (`from peftkit.tasks.seq2seq import *`).
+__all__ = ["PEFT_TASK_TYPE", "DEFAULT_METRIC", "prepare", "load_model", "head_modules", "collator", "compute_metrics"]
+
 PEFT_TASK_TYPE = "SEQ_2_SEQ_LM"
 DEFAULT_METRIC = "loss"  # periodic evaluation is teacher-forced; the final evaluation generates
 

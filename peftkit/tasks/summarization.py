@@ -10,17 +10,8 @@ import numpy as np
 from peftkit.errors import UserError
 from peftkit.evaluation.text_metrics import ROUGE_TYPES, rouge
 from peftkit.recipe.schema import Recipe
-from peftkit.tasks.seq2seq import (  # noqa: F401  (the shared half of the task contract)
-    DEFAULT_METRIC,
-    PEFT_TASK_TYPE,
-    collator,
-    compute_metrics,
-    error_analysis,
-    generate_records,
-    head_modules,
-    load_model,
-    prepare,
-)
+from peftkit.tasks.seq2seq import *  # noqa: F403  (the shared half of the task contract)
+from peftkit.tasks.seq2seq import error_analysis, generate_records
 
 SENTENCE_SCORE = "rougeL"
 

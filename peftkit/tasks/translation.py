@@ -8,17 +8,8 @@ from typing import Any
 from peftkit.errors import UserError
 from peftkit.evaluation.text_metrics import bleu_and_chrf, sentence_chrf
 from peftkit.recipe.schema import Recipe
-from peftkit.tasks.seq2seq import (  # noqa: F401  (the shared half of the task contract)
-    DEFAULT_METRIC,
-    PEFT_TASK_TYPE,
-    collator,
-    compute_metrics,
-    error_analysis,
-    generate_records,
-    head_modules,
-    load_model,
-    prepare,
-)
+from peftkit.tasks.seq2seq import *  # noqa: F403  (the shared half of the task contract)
+from peftkit.tasks.seq2seq import error_analysis, generate_records
 
 SENTENCE_SCORE = "chrf"
 
