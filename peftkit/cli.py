@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="re-evaluate a finished run on its own or other data")
     evaluate.add_argument("run_dir", help="run folder written by `peftkit train`")
     evaluate.add_argument("--data", help="data file or hub dataset to score (default: the run's own split)")
-    evaluate.add_argument("--split", help="the run's split (test, validation) or, with --data, the hub split")
+    evaluate.add_argument("--split", help="the run's split (train, validation, test) or, with --data, the hub split")
     evaluate.set_defaults(handler=_eval)
 
     predict = commands.add_parser("predict", help="write a finished run's predictions for an input file (JSONL)")

@@ -55,8 +55,8 @@ def test_user_errors_exit_2_with_a_message(trained_run, tmp_path, capfd):
     folder = files["train"].parent
     assert main(["eval", str(tmp_path)]) == 2
     assert "not a finished run folder" in capfd.readouterr().err
-    assert main(["eval", str(run_dir), "--split", "test"]) == 2
-    assert "no `test` data" in capfd.readouterr().err
+    assert main(["eval", str(run_dir), "--split", "dev"]) == 2
+    assert "no `dev` data" in capfd.readouterr().err
     wrong = write_jsonl(folder / "wrong.jsonl", [{"sentence": "good"}])
     assert main(["predict", str(run_dir), "--input", str(wrong), "--output", str(tmp_path / "x.jsonl")]) == 2
     assert "no column 'text'" in capfd.readouterr().err
