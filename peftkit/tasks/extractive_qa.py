@@ -80,15 +80,14 @@ def _examples(dataset, task, split: str, source: str, labelled: bool) -> list[di
         context, question = row[task.context_column], row[task.question_column]
         if not isinstance(context, str) or not context.strip() or not isinstance(question, str) or not question.strip():
             raise UserError(f"data.{split}: `{source}` row {index} has an empty question or context")
-        example = {"question": question.lstrip(), "context": context, "answers": [], "answer_start": None}
+        example = {"question": question.lstrip(), "context": context, "answer_start": None, "trainable": True}
         if labelled:
             texts, starts = normalize_answers(row[task.answers_column], context)
             located = [locate_answer(text, start, context) for text, start in zip(texts, starts)]
             found = [(text, start) for text, start in zip(texts, located) if start is not None]
-            example["answers"] = texts
             if texts and not found:
                 not_found += 1
-                example["answers"] = None  # cannot be a training target; still scorable by text
+                example["trainable"] = False  # no span to learn; still scored by text in evaluation
             elif found:
                 example["answer_start"] = found[0][1]
                 example["answer_text"] = found[0][0]
@@ -125,7 +124,7 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
         require_columns(dataset, columns, split, source, "task.question_column/task.context_column/task.answers_column")
         examples = _examples(dataset, task, split, source, labelled)
         if split == "train":
-            examples = [e for e in examples if e["answers"] is not None]
+            examples = [e for e in examples if e["trainable"]]
             if not examples:
                 raise UserError(f"data.train: no answer in `{source}` occurs in its context; check the answers column")
         # Evaluation windows keep their example index and offsets so that predict() can map spans back to text.
