@@ -224,3 +224,27 @@ def activations(recipe: Recipe, counts: ParameterCounts, precision: str) -> tupl
         saved = tokens * (layers * per_token_layer + 2 * element * h)
         note = f"{attention} attention"
     return int(saved), f"{tokens:,} tokens/micro-batch, {note}"
+
+
+def format_bytes(size: float) -> str:
+    return f"{size / GiB:.2f} GiB"
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """The per-GPU breakdown as an aligned text table with the verdict underneath."""
+    settings = plan.settings
+    lines = [
+        f"per GPU ({plan.gpus} GPU{'s' if plan.gpus > 1 else ''}, {settings['precision']}, "
+        f"sharding: {settings['sharding']}, {settings['tokens_per_micro_batch']:,} tokens per micro-batch)",
+    ]
+    width = max(len(row.component) for row in plan.rows)
+    for row in plan.rows:
+        lines.append(f"  {row.component:<{width}}  {format_bytes(row.bytes):>11}  {row.note}".rstrip())
+    lines.append(f"  {'total':<{width}}  {format_bytes(plan.total):>11}")
+    if plan.host_bytes:
+        lines.append(f"  CPU RAM for offloaded tensors: {format_bytes(plan.host_bytes)} per process")
+    if plan.fits is not None:
+        verdict = "fits" if plan.fits else "does NOT fit"
+        lines.append(f"{verdict} in {format_bytes(plan.gpu_memory)} per GPU "
+                     f"({format_bytes(abs(plan.gpu_memory - plan.total))} {'spare' if plan.fits else 'over'})")
+    return "\n".join(lines)

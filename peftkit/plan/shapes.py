@@ -109,21 +109,25 @@ def base_dtype(recipe: Recipe, config: PretrainedConfig) -> torch.dtype:
     return dtype or torch.float32
 
 
-def build_meta_model(recipe: Recipe, config: PretrainedConfig):
-    """The model exactly as training builds it (task head, quantization, adapter), on the meta device."""
+def build_meta_model(recipe: Recipe, config: PretrainedConfig, peft_task_type: str | None = None):
+    """The model exactly as training builds it (task head, quantization, adapter), on the meta device.
+
+    `peft_task_type` overrides the recipe task's model kind (benchmarks plan causal LMs with any task).
+    """
     task = get_task(recipe.task.type)
-    auto_class = AUTO_CLASS_BY_PEFT_TASK.get(task.PEFT_TASK_TYPE, AutoModel)
+    peft_task_type = peft_task_type or task.PEFT_TASK_TYPE
+    auto_class = AUTO_CLASS_BY_PEFT_TASK.get(peft_task_type, AutoModel)
     dtype = base_dtype(recipe, config)
     config = copy.deepcopy(config)
     if auto_class is AutoModelForSequenceClassification:
         config.num_labels = len(getattr(recipe.task, "labels", None) or []) or 2
     with torch.device("meta"):
         model = auto_class.from_config(config, dtype=dtype, trust_remote_code=recipe.model.trust_remote_code)
-    heads = task.head_modules(model) if hasattr(task, "head_modules") else []
+    heads = task.head_modules(model) if hasattr(task, "head_modules") and peft_task_type == task.PEFT_TASK_TYPE else []
     _quantize_on_meta(model, recipe, heads, dtype)
     _keep_in_fp32(model, dtype)
     with torch.device("meta"):
-        return attach_adapter(model, recipe, task.PEFT_TASK_TYPE, heads)
+        return attach_adapter(model, recipe, peft_task_type, heads)
 
 
 def _quantize_on_meta(model, recipe: Recipe, keep_unquantized: list[str], dtype: torch.dtype) -> None:
@@ -173,9 +177,11 @@ def quantized_bytes(param) -> tuple[str, int] | None:
     return None
 
 
-def count_parameters(recipe: Recipe, config: PretrainedConfig | None = None) -> ParameterCounts:
+def count_parameters(
+    recipe: Recipe, config: PretrainedConfig | None = None, peft_task_type: str | None = None
+) -> ParameterCounts:
     config = config or load_model_config(recipe.model)
-    model = build_meta_model(recipe, config)
+    model = build_meta_model(recipe, config, peft_task_type)
     frozen: dict[str, int] = {}
     frozen_numel = 0
     trainable = []

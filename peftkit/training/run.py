@@ -18,6 +18,7 @@ from peftkit.data.sources import load_splits
 from peftkit.evaluation.plots import plot_losses
 from peftkit.evaluation.report import write_report
 from peftkit.models.load import load_config, load_tokenizer
+from peftkit.plan.preflight import warn_if_recipe_will_not_fit
 from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import manifest, recipe_as_yaml, run_folder, write_json, write_jsonl, write_text_atomic
 from peftkit.tasks import get_task
@@ -36,6 +37,7 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
     resume = resume or recipe.training.resume
 
     load_config(recipe.model)
+    warn_if_recipe_will_not_fit(recipe)
     tokenizer = load_tokenizer(recipe.model)
     raw_splits = load_splits(recipe.data)
     tokenized, info = task.prepare(recipe, raw_splits, tokenizer)
