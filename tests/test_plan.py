@@ -61,7 +61,7 @@ def test_zero3_shards_everything_and_offload_moves_it_to_cpu():
     trainable = COUNTS.trainable_numel
     assert zero3["adapter weights"] == trainable * 2 // 4
     assert zero3["gradients"] == trainable * 2 // 4 + trainable * 4 // 4
-    assert zero3["optimizer states"] == (trainable * 12 + 8 * 4) // 4
+    assert zero3["optimizer states"] == trainable * 12 // 4 + 4  # one flat partition: one step counter
     offloaded = estimate(
         recipe(distributed={"strategy": "deepspeed", "zero_stage": 3, "offload_params": True, "offload_optimizer": True}),
         COUNTS, 4,

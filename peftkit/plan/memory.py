@@ -125,22 +125,25 @@ def estimate(recipe: Recipe, counts: ParameterCounts, gpus: int = 1, gpu_memory:
         rows.append(Row(f"base weights ({kind})", size, note))
 
     trainable_numel = counts.trainable_numel
+    # ZeRO and FSDP split every tensor into `world` equal (rounded-up) pieces
+    partition_numel = sum(math.ceil(numel / world) for numel, _ in counts.trainable)
     trainable_dtype_bytes = counts.trainable_bytes
     if deepspeed and mixed:
         trainable_dtype_bytes = trainable_numel * 2
-    weights = int(trainable_dtype_bytes * (1 / world if params_sharded else 1))
+    element = trainable_dtype_bytes / max(trainable_numel, 1)
+    weights = int(partition_numel * element) if params_sharded else trainable_dtype_bytes
     if offload_params:
         host += weights
         weights = 0
     label = "trainable weights" if recipe.adapter.method == "none" else "adapter weights"
     rows.append(Row(label, weights, f"{trainable_numel:,} parameters"))
 
-    grads = trainable_dtype_bytes / (world if grads_sharded else 1)
+    grads = partition_numel * element if grads_sharded else trainable_dtype_bytes
     grad_note = f"sharded 1/{world}" if grads_sharded else ""
     if deepspeed:
-        fp32_partition = trainable_numel * 4 / world  # ZeRO's fp32 gradient partition fed to the optimizer
+        fp32_partition = partition_numel * 4  # ZeRO's fp32 gradient partition fed to the optimizer
         if offload_optimizer:
-            host += int(fp32_partition)
+            host += fp32_partition
         else:
             grads += fp32_partition
         grad_note = (grad_note + "; " if grad_note else "") + "+ fp32 partition"
@@ -152,12 +155,14 @@ def estimate(recipe: Recipe, counts: ParameterCounts, gpus: int = 1, gpu_memory:
         grads, grad_note = 0, "offloaded to CPU"
     rows.append(Row("gradients", int(grads), grad_note))
 
-    master = [(numel, torch.float32) for numel, _ in counts.trainable] if deepspeed and mixed else counts.trainable
-    states = optimizer_state_bytes(master, recipe.training.optimizer)
-    if deepspeed and mixed:
-        states += trainable_numel * 4  # fp32 master weights
-    if optimizer_sharded:
-        states /= world
+    if deepspeed:
+        # DeepSpeed steps one flat float32 partition per rank and keeps it as the master copy
+        states = optimizer_state_bytes([(partition_numel, torch.float32)], recipe.training.optimizer)
+        states += partition_numel * 4
+    elif mode == "fsdp":
+        states = optimizer_state_bytes([(math.ceil(n / world), d) for n, d in counts.trainable], recipe.training.optimizer)
+    else:
+        states = optimizer_state_bytes(counts.trainable, recipe.training.optimizer)
     optimizer_note = recipe.training.optimizer + (f", sharded 1/{world}" if optimizer_sharded else "")
     if "paged" in recipe.training.optimizer:
         optimizer_note += ", paged (evictable to CPU under pressure)"
