@@ -11,6 +11,7 @@ Each row prints the plan's allocated bytes (everything but the runtime allowance
 from __future__ import annotations
 
 import argparse
+import gc
 import shutil
 import tempfile
 import time
@@ -126,6 +127,7 @@ def run(grid: dict[str, list[dict]], configs: dict, steps: int, device: str) -> 
                 recipe = recipe_for(model_dir, sections)
                 predicted = estimate(recipe, count_parameters(recipe, peft_task_type="CAUSAL_LM")).allocated
                 start = time.time()
+                gc.collect()  # the previous recipe's model and optimizer must be gone before measuring
                 if device == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
