@@ -69,6 +69,7 @@ def parse_memory_size(text: str) -> int:
 
 
 def _plan(args: argparse.Namespace) -> None:
+    gpu_memory = parse_memory_size(args.gpu_memory) if args.gpu_memory else None
     import torch
 
     from peftkit.plan.fit import plan_recipe, search
@@ -78,10 +79,8 @@ def _plan(args: argparse.Namespace) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     visible = torch.cuda.device_count()
     gpus = args.gpus or visible or 1
-    if args.gpu_memory:
-        gpu_memory = parse_memory_size(args.gpu_memory)
-    else:
-        gpu_memory = torch.cuda.get_device_properties(0).total_memory if visible else None
+    if gpu_memory is None and visible:
+        gpu_memory = torch.cuda.get_device_properties(0).total_memory
     if args.fit and gpu_memory is None:
         raise UserError("--fit needs --gpu-memory (no GPU is visible to read it from)")
     plan = plan_recipe(recipe, gpus, gpu_memory)

@@ -115,6 +115,7 @@ def _apply(recipe_, overrides):
     return data
 
 
+@pytest.mark.slow
 def test_cli_plan_prints_breakdown_verdict_and_errors(tmp_path, tiny_llama_dir):
     path = write_recipe(tmp_path / "tiny.yaml", {
         "model": {"name": str(tiny_llama_dir)}, "data": {"train": {"path": "x.jsonl"}, "max_length": 64},
