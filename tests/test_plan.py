@@ -21,7 +21,7 @@ from tests.conftest import REPO_ROOT, run_cli, write_recipe
 DIMS = {"hidden": 1024, "heads": 16, "head_dim": 64, "kv_heads": 4, "intermediate": 4096, "layers": 8,
         "vocab": 32000, "gated_mlp": 1}
 COUNTS = ParameterCounts(
-    frozen_bytes={"bfloat16": 8 * GiB}, frozen_numel=4 * GiB, trainable=[(2**20, torch.float32)] * 8,
+    frozen_bytes={"bfloat16": 8 * GiB}, trainable=[(2**20, torch.float32)] * 8,
     largest_layer_bytes=GiB // 2, adapter_inputs=0, adapter_ranks=0, logits_width=0, dims=DIMS,
 )
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from peftkit.errors import UserError
 from peftkit.plan.shapes import ParameterCounts
 from peftkit.recipe.schema import Recipe
 
@@ -64,7 +65,8 @@ def optimizer_state_bytes(trainable: list[tuple[int, torch.dtype]], optimizer: s
     if optimizer == "sgd":
         return 0  # transformers builds SGD without momentum: no state
     if optimizer == "adafactor":
-        raise NotImplementedError("adafactor needs parameter shapes")
+        raise UserError("training.optimizer: `peftkit plan` does not model adafactor's factored states yet; "
+                        "plan with training.optimizer=adamw_torch for an upper bound")
     if optimizer.endswith("8bit"):
         total = 0
         for numel, _ in trainable:

@@ -79,7 +79,6 @@ class ParameterCounts:
     """Bytes of every parameter of the model as it will be trained, grouped by how it is stored."""
 
     frozen_bytes: dict[str, int]  # storage kind ("bfloat16", "4-bit nf4", "8-bit int8", ...) -> bytes
-    frozen_numel: int
     trainable: list[tuple[int, torch.dtype]]  # (elements, dtype) of each trainable tensor, in model order
     largest_layer_bytes: int  # parameter bytes of the biggest repeated block (gathered whole under ZeRO-3/FSDP)
     adapter_inputs: int  # summed input width of all adapted modules (each keeps its own dropout copy of the input)
@@ -158,9 +157,10 @@ def _keep_in_fp32(model, dtype: torch.dtype) -> None:
 
 
 def quantized_bytes(param) -> tuple[str, int] | None:
-    """(storage kind, bytes incl. quantization state) of a bitsandbytes parameter; None for plain tensors."""
+    """(storage kind, bytes incl. quantization state) of a not yet quantized bitsandbytes parameter on the meta
+    device; None for plain tensors."""
     kind = type(param).__name__
-    numel = param.numel() if kind != "Params4bit" or not getattr(param, "bnb_quantized", False) else param.quant_state.shape.numel()
+    numel = param.numel()
     if kind == "Params4bit":
         storage = param.quant_storage
         packed = (numel + 1) // (2 * storage.itemsize) * storage.itemsize
@@ -183,7 +183,6 @@ def count_parameters(
     config = config or load_model_config(recipe.model)
     model = build_meta_model(recipe, config, peft_task_type)
     frozen: dict[str, int] = {}
-    frozen_numel = 0
     trainable = []
     for _, param in model.named_parameters():
         if param.requires_grad:
@@ -191,10 +190,8 @@ def count_parameters(
             continue
         kind, size = quantized_bytes(param) or (str(param.dtype).removeprefix("torch."), param.numel() * param.itemsize)
         frozen[kind] = frozen.get(kind, 0) + size
-        frozen_numel += param.numel()
     return ParameterCounts(
         frozen_bytes=frozen,
-        frozen_numel=frozen_numel,
         trainable=trainable,
         largest_layer_bytes=_largest_layer_bytes(model),
         adapter_inputs=sum(module.in_features for module in _lora_layers(model)),
