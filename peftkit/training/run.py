@@ -52,7 +52,7 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False) -> P
     raw_splits = load_splits(recipe.data)
     tokenized, info = task.prepare(recipe, raw_splits, tokenizer)
 
-    with run_folder(recipe, resume, state.is_main_process) as run_dir:
+    with run_folder(recipe, resume, state.is_main_process) as run_dir, PreemptionCallback() as preemption:
         checkpoint = last_complete_checkpoint(run_dir) if resume else None
         if resume:
             check_resume_matches(run_dir, recipe, force_resume)
@@ -71,7 +71,6 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False) -> P
         )
 
         best_metric = recipe.training.metric_for_best or task.DEFAULT_METRIC
-        preemption = PreemptionCallback()
         trainer = PeftkitTrainer(
             model=model,
             args=build_training_args(recipe, run_dir, best_metric),
