@@ -124,7 +124,6 @@ class DataSource(Section):
     limit: int | None = Field(None, gt=0, description="Keep at most this many rows (after shuffling with `seed`).")
     seed: int = Field(0, description="Seed of the shuffle applied before `limit`.")
 
-
     @model_validator(mode="after")
     def _languages_are_files(self) -> DataSource:
         if self.languages and self.format != "auto":
@@ -237,7 +236,9 @@ class GenerationSection(Section):
     num_beams: int = Field(1, gt=0, description="Beam size when generating at evaluation (1 is greedy).")
     max_new_tokens: int = Field(64, gt=0, description="Most tokens generated per example.")
     length_penalty: float = Field(
-        1.0, description="Beam-search length penalty: >1 favours longer outputs, <1 shorter ones."
+        1.0,
+        description="Beam search ranks by log-probability / length**length_penalty: larger favours longer outputs, "
+        "0 ignores length (no effect when num_beams is 1).",
     )
 
 
