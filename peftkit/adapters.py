@@ -1,18 +1,42 @@
-"""Build the peft config from the recipe and inject the adapter: peft does the work, this is the glue."""
+"""Adapter methods from the recipe: build the peft config, inject it, and supply what a method needs around training.
+
+peft does the work; this module is the glue. Everything method-specific lives here so that the trainer stays
+generic: `attach_adapter` before training, `adapter_callbacks` during, `save_adapter` after.
+"""
 
 from __future__ import annotations
 
-from peft import LoraConfig, PeftConfig, get_peft_model
+import tempfile
+from pathlib import Path
 
-from peftkit.recipe.schema import Recipe
+import torch
+from peft import (
+    AdaLoraConfig,
+    IA3Config,
+    LoraConfig,
+    PeftConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    get_peft_model,
+    get_peft_model_state_dict,
+    prepare_model_for_kbit_training,
+    replace_lora_weights_loftq,
+)
+from transformers import TrainerCallback
+
+from peftkit.errors import UserError
+from peftkit.models.load import model_location
+from peftkit.recipe.schema import AdapterSection, Recipe
+
+# peft names of the LoRA initializations; pissa/olora move the principal part of W into the adapter.
+LORA_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": True}
+BASE_REWRITING_INITS = ("pissa", "olora")
+# Attribute of the peft model holding the adapter as initialized, for saving base-rewriting inits as plain LoRA.
+_INITIAL_ADAPTER = "_peftkit_initial_adapter"
 
 
-def build_peft_config(recipe: Recipe, task_type: str, head_modules: list[str] = ()) -> PeftConfig | None:
-    """None means full fine-tuning. Task heads are trained fully and saved with the adapter."""
-    adapter = recipe.adapter
-    if adapter.method == "none":
-        return None
-    modules_to_save = sorted({*(adapter.modules_to_save or []), *head_modules}) or None
+def _lora(adapter: AdapterSection, task_type: str, modules_to_save: list[str] | None) -> LoraConfig:
     return LoraConfig(
         task_type=task_type,
         r=adapter.r,
@@ -21,14 +45,149 @@ def build_peft_config(recipe: Recipe, task_type: str, head_modules: list[str] = 
         target_modules=adapter.target_modules,
         bias=adapter.bias,
         modules_to_save=modules_to_save,
+        use_dora=adapter.use_dora,
+        use_rslora=adapter.use_rslora,
+        init_lora_weights=LORA_INIT[adapter.init],
     )
 
 
+def _adalora(adapter: AdapterSection, task_type: str, modules_to_save: list[str] | None) -> AdaLoraConfig:
+    # The schedule (total_step, tinit, tfinal) is set from the Trainer's real step count when training starts;
+    # these placeholders only satisfy peft's constructor checks.
+    return AdaLoraConfig(
+        task_type=task_type,
+        target_r=adapter.r,
+        init_r=adapter.adalora_init_r,
+        deltaT=adapter.adalora_interval,
+        total_step=1,
+        tinit=0,
+        tfinal=0,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=adapter.target_modules,
+        bias=adapter.bias,
+        modules_to_save=modules_to_save,
+    )
+
+
+def _ia3(adapter: AdapterSection, task_type: str, modules_to_save: list[str] | None) -> IA3Config:
+    # `all-linear` means peft's per-architecture defaults (keys, values, feed-forward output); an explicit list
+    # scales every listed module's output.
+    explicit = adapter.target_modules != "all-linear"
+    return IA3Config(
+        task_type=task_type,
+        target_modules=adapter.target_modules if explicit else None,
+        feedforward_modules=[] if explicit else None,
+        modules_to_save=modules_to_save,
+    )
+
+
+def _prompt_tuning(adapter: AdapterSection, task_type: str, modules_to_save: list[str] | None) -> PromptTuningConfig:
+    return PromptTuningConfig(
+        task_type=task_type, num_virtual_tokens=adapter.num_virtual_tokens, modules_to_save=modules_to_save
+    )
+
+
+def _prefix_tuning(adapter: AdapterSection, task_type: str, modules_to_save: list[str] | None) -> PrefixTuningConfig:
+    return PrefixTuningConfig(
+        task_type=task_type, num_virtual_tokens=adapter.num_virtual_tokens, modules_to_save=modules_to_save
+    )
+
+
+def _p_tuning(adapter: AdapterSection, task_type: str, modules_to_save: list[str] | None) -> PromptEncoderConfig:
+    return PromptEncoderConfig(
+        task_type=task_type, num_virtual_tokens=adapter.num_virtual_tokens, modules_to_save=modules_to_save
+    )
+
+
+PEFT_CONFIG_BUILDERS = {
+    "lora": _lora,
+    "adalora": _adalora,
+    "ia3": _ia3,
+    "prompt_tuning": _prompt_tuning,
+    "prefix_tuning": _prefix_tuning,
+    "p_tuning": _p_tuning,
+}
+
+
+def build_peft_config(recipe: Recipe, task_type: str, head_modules: list[str] = ()) -> PeftConfig | None:
+    """None means full fine-tuning. Task heads are trained fully and saved with the adapter."""
+    adapter = recipe.adapter
+    if adapter.method == "none":
+        return None
+    modules_to_save = sorted({*(adapter.modules_to_save or []), *head_modules}) or None
+    return PEFT_CONFIG_BUILDERS[adapter.method](adapter, task_type, modules_to_save)
+
+
 def attach_adapter(model, recipe: Recipe, task_type: str, head_modules: list[str] = ()):
+    """Prepare a quantized base for training, inject the adapter, and apply initializations that need the model."""
     config = build_peft_config(recipe, task_type, head_modules)
     if config is None:
         return model
-    return get_peft_model(model, config)
+    if recipe.quantization.bits:
+        # Freezes the base and upcasts the unquantized parameters (norms, embeddings, heads) to fp32 for stable
+        # training; gradient checkpointing is left to the Trainer (training.gradient_checkpointing).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, config)
+    if recipe.adapter.init == "loftq":
+        if not torch.cuda.is_available():
+            raise UserError("adapter.init: loftq is computed by peft on a CUDA GPU and none is available; "
+                            "use init: default or gaussian with quantization")
+        # LoftQ re-reads the unquantized weights from the checkpoint's safetensors (a local folder or the hub cache).
+        location = model_location(recipe.model)
+        replace_lora_weights_loftq(model, model_path=location if Path(location).is_dir() else None)
+    if recipe.adapter.init in BASE_REWRITING_INITS:
+        initial = {name: tensor.detach().clone() for name, tensor in get_peft_model_state_dict(model).items()}
+        setattr(model, _INITIAL_ADAPTER, initial)
+    return model
+
+
+class AdaLoraRankAllocation(TrainerCallback):
+    """Runs AdaLoRA's budget schedule: after each optimizer step (gradients still present), prune and re-allocate ranks.
+
+    peft leaves `update_and_allocate` to the training loop; without it AdaLoRA is plain LoRA with an SVD shape.
+    """
+
+    def __init__(self, adapter: AdapterSection):
+        self.adapter = adapter
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        config = model.peft_config[model.active_adapter]
+        config.total_step = state.max_steps
+        config.tinit = int(self.adapter.adalora_warmup * state.max_steps)
+        config.tfinal = int(self.adapter.adalora_final * state.max_steps)
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        model.base_model.update_and_allocate(state.global_step)
+
+
+def adapter_callbacks(recipe: Recipe) -> list[TrainerCallback]:
+    """Trainer callbacks the adapter method needs during training."""
+    if recipe.adapter.method == "adalora":
+        return [AdaLoraRankAllocation(recipe.adapter)]
+    return []
+
+
+def save_adapter(trainer, directory: Path) -> None:
+    """Save the trained adapter (or full model) so that plain `PeftModel.from_pretrained` on the original base works.
+
+    PiSSA/OLoRA rewrite the base weights at initialization; their adapter is saved as the equivalent plain LoRA
+    (rank 2r) relative to the unmodified base, using the initial adapter kept by `attach_adapter`.
+    """
+    trainer.save_model(str(directory))
+    initial = getattr(trainer.model, _INITIAL_ADAPTER, None)
+    if initial is None or not trainer.is_world_process_zero():
+        return
+    with tempfile.TemporaryDirectory() as initial_dir:
+        _write_initial_adapter(trainer.model, initial, Path(initial_dir))
+        trainer.model.save_pretrained(str(directory), path_initial_model_for_weight_conversion=initial_dir)
+
+
+def _write_initial_adapter(model, initial: dict, directory: Path) -> None:
+    from safetensors.torch import save_file
+
+    model.peft_config[model.active_adapter].save_pretrained(str(directory))
+    save_file({name: tensor.contiguous() for name, tensor in initial.items()}, str(directory / "adapter_model.safetensors"))
 
 
 def count_parameters(model) -> dict[str, int]:

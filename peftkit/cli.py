@@ -34,9 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> None:
     from peftkit.recipe.load import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: a bad recipe fails fast
     from peftkit.training.run import train
 
-    recipe = load_recipe(args.recipe, args.overrides)
     run_dir = train(recipe, resume=args.resume)
     print(f"run folder: {run_dir}")
 

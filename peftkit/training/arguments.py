@@ -18,6 +18,24 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
 
 
+def resolve_gradient_checkpointing(recipe: Recipe) -> bool:
+    """Unset means on for a quantized base: QLoRA trades recomputation for activation memory."""
+    if recipe.training.gradient_checkpointing is not None:
+        return recipe.training.gradient_checkpointing
+    return recipe.quantization.bits is not None
+
+
+def training_setup(recipe: Recipe) -> dict:
+    """What the run applied beyond the recipe's literal keys (recorded in metrics.json and manifest.json)."""
+    return {
+        "adapter_method": recipe.adapter.method,
+        "quantization_bits": recipe.quantization.bits,
+        "kbit_preparation": recipe.quantization.bits is not None and recipe.adapter.method != "none",
+        "gradient_checkpointing": resolve_gradient_checkpointing(recipe),
+        "precision": resolve_precision(recipe.training.precision),
+    }
+
+
 def build_training_args(recipe: Recipe, run_dir: Path, best_metric: str) -> TrainingArguments:
     training = recipe.training
     precision = resolve_precision(training.precision)
@@ -37,7 +55,9 @@ def build_training_args(recipe: Recipe, run_dir: Path, best_metric: str) -> Trai
         optim=training.optimizer,
         seed=training.seed,
         data_seed=training.seed,
-        gradient_checkpointing=training.gradient_checkpointing,
+        gradient_checkpointing=resolve_gradient_checkpointing(recipe),
+        # Non-reentrant checkpointing needs no input gradients, so it works under frozen embeddings and adapters alike.
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),

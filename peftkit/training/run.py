@@ -13,7 +13,7 @@ from accelerate import PartialState
 from transformers import EarlyStoppingCallback, Trainer, set_seed
 from transformers.integrations import TensorBoardCallback
 
-from peftkit.adapters import attach_adapter, count_parameters
+from peftkit.adapters import adapter_callbacks, attach_adapter, count_parameters, save_adapter
 from peftkit.data.sources import load_splits
 from peftkit.evaluation.plots import plot_losses
 from peftkit.evaluation.report import write_report
@@ -21,7 +21,7 @@ from peftkit.models.load import load_config, load_tokenizer
 from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import manifest, recipe_as_yaml, run_folder, write_json, write_jsonl, write_text_atomic
 from peftkit.tasks import get_task
-from peftkit.training.arguments import build_training_args
+from peftkit.training.arguments import build_training_args, training_setup
 from peftkit.training.checkpoints import last_complete_checkpoint
 
 log = logging.getLogger("peftkit")
@@ -66,11 +66,11 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
             data_collator=task.collator(tokenizer),
             processing_class=tokenizer,
             compute_metrics=task.compute_metrics(info),
-            callbacks=_callbacks(recipe, run_dir),
+            callbacks=_callbacks(recipe, run_dir) + adapter_callbacks(recipe),
         )
         train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
-        trainer.save_model(str(run_dir / ADAPTER_DIR))
+        save_adapter(trainer, run_dir / ADAPTER_DIR)
         if state.is_main_process:
             # The Trainer pickles its arguments next to the weights; a deployable folder holds safetensors only.
             (run_dir / ADAPTER_DIR / "training_args.bin").unlink(missing_ok=True)
@@ -82,6 +82,7 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
         if state.is_main_process:
             summary = {
                 "parameters": parameters,
+                "setup": training_setup(recipe),
                 "examples": {split: len(dataset) for split, dataset in raw_splits.items()},
                 "train": {**train_output.metrics, "global_step": trainer.state.global_step},
                 "best_checkpoint": trainer.state.best_model_checkpoint,
@@ -123,4 +124,4 @@ def _write_results(run_dir: Path, recipe: Recipe, task, info: dict, summary: dic
         for split, (records, metrics) in split_results.items()
     }
     write_report(run_dir, recipe, summary, sections, has_loss_plot)
-    write_json(run_dir / "manifest.json", manifest(recipe, parameters=summary["parameters"]))
+    write_json(run_dir / "manifest.json", manifest(recipe, parameters=summary["parameters"], setup=summary["setup"]))
