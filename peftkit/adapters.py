@@ -23,6 +23,7 @@ from peft import (
     prepare_model_for_kbit_training,
     replace_lora_weights_loftq,
 )
+from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from peftkit.errors import UserError
@@ -32,6 +33,7 @@ from peftkit.recipe.schema import AdapterSection, Recipe
 # peft names of the LoRA initializations; pissa/olora move the principal part of W into the adapter.
 LORA_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": True}
 BASE_REWRITING_INITS = ("pissa", "olora")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Attribute of the peft model holding the adapter as initialized, for saving base-rewriting inits as plain LoRA.
 _INITIAL_ADAPTER = "_peftkit_initial_adapter"
 
@@ -178,16 +180,18 @@ def save_adapter(trainer, directory: Path) -> None:
     initial = getattr(trainer.model, _INITIAL_ADAPTER, None)
     if initial is None or not trainer.is_world_process_zero():
         return
+    model = trainer.model
     with tempfile.TemporaryDirectory() as initial_dir:
-        _write_initial_adapter(trainer.model, initial, Path(initial_dir))
-        trainer.model.save_pretrained(str(directory), path_initial_model_for_weight_conversion=initial_dir)
-
-
-def _write_initial_adapter(model, initial: dict, directory: Path) -> None:
-    from safetensors.torch import save_file
-
-    model.peft_config[model.active_adapter].save_pretrained(str(directory))
-    save_file({name: tensor.contiguous() for name, tensor in initial.items()}, str(directory / "adapter_model.safetensors"))
+        model.peft_config[model.active_adapter].save_pretrained(initial_dir)
+        save_file({name: tensor.contiguous() for name, tensor in initial.items()}, f"{initial_dir}/{ADAPTER_WEIGHTS}")
+        model.save_pretrained(str(directory), path_initial_model_for_weight_conversion=initial_dir)
+    # peft's conversion keeps only lora_A/lora_B; the trained task head and DoRA magnitudes carry over unchanged
+    # (W_res + BA equals W + the converted update, so the magnitudes' reference norm is the same).
+    converted = load_file(directory / ADAPTER_WEIGHTS)
+    trained = get_peft_model_state_dict(model)
+    carried = {name: tensor for name, tensor in trained.items() if name not in converted and ".lora_A." not in name
+               and ".lora_B." not in name}
+    save_file({**converted, **carried}, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
 
 
 def count_parameters(model) -> dict[str, int]:

@@ -17,6 +17,8 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from intra-op threads, and on a shared CPU they oversubscribe it (10x slower steps).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 POSITIVE_WORDS = ["great", "good", "excellent", "lovely", "superb", "wonderful", "fine", "happy"]
 NEGATIVE_WORDS = ["bad", "awful", "poor", "terrible", "boring", "sad", "broken", "ugly"]

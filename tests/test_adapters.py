@@ -35,6 +35,14 @@ COMBINATIONS = (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def eager_bitsandbytes():
+    """bitsandbytes' CPU kernels torch.compile every weight shape; compiling costs more than tiny models ever run."""
+    torch._dynamo.config.disable = True
+    yield
+    torch._dynamo.config.disable = False
+
+
 @pytest.fixture(scope="module")
 def small_files(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("sentiment-small")
