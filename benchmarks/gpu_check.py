@@ -82,8 +82,8 @@ def _baseline_model_and_args(model_dir: Path, setting: dict, args, output_dir: P
     model = get_peft_model(model, config)
     training_args = TrainingArguments(
         output_dir=str(output_dir), max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=1e-4,
-        bf16=args.precision == "bf16", gradient_checkpointing=setting["gradient_checkpointing"],
-        gradient_checkpointing_kwargs={"use_reentrant": False}, save_strategy="no", logging_steps=args.steps,
+        bf16=args.precision == "bf16", activation_checkpointing=setting["gradient_checkpointing"],
+        save_strategy="no", logging_steps=args.steps,
         report_to=[], use_cpu=not torch.cuda.is_available(),
     )
     return model, training_args

@@ -68,7 +68,7 @@ def measure(model_dir: Path, setting: dict, steps: int, batch: int, seq: int) ->
     model = load_base_model(recipe, AutoModelForCausalLM)
     model = attach_adapter(model, recipe, "CAUSAL_LM")
     if resolve_gradient_checkpointing(recipe):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable()
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     generator = torch.Generator().manual_seed(0)

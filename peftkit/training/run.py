@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from accelerate import PartialState
-from transformers import EarlyStoppingCallback, Trainer, set_seed
+from transformers import EarlyStoppingCallback, set_seed
 from transformers.integrations import TensorBoardCallback
 
 from peftkit.adapters import adapter_callbacks, attach_adapter, count_parameters, save_adapter
@@ -19,17 +19,27 @@ from peftkit.evaluation.plots import plot_losses
 from peftkit.evaluation.report import write_report
 from peftkit.models.load import load_config, load_tokenizer
 from peftkit.recipe.schema import Recipe
-from peftkit.run_folder import manifest, recipe_as_yaml, run_folder, write_json, write_jsonl, write_text_atomic
+from peftkit.run_folder import (
+    check_resume_matches,
+    manifest,
+    recipe_as_yaml,
+    run_folder,
+    write_json,
+    write_jsonl,
+    write_text_atomic,
+)
 from peftkit.tasks import get_task
 from peftkit.training.arguments import build_training_args, training_setup
 from peftkit.training.checkpoints import last_complete_checkpoint
+from peftkit.errors import Preempted
+from peftkit.training.trainer import GradientGuardCallback, PeftkitTrainer, PreemptionCallback
 
 log = logging.getLogger("peftkit")
 
 ADAPTER_DIR = "adapter"
 
 
-def train(recipe: Recipe, resume: bool = False) -> Path:
+def train(recipe: Recipe, resume: bool = False, force_resume: bool = False) -> Path:
     """Run a recipe end to end and return the run folder."""
     state = PartialState()
     task = get_task(recipe.task.type)
@@ -43,6 +53,7 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
     with run_folder(recipe, resume, state.is_main_process) as run_dir:
         checkpoint = last_complete_checkpoint(run_dir) if resume else None
         if resume:
+            check_resume_matches(run_dir, recipe, force_resume)
             log.info("resuming from %s", checkpoint or "the start (no complete checkpoint yet)")
         if state.is_main_process:
             write_text_atomic(run_dir / "recipe.yaml", recipe_as_yaml(recipe))
@@ -58,7 +69,8 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
         )
 
         best_metric = recipe.training.metric_for_best or task.DEFAULT_METRIC
-        trainer = Trainer(
+        preemption = PreemptionCallback()
+        trainer = PeftkitTrainer(
             model=model,
             args=build_training_args(recipe, run_dir, best_metric),
             train_dataset=tokenized["train"],
@@ -66,9 +78,17 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
             data_collator=task.collator(tokenizer),
             processing_class=tokenizer,
             compute_metrics=task.compute_metrics(info),
-            callbacks=_callbacks(recipe, run_dir) + adapter_callbacks(recipe),
+            callbacks=[*_callbacks(recipe, run_dir), preemption, *adapter_callbacks(recipe)],
+            on_nonfinite=recipe.training.on_nonfinite,
+            abort_grad_norm=recipe.training.abort_grad_norm,
         )
+        trainer.add_callback(GradientGuardCallback(trainer))
         train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if preemption.received:
+            raise Preempted(
+                f"SIGTERM received: saved {last_complete_checkpoint(run_dir)} at step {trainer.state.global_step}; "
+                "continue with `peftkit train RECIPE --resume`"
+            )
 
         save_adapter(trainer, run_dir / ADAPTER_DIR)
         if state.is_main_process:
@@ -88,6 +108,7 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
                 "best_checkpoint": trainer.state.best_model_checkpoint,
                 "best_metric_name": best_metric,
                 "best_metric": trainer.state.best_metric,
+                "skipped_steps": trainer.skipped_steps,
             }
             _write_results(run_dir, recipe, task, info, summary, split_results, trainer.state.log_history)
     state.wait_for_everyone()
