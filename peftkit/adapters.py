@@ -84,31 +84,24 @@ def _ia3(adapter: AdapterSection, task_type: str, modules_to_save: list[str] | N
     )
 
 
-def _prompt_tuning(adapter: AdapterSection, task_type: str, modules_to_save: list[str] | None) -> PromptTuningConfig:
-    return PromptTuningConfig(
-        task_type=task_type, num_virtual_tokens=adapter.num_virtual_tokens, modules_to_save=modules_to_save
-    )
+def _virtual_tokens(config_class: type[PeftConfig]):
+    """Prompt tuning, prefix tuning and P-tuning differ only in where their learned virtual tokens enter the model."""
 
+    def build(adapter: AdapterSection, task_type: str, modules_to_save: list[str] | None) -> PeftConfig:
+        return config_class(
+            task_type=task_type, num_virtual_tokens=adapter.num_virtual_tokens, modules_to_save=modules_to_save
+        )
 
-def _prefix_tuning(adapter: AdapterSection, task_type: str, modules_to_save: list[str] | None) -> PrefixTuningConfig:
-    return PrefixTuningConfig(
-        task_type=task_type, num_virtual_tokens=adapter.num_virtual_tokens, modules_to_save=modules_to_save
-    )
-
-
-def _p_tuning(adapter: AdapterSection, task_type: str, modules_to_save: list[str] | None) -> PromptEncoderConfig:
-    return PromptEncoderConfig(
-        task_type=task_type, num_virtual_tokens=adapter.num_virtual_tokens, modules_to_save=modules_to_save
-    )
+    return build
 
 
 PEFT_CONFIG_BUILDERS = {
     "lora": _lora,
     "adalora": _adalora,
     "ia3": _ia3,
-    "prompt_tuning": _prompt_tuning,
-    "prefix_tuning": _prefix_tuning,
-    "p_tuning": _p_tuning,
+    "prompt_tuning": _virtual_tokens(PromptTuningConfig),
+    "prefix_tuning": _virtual_tokens(PrefixTuningConfig),
+    "p_tuning": _virtual_tokens(PromptEncoderConfig),
 }
 
 
@@ -126,15 +119,17 @@ def attach_adapter(model, recipe: Recipe, task_type: str, head_modules: list[str
     config = build_peft_config(recipe, task_type, head_modules)
     if config is None:
         return model
+    if recipe.adapter.init == "loftq" and not torch.cuda.is_available():
+        raise UserError(
+            "adapter.init: loftq is computed by peft on a CUDA GPU and none is available; "
+            "use init: default or gaussian with quantization"
+        )
     if recipe.quantization.bits:
         # Freezes the base and upcasts the unquantized parameters (norms, embeddings, heads) to fp32 for stable
         # training; gradient checkpointing is left to the Trainer (training.gradient_checkpointing).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, config)
     if recipe.adapter.init == "loftq":
-        if not torch.cuda.is_available():
-            raise UserError("adapter.init: loftq is computed by peft on a CUDA GPU and none is available; "
-                            "use init: default or gaussian with quantization")
         # LoftQ re-reads the unquantized weights from the checkpoint's safetensors (a local folder or the hub cache).
         location = model_location(recipe.model)
         replace_lora_weights_loftq(model, model_path=location if Path(location).is_dir() else None)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import classification_recipe, run_cli, sentiment_rows, write_jsonl, write_recipe
+from tests.conftest import classification_recipe, run_cli, sentiment_rows, write_jsonl, write_recipe
 from peft import AdaLoraConfig, IA3Config, LoraConfig, PeftModel, PromptEncoderConfig, PromptTuningConfig
 
 from peftkit.adapters import build_peft_config

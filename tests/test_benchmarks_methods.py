@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT
 
 
 def run_module(*args: str, timeout: float = 600) -> str:
