@@ -38,18 +38,25 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _INITIAL_ADAPTER = "_peftkit_initial_adapter"
 
 
+def _low_rank_options(adapter: AdapterSection, task_type: str, modules_to_save: list[str] | None) -> dict:
+    """Options LoRA and AdaLoRA share."""
+    return {
+        "task_type": task_type,
+        "lora_alpha": adapter.alpha,
+        "lora_dropout": adapter.dropout,
+        "target_modules": adapter.target_modules,
+        "bias": adapter.bias,
+        "modules_to_save": modules_to_save,
+    }
+
+
 def _lora(adapter: AdapterSection, task_type: str, modules_to_save: list[str] | None) -> LoraConfig:
     return LoraConfig(
-        task_type=task_type,
         r=adapter.r,
-        lora_alpha=adapter.alpha,
-        lora_dropout=adapter.dropout,
-        target_modules=adapter.target_modules,
-        bias=adapter.bias,
-        modules_to_save=modules_to_save,
         use_dora=adapter.use_dora,
         use_rslora=adapter.use_rslora,
         init_lora_weights=LORA_INIT[adapter.init],
+        **_low_rank_options(adapter, task_type, modules_to_save),
     )
 
 
@@ -57,18 +64,13 @@ def _adalora(adapter: AdapterSection, task_type: str, modules_to_save: list[str]
     # The schedule (total_step, tinit, tfinal) is set from the Trainer's real step count when training starts;
     # these placeholders only satisfy peft's constructor checks.
     return AdaLoraConfig(
-        task_type=task_type,
         target_r=adapter.r,
         init_r=adapter.adalora_init_r,
         deltaT=adapter.adalora_interval,
         total_step=1,
         tinit=0,
         tfinal=0,
-        lora_alpha=adapter.alpha,
-        lora_dropout=adapter.dropout,
-        target_modules=adapter.target_modules,
-        bias=adapter.bias,
-        modules_to_save=modules_to_save,
+        **_low_rank_options(adapter, task_type, modules_to_save),
     )
 
 
