@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tests.conftest import classification_recipe, run_cli, sentiment_rows, write_jsonl, write_recipe
+from tests.conftest import REPO_ROOT, classification_recipe, run_cli, sentiment_rows, write_jsonl, write_recipe
 from peft import AdaLoraConfig, IA3Config, LoraConfig, PeftModel, PromptEncoderConfig, PromptTuningConfig
 
 from peftkit.adapters import build_peft_config
@@ -212,3 +212,21 @@ def test_loftq_without_a_gpu_is_a_user_error(tiny_llama_dir, small_files, tmp_pa
     assert result.returncode == 2, result.stderr[-2000:]
     assert "loftq is computed by peft on a CUDA GPU" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_qlora_fragment_turns_on_4bit_kbit_preparation_and_checkpointing(tmp_path):
+    from peftkit.recipe.load import load_recipe
+    from peftkit.training.arguments import training_setup
+
+    fragment = REPO_ROOT / "recipes" / "fragments" / "qlora.yaml"
+    recipe_file = write_recipe(tmp_path / "r.yaml", {
+        "extends": [str(fragment)], "model": {"name": "m"}, "data": {"train": {"path": "t.jsonl"}},
+        "training": {"eval_strategy": "no"},
+    })
+    recipe = load_recipe(recipe_file, ["quantization.compute_dtype=float32"])
+    quantization = recipe.quantization
+    assert (quantization.bits, quantization.quant_type, quantization.double_quant) == (4, "nf4", True)
+    assert (recipe.adapter.method, recipe.adapter.target_modules) == ("lora", "all-linear")
+    setup = training_setup(recipe)
+    assert setup["kbit_preparation"] and setup["gradient_checkpointing"]
+    assert not training_setup(load_recipe(recipe_file, ["training.gradient_checkpointing=false"]))["gradient_checkpointing"]
