@@ -85,9 +85,14 @@ def reloaded_probabilities(run_dir, model_dir, recipe) -> torch.Tensor:
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     records = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
-    batch = DataCollatorWithPadding(tokenizer)([tokenizer(r["text"]) for r in records])
+    collate = DataCollatorWithPadding(tokenizer)
+    encoded = [tokenizer(r["text"]) for r in records]
     with torch.no_grad():
-        probabilities = model(**batch).logits.softmax(-1)
+        probabilities = model(**collate(encoded)).logits.softmax(-1)
+        # Each example alone (no padding) must score as in the padded batch, for every method: a decoder's head
+        # reads the last position, which must be a real token (left padding), also for prompt methods.
+        alone = torch.cat([model(**collate([example])).logits.softmax(-1) for example in encoded])
+    torch.testing.assert_close(alone, probabilities, atol=1e-5, rtol=0)
     labels = json.loads((run_dir / "task.json").read_text())["labels"]
     return probabilities[torch.arange(len(records)), [labels.index(r["predicted"]) for r in records]]
 
