@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tests.conftest import REPO_ROOT, classification_recipe, run_cli, sentiment_rows, write_jsonl, write_recipe
+from tests.conftest import FILLER_WORDS, REPO_ROOT, classification_recipe, run_cli, sentiment_rows, write_jsonl, write_recipe
 from peft import AdaLoraConfig, IA3Config, LoraConfig, PeftModel, PromptEncoderConfig, PromptTuningConfig
 
 from peftkit.adapters import build_peft_config
@@ -43,12 +43,22 @@ def eager_bitsandbytes():
     torch._dynamo.config.disable = False
 
 
+def rows_of_varied_length(count: int, seed: int) -> list[dict]:
+    """Sentiment rows with 0-2 filler words dropped, so that batches need padding."""
+    rows = sentiment_rows(count, seed)
+    for i, row in enumerate(rows):
+        words = row["text"].split()
+        dropped = [word for word in words if word in FILLER_WORDS][: i % 3]
+        row["text"] = " ".join(word for word in words if word not in dropped)
+    return rows
+
+
 @pytest.fixture(scope="module")
 def small_files(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("sentiment-small")
     return {
-        "train": write_jsonl(folder / "train.jsonl", sentiment_rows(48, seed=1)),
-        "test": write_jsonl(folder / "test.jsonl", sentiment_rows(8, seed=3)),
+        "train": write_jsonl(folder / "train.jsonl", rows_of_varied_length(48, seed=1)),
+        "test": write_jsonl(folder / "test.jsonl", rows_of_varied_length(8, seed=3)),
     }
 
 
