@@ -24,10 +24,10 @@ from peft import (
     replace_lora_weights_loftq,
 )
 from safetensors.torch import load_file, save_file
-from transformers import TrainerCallback
+from transformers import PretrainedConfig, TrainerCallback
 
 from peftkit.errors import UserError
-from peftkit.models.load import model_location
+from peftkit.models.load import is_decoder_only, model_location
 from peftkit.recipe.schema import AdapterSection, Recipe
 
 # peft names of the LoRA initializations; pissa/olora move the principal part of W into the adapter.
@@ -114,6 +114,18 @@ def build_peft_config(recipe: Recipe, task_type: str, head_modules: list[str] = 
         return None
     modules_to_save = sorted({*(adapter.modules_to_save or []), *head_modules}) or None
     return PEFT_CONFIG_BUILDERS[adapter.method](adapter, task_type, modules_to_save)
+
+
+def check_adapter_fits_model(recipe: Recipe, config: PretrainedConfig, task_type: str) -> None:
+    """Method x architecture rules that need the model's config (read before any weights or data load)."""
+    method = recipe.adapter.method
+    if method in ("prompt_tuning", "p_tuning") and task_type == "SEQ_CLS" and is_decoder_only(config):
+        raise UserError(
+            f"adapter.method: {method} cannot classify with the decoder-only model `{recipe.model.name}` "
+            f"({config.model_type}): its head reads the last position, and peft passes only embeddings, so the model "
+            "cannot skip padding and the result changes with batch composition; use lora, adalora or ia3, "
+            "or an encoder model (BERT-like) for prompt methods"
+        )
 
 
 def attach_adapter(model, recipe: Recipe, task_type: str, head_modules: list[str] = ()):

@@ -12,13 +12,14 @@ from peft import AdaLoraConfig, IA3Config, LoraConfig, PeftModel, PromptEncoderC
 from peftkit.adapters import build_peft_config
 from peftkit.recipe.load import validate_recipe
 
-# (name, adapter section, quantization bits): every valid single-process combination on classification.
+# Every valid single-process combination on classification: (name, adapter section, quantization bits, model).
+# Prompt methods run on the encoder: a decoder classifier is rejected for them (test below).
 METHODS = {
-    "lora": {"method": "lora", "r": 4},
-    "adalora": {"method": "adalora", "r": 2, "adalora_init_r": 4},
-    "ia3": {"method": "ia3"},
-    "prompt_tuning": {"method": "prompt_tuning", "num_virtual_tokens": 4},
-    "p_tuning": {"method": "p_tuning", "num_virtual_tokens": 4},
+    "lora": ({"method": "lora", "r": 4}, "llama"),
+    "adalora": ({"method": "adalora", "r": 2, "adalora_init_r": 4}, "llama"),
+    "ia3": ({"method": "ia3"}, "llama"),
+    "prompt_tuning": ({"method": "prompt_tuning", "num_virtual_tokens": 4}, "bert"),
+    "p_tuning": ({"method": "p_tuning", "num_virtual_tokens": 4}, "bert"),
 }
 LORA_VARIANTS = {
     "dora": {"method": "lora", "r": 4, "use_dora": True},
@@ -29,9 +30,10 @@ LORA_VARIANTS = {
     "pissa-dora": {"method": "lora", "r": 4, "init": "pissa", "use_dora": True},
 }
 COMBINATIONS = (
-    [(name, adapter, bits) for name, adapter in METHODS.items() for bits in (None, 8, 4)]
-    + [(name, adapter, None) for name, adapter in LORA_VARIANTS.items()]
-    + [("dora", LORA_VARIANTS["dora"], 4), ("rslora", LORA_VARIANTS["rslora"], 8), ("full", {"method": "none"}, None)]
+    [(name, adapter, bits, model) for name, (adapter, model) in METHODS.items() for bits in (None, 8, 4)]
+    + [(name, adapter, None, "llama") for name, adapter in LORA_VARIANTS.items()]
+    + [("dora", LORA_VARIANTS["dora"], 4, "llama"), ("rslora", LORA_VARIANTS["rslora"], 8, "llama"),
+       ("full", {"method": "none"}, None, "llama"), ("full", {"method": "none"}, None, "bert")]
 )
 
 
@@ -109,12 +111,13 @@ def reloaded_probabilities(run_dir, model_dir, recipe) -> torch.Tensor:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name,adapter,bits", COMBINATIONS, ids=[f"{n}-{b or 32}bit" for n, _, b in COMBINATIONS]
+    "name,adapter,bits,model", COMBINATIONS, ids=[f"{n}-{b or 32}bit-{m}" for n, _, b, m in COMBINATIONS]
 )
-def test_method_trains_and_reloads_identically(name, adapter, bits, tiny_llama_dir, small_files, tmp_path):
+def test_method_trains_and_reloads_identically(name, adapter, bits, model, small_files, tmp_path, request):
     from peftkit.training.run import train
 
-    recipe = validate_recipe(quick_recipe(tiny_llama_dir, small_files, tmp_path / "run", adapter, bits))
+    model_dir = request.getfixturevalue(f"tiny_{model}_dir")
+    recipe = validate_recipe(quick_recipe(model_dir, small_files, tmp_path / "run", adapter, bits))
     run_dir = train(recipe)
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -127,19 +130,19 @@ def test_method_trains_and_reloads_identically(name, adapter, bits, tiny_llama_d
     assert (trainable == total) if name == "full" else (0 < trainable < total / 2)
 
     expected = torch.tensor([json.loads(line)["probability"] for line in (run_dir / "predictions.jsonl").read_text().splitlines()])
-    torch.testing.assert_close(reloaded_probabilities(run_dir, tiny_llama_dir, recipe), expected, atol=2e-6, rtol=0)
+    torch.testing.assert_close(reloaded_probabilities(run_dir, model_dir, recipe), expected, atol=2e-6, rtol=0)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "ia3"])
-def test_prompt_methods_and_ia3_on_an_encoder(method, tiny_bert_dir, small_files, tmp_path):
-    from peftkit.training.run import train
-
-    adapter = {"method": method, **({"num_virtual_tokens": 4} if method != "ia3" else {})}
-    recipe = validate_recipe(quick_recipe(tiny_bert_dir, small_files, tmp_path / "run", adapter, None))
-    run_dir = train(recipe)
-    expected = torch.tensor([json.loads(line)["probability"] for line in (run_dir / "predictions.jsonl").read_text().splitlines()])
-    torch.testing.assert_close(reloaded_probabilities(run_dir, tiny_bert_dir, recipe), expected, atol=2e-6, rtol=0)
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+def test_prompt_methods_on_a_decoder_classifier_exit_2_before_loading(method, tiny_llama_dir, small_files, tmp_path):
+    """The decoder's head reads the last position; with embeddings-only input it cannot skip padding."""
+    adapter = {"method": method, "num_virtual_tokens": 4}
+    path = write_recipe(tmp_path / "r.yaml", quick_recipe(tiny_llama_dir, small_files, tmp_path / "run", adapter, None))
+    result = run_cli("train", str(path), timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"adapter.method: {method} cannot classify with the decoder-only model" in result.stderr
+    assert "use lora, adalora or ia3" in result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

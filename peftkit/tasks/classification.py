@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 from peftkit.data.sources import require_columns, split_origin
 from peftkit.errors import UserError
 from peftkit.evaluation.plots import plot_confusion_matrix
-from peftkit.models.load import is_decoder_only, load_base_model, load_config
+from peftkit.models.load import load_base_model
 from peftkit.recipe.schema import Recipe
 
 PEFT_TASK_TYPE = "SEQ_CLS"
@@ -56,10 +56,6 @@ def prepare(recipe: Recipe, splits: dict, tokenizer) -> tuple[dict, dict]:
     for split, dataset in splits.items():
         require_columns(dataset, columns, split, split_origin(recipe.data, split), "task.text_column/task.label_column")
     names = label_names(recipe, splits["train"])
-    if is_decoder_only(load_config(recipe.model)):
-        # A decoder's head reads the last position. Prompt-learning adapters feed embeddings only, so the model
-        # cannot skip right-side padding; with left padding the last position is always a real token.
-        tokenizer.padding_side = "left"
     if len(names) < 2:
         raise UserError(f"data.train: column {task.label_column!r} has only the label {names}; classification needs two or more")
 

@@ -13,7 +13,13 @@ from accelerate import PartialState
 from transformers import EarlyStoppingCallback, set_seed
 from transformers.integrations import TensorBoardCallback
 
-from peftkit.adapters import adapter_callbacks, attach_adapter, count_parameters, save_adapter
+from peftkit.adapters import (
+    adapter_callbacks,
+    attach_adapter,
+    check_adapter_fits_model,
+    count_parameters,
+    save_adapter,
+)
 from peftkit.data.sources import load_splits
 from peftkit.evaluation.plots import plot_losses
 from peftkit.evaluation.report import write_report
@@ -45,7 +51,7 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False) -> P
     task = get_task(recipe.task.type)
     resume = resume or recipe.training.resume
 
-    load_config(recipe.model)
+    check_adapter_fits_model(recipe, load_config(recipe.model), task.PEFT_TASK_TYPE)
     tokenizer = load_tokenizer(recipe.model)
     raw_splits = load_splits(recipe.data)
     tokenized, info = task.prepare(recipe, raw_splits, tokenizer)
