@@ -117,8 +117,13 @@ def build_peft_config(recipe: Recipe, task_type: str, head_modules: list[str] = 
 
 
 def check_adapter_fits_model(recipe: Recipe, config: PretrainedConfig, task_type: str) -> None:
-    """Method x architecture rules that need the model's config (read before any weights or data load)."""
+    """Method x model/hardware rules that need the model's config (checked before any weights or data load)."""
     method = recipe.adapter.method
+    if recipe.adapter.init == "loftq" and not torch.cuda.is_available():
+        raise UserError(
+            "adapter.init: loftq is computed by peft on a CUDA GPU and none is available; "
+            "use init: default or gaussian with quantization"
+        )
     if method in ("prompt_tuning", "p_tuning") and task_type == "SEQ_CLS" and is_decoder_only(config):
         raise UserError(
             f"adapter.method: {method} cannot classify with the decoder-only model `{recipe.model.name}` "
@@ -133,11 +138,6 @@ def attach_adapter(model, recipe: Recipe, task_type: str, head_modules: list[str
     config = build_peft_config(recipe, task_type, head_modules)
     if config is None:
         return model
-    if recipe.adapter.init == "loftq" and not torch.cuda.is_available():
-        raise UserError(
-            "adapter.init: loftq is computed by peft on a CUDA GPU and none is available; "
-            "use init: default or gaussian with quantization"
-        )
     if recipe.quantization.bits:
         # Freezes the base and upcasts the unquantized parameters (norms, embeddings, heads) to fp32 for stable
         # training; gradient checkpointing is left to the Trainer (training.gradient_checkpointing).

@@ -133,6 +133,7 @@ def test_method_trains_and_reloads_identically(name, adapter, bits, model, small
     torch.testing.assert_close(reloaded_probabilities(run_dir, model_dir, recipe), expected, atol=2e-6, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
 def test_prompt_methods_on_a_decoder_classifier_exit_2_before_loading(method, tiny_llama_dir, small_files, tmp_path):
     """The decoder's head reads the last position; with embeddings-only input it cannot skip padding."""
@@ -221,6 +222,7 @@ def test_bits_none_means_unquantized():
     assert recipe.quantization.bits is None
 
 
+@pytest.mark.slow
 def test_loftq_without_a_gpu_is_a_user_error(tiny_llama_dir, small_files, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("LoftQ runs on CUDA machines")
