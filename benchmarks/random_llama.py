@@ -34,7 +34,9 @@ def save_random_llama(directory: Path, shape: str, dtype: str = "float32", seed:
         return directory
     torch.manual_seed(seed)
     config = LlamaConfig(max_position_embeddings=4096, **SHAPES[shape])
-    model = LlamaForCausalLM(config).to(getattr(torch, dtype))
+    # Random init of billions of weights takes minutes on CPU and seconds on a GPU.
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(getattr(torch, dtype))
     model.save_pretrained(directory)
     return directory
 
