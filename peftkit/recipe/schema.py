@@ -308,7 +308,8 @@ def _check_adapter_fits(adapter: AdapterSection, quantization: QuantizationSecti
     if adapter.init == "loftq" and bits != 4:
         raise ValueError(
             f"adapter.init: loftq initializes LoRA to cancel 4-bit quantization error and needs quantization.bits: 4 "
-            f"(got {bits}); set quantization.bits: 4, or use init: pissa / olora / default"
+            f"(got {bits or 'none'}); set quantization.bits: 4, or use init: default (any base) or pissa / olora "
+            "(unquantized base)"
         )
     if adapter.init in ("pissa", "olora") and bits:
         raise ValueError(
