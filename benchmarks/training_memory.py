@@ -83,6 +83,7 @@ def measure(model_dir: Path, setting: dict, steps: int, batch: int, seq: int) ->
     return {
         "before_load_mb": before_load / 1024,
         "after_load_mb": after_load / 1024,
+        "file_backed_after_load_mb": _status_kb("RssFile") / 1024,  # e.g. checkpoint pages still mapped
         "peak_mb": _status_kb("VmHWM") / 1024,
         "trainable": count_parameters(model)["trainable"],
     }
@@ -111,11 +112,12 @@ def main() -> None:
     print(f"model: {args.shape}; {args.steps} AdamW steps of {args.batch}x{args.seq} tokens on CPU")
     full = results["full fine-tuning"]
     full_growth = full["peak_mb"] - full["before_load_mb"]
-    print(f"{'setting':<40} {'trainable':>11} {'peak RSS MB':>12} {'ratio':>7} {'peak - runtime MB':>18} {'ratio':>7}")
+    print(f"{'setting':<40} {'trainable':>11} {'peak RSS MB':>12} {'ratio':>7} {'peak - runtime MB':>18} {'ratio':>7} "
+          f"{'RSS at start MB':>16} {'file-backed MB':>15}")
     for label, row in results.items():
         growth = row["peak_mb"] - row["before_load_mb"]
         print(f"{label:<40} {row['trainable']:>11,} {row['peak_mb']:12.0f} {row['peak_mb'] / full['peak_mb']:7.3f} "
-              f"{growth:18.0f} {growth / full_growth:7.3f}")
+              f"{growth:18.0f} {growth / full_growth:7.3f} {row['after_load_mb']:16.0f} {row['file_backed_after_load_mb']:15.0f}")
 
 
 if __name__ == "__main__":
