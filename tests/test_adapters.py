@@ -161,7 +161,6 @@ def test_adalora_reallocates_ranks_during_training(tiny_llama_dir, small_files, 
     ranks = config["rank_pattern"]
     assert ranks, "the final allocation must be recorded in the saved config"
     kept = {name: sum(flags) for name, flags in ranks.items()}
-    assert all(count < 6 for count in kept.values())
     assert len(set(kept.values())) > 1, f"ranks did not differ between modules: {kept}"
     assert sum(kept.values()) == 2 * len(kept)
     weights = load_file(run_dir / "adapter" / "adapter_model.safetensors")
