@@ -43,6 +43,24 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _own_unquantized_weights(model) -> None:
+    """Copy weights still backed by the memory-mapped checkpoint into process memory, in every setting alike.
+
+    transformers maps the safetensors file: unquantized weights stay file-backed pages (counted in RSS only once
+    touched), and a quantized model keeps the fp32 file's pages resident after quantizing from them. Owning the
+    weights and dropping the mapping makes RSS count each setting's real weights once.
+    """
+    import torch
+
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if type(parameter).__name__ not in ("Params4bit", "Int8Params"):
+                parameter.data = parameter.data.clone()
+        for module in model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                module._buffers[name] = buffer.clone()
+
+
 def _release_and_reset_peak() -> None:
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back so the reset peak starts from live memory
@@ -66,6 +84,7 @@ def measure(model_dir: Path, setting: dict, steps: int, batch: int, seq: int) ->
     })
     before_load = _status_kb("VmRSS")
     model = load_base_model(recipe, AutoModelForCausalLM)
+    _own_unquantized_weights(model)
     model = attach_adapter(model, recipe, "CAUSAL_LM")
     if resolve_gradient_checkpointing(recipe):
         model.activation_checkpointing_enable()
