@@ -24,6 +24,7 @@ from peftkit.data.sources import load_splits
 from peftkit.evaluation.plots import plot_losses
 from peftkit.evaluation.report import write_report
 from peftkit.models.load import load_config, load_tokenizer
+from peftkit.plan.preflight import warn_if_recipe_will_not_fit
 from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import (
     check_resume_matches,
@@ -52,11 +53,12 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False) -> P
     resume = resume or recipe.training.resume
 
     check_adapter_fits_model(recipe, load_config(recipe.model), task.PEFT_TASK_TYPE)
+    warn_if_recipe_will_not_fit(recipe)
     tokenizer = load_tokenizer(recipe.model)
     raw_splits = load_splits(recipe.data)
     tokenized, info = task.prepare(recipe, raw_splits, tokenizer)
 
-    with run_folder(recipe, resume, state.is_main_process) as run_dir:
+    with run_folder(recipe, resume, state.is_main_process) as run_dir, PreemptionCallback() as preemption:
         checkpoint = last_complete_checkpoint(run_dir) if resume else None
         if resume:
             check_resume_matches(run_dir, recipe, force_resume)
@@ -75,7 +77,6 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False) -> P
         )
 
         best_metric = recipe.training.metric_for_best or task.DEFAULT_METRIC
-        preemption = PreemptionCallback()
         trainer = PeftkitTrainer(
             model=model,
             args=build_training_args(recipe, run_dir, best_metric),
