@@ -1,12 +1,17 @@
 """`peftkit train`: one recipe, read top to bottom: check inputs -> model + adapter -> train -> evaluate -> write.
 
-Everything that can be wrong with the user's input (model path, data files, columns, labels) is checked
-before the run folder is created, so a bad recipe leaves nothing behind.
+Everything that can be wrong with the user's input (model path, data files, columns, labels, a launcher that
+contradicts the recipe) is checked before the run folder is created, so a bad recipe leaves nothing behind.
+
+Launched on several processes (`torchrun` / `accelerate launch -m peftkit train`), every process runs this same
+flow, so that collective calls (training steps, saves that gather ZeRO-3 shards, predict/evaluate) see all
+ranks; only the main process writes result files.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from accelerate import PartialState
@@ -15,14 +20,20 @@ from transformers.integrations import TensorBoardCallback
 
 from peftkit.adapters import attach_adapter, count_parameters
 from peftkit.data.sources import load_splits
+from peftkit.distributed import (
+    adopt_recipe_sharding,
+    check_launcher_agrees,
+    launched_world_size,
+    write_sharding_configs,
+)
 from peftkit.evaluation.plots import plot_losses
 from peftkit.evaluation.report import write_report
 from peftkit.models.load import load_config, load_tokenizer
 from peftkit.recipe.schema import Recipe
-from peftkit.run_folder import manifest, recipe_as_yaml, run_folder, write_json, write_jsonl, write_text_atomic
+from peftkit.run_folder import manifest, run_dir_for, recipe_as_yaml, run_folder, write_json, write_jsonl, write_text_atomic
 from peftkit.tasks import get_task
 from peftkit.training.arguments import build_training_args
-from peftkit.training.checkpoints import last_complete_checkpoint
+from peftkit.training.checkpoints import CheckSavedWeights, check_saved_weights, last_complete_checkpoint
 
 log = logging.getLogger("peftkit")
 
@@ -31,9 +42,15 @@ ADAPTER_DIR = "adapter"
 
 def train(recipe: Recipe, resume: bool = False) -> Path:
     """Run a recipe end to end and return the run folder."""
-    state = PartialState()
     task = get_task(recipe.task.type)
     resume = resume or recipe.training.resume
+    world_size = launched_world_size()
+    check_launcher_agrees(recipe, os.environ, world_size)
+    adopt_recipe_sharding()
+    best_metric = recipe.training.metric_for_best or task.DEFAULT_METRIC
+    # Built before the model is loaded: under ZeRO-3 this makes from_pretrained load partitioned weights.
+    args = build_training_args(recipe, run_dir_for(recipe), best_metric, world_size)
+    state = PartialState()
 
     load_config(recipe.model)
     tokenizer = load_tokenizer(recipe.model)
@@ -41,11 +58,13 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
     tokenized, info = task.prepare(recipe, raw_splits, tokenizer)
 
     with run_folder(recipe, resume, state.is_main_process) as run_dir:
+        state.wait_for_everyone()
         checkpoint = last_complete_checkpoint(run_dir) if resume else None
         if resume:
             log.info("resuming from %s", checkpoint or "the start (no complete checkpoint yet)")
         if state.is_main_process:
             write_text_atomic(run_dir / "recipe.yaml", recipe_as_yaml(recipe))
+            write_sharding_configs(run_dir, recipe, world_size)
 
         set_seed(recipe.training.seed)
         model = task.load_model(recipe, info)
@@ -57,23 +76,23 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
             100 * parameters["trainable"] / parameters["total"],
         )
 
-        best_metric = recipe.training.metric_for_best or task.DEFAULT_METRIC
         trainer = Trainer(
             model=model,
-            args=build_training_args(recipe, run_dir, best_metric),
+            args=args,
             train_dataset=tokenized["train"],
             eval_dataset=tokenized.get("validation"),
             data_collator=task.collator(tokenizer),
             processing_class=tokenizer,
             compute_metrics=task.compute_metrics(info),
-            callbacks=_callbacks(recipe, run_dir),
+            callbacks=_callbacks(recipe, run_dir, state.is_main_process),
         )
         train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
-        trainer.save_model(str(run_dir / ADAPTER_DIR))
+        trainer.save_model(str(run_dir / ADAPTER_DIR))  # every rank: ZeRO-3/FSDP gather the shards here
         if state.is_main_process:
             # The Trainer pickles its arguments next to the weights; a deployable folder holds safetensors only.
             (run_dir / ADAPTER_DIR / "training_args.bin").unlink(missing_ok=True)
+            check_saved_weights(run_dir / ADAPTER_DIR)
         split_results = {
             split: _evaluate_split(trainer, task, recipe, info, tokenized[split], raw_splits[split])
             for split in recipe.evaluation.splits
@@ -87,15 +106,16 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
                 "best_checkpoint": trainer.state.best_model_checkpoint,
                 "best_metric_name": best_metric,
                 "best_metric": trainer.state.best_metric,
+                "world_size": world_size,
             }
             _write_results(run_dir, recipe, task, info, summary, split_results, trainer.state.log_history)
     state.wait_for_everyone()
     return run_dir
 
 
-def _callbacks(recipe: Recipe, run_dir: Path) -> list:
-    callbacks = []
-    if recipe.output.tensorboard:
+def _callbacks(recipe: Recipe, run_dir: Path, is_main_process: bool) -> list:
+    callbacks = [CheckSavedWeights()]
+    if recipe.output.tensorboard and is_main_process:  # one event file, written by the main process
         from torch.utils.tensorboard import SummaryWriter
 
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard"))))
