@@ -89,6 +89,25 @@ def build_fsdp_config(recipe: Recipe, world_size: int) -> dict | None:
     }
 
 
+def configure_cpu_deepspeed_processes() -> dict:
+    """Set up DeepSpeed's process group for several ranks without GPUs; returns TrainingArguments' accelerator_config.
+
+    There accelerate starts DeepSpeed without a backend and then counts every rank as rank 0 of 1: each rank
+    would train on all the data and write every file. Initialising the state with gloo first gives the real
+    ranks and world size, and the Trainer adopts that state instead of building its own.
+    """
+    from accelerate import PartialState
+
+    launched = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # how accelerate recognises DeepSpeed ranks
+    try:
+        PartialState(backend="gloo")
+    finally:
+        if launched is None:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    return {"use_configured_state": True}
+
+
 def write_sharding_configs(run_dir: Path, recipe: Recipe, world_size: int) -> None:
     """Record the generated DeepSpeed / FSDP settings in the run folder (what actually ran)."""
     for name, config in ((DEEPSPEED_FILE, build_deepspeed_config(recipe, world_size)),

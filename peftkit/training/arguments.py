@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments
 
-from peftkit.distributed import build_deepspeed_config, build_fsdp_config
+from peftkit.distributed import build_deepspeed_config, build_fsdp_config, configure_cpu_deepspeed_processes
 from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import CHECKPOINTS
 from peftkit.training.precision import resolve_precision
@@ -21,6 +21,9 @@ def build_training_args(recipe: Recipe, run_dir: Path, best_metric: str, world_s
     """`world_size` is the number of launched processes; DeepSpeed's batch sizes are computed from it."""
     training = recipe.training
     deepspeed = build_deepspeed_config(recipe, world_size)
+    on_cpu = not torch.cuda.is_available()
+    several_cpu_ranks = deepspeed is not None and on_cpu and world_size > 1
+    accelerator_config = configure_cpu_deepspeed_processes() if several_cpu_ranks else None
     fsdp_config = build_fsdp_config(recipe, world_size)
     precision = resolve_precision(training.precision)
     evaluating = training.eval_strategy != "no"
@@ -42,8 +45,9 @@ def build_training_args(recipe: Recipe, run_dir: Path, best_metric: str, world_s
         gradient_checkpointing=training.gradient_checkpointing,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        # DeepSpeed picks its own CPU accelerator (and gloo); forcing use_cpu would skip its process-group setup.
-        use_cpu=not torch.cuda.is_available() and deepspeed is None,
+        # DeepSpeed picks its own CPU accelerator; forcing use_cpu would skip its process-group setup.
+        use_cpu=on_cpu and deepspeed is None,
+        accelerator_config=accelerator_config,
         eval_strategy=training.eval_strategy,
         eval_steps=training.eval_steps,
         save_strategy=training.save_strategy,
