@@ -220,3 +220,24 @@ def test_every_process_refuses_an_occupied_run_folder(tmp_path):
     with pytest.raises(UserError, match="already exists"):
         with run_folder(run, resume=False, is_main_process=False):
             pass
+
+
+def test_training_arguments_carry_the_generated_settings(tmp_path, monkeypatch):
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    from peftkit.training.arguments import build_training_args
+
+    monkeypatch.delenv("FSDP_CPU_RAM_EFFICIENT_LOADING", raising=False)  # restored after the test
+    zero3 = recipe(distributed={"strategy": "deepspeed", "zero_stage": 3})
+    args = build_training_args(zero3, tmp_path, "loss", world_size=1)
+    try:
+        assert args.deepspeed == build_deepspeed_config(zero3, 1)
+        # Registered before any model is loaded, so from_pretrained partitions weights (zero3 init).
+        assert args.hf_deepspeed_config.is_zero3()
+    finally:
+        unset_hf_deepspeed_config()
+    fsdp = recipe(distributed={"strategy": "fsdp"})
+    args = build_training_args(fsdp, tmp_path, "loss", world_size=2)
+    assert args.fsdp and args.fsdp_plugin_args["fsdp_version"] == 2 and args.deepspeed is None
+    assert args.use_cpu is not torch.cuda.is_available()  # gloo FSDP on CPU needs use_cpu
+    assert not build_training_args(recipe(), tmp_path, "loss").fsdp

@@ -86,6 +86,9 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
             compute_metrics=task.compute_metrics(info),
             callbacks=_callbacks(recipe, run_dir, state.is_main_process),
         )
+        # The Trainer rescales losses of models whose forward takes **kwargs as if they were sums over a global
+        # item count (x processes, no division by accumulation steps); a per-batch mean loss must not be rescaled.
+        trainer.model_accepts_loss_kwargs = trainer.model_accepts_loss_kwargs and getattr(task, "LOSS_SUMS_OVER_ITEMS", False)
         train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
         trainer.save_model(str(run_dir / ADAPTER_DIR))  # every rank: ZeRO-3/FSDP gather the shards here
