@@ -98,7 +98,9 @@ def launch(processes: int, model_dir: Path, output: Path) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                __file__, "--worker", str(model_dir), str(output)]
-    subprocess.run(command, check=True, env=env, cwd=REPO_ROOT, capture_output=True)
+    result = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"{processes}-process run failed:\n{result.stderr[-4000:]}")
     return [json.loads(output.with_name(f"{output.stem}-rank{rank}.json").read_text()) for rank in range(processes)]
 
 
@@ -112,9 +114,9 @@ def main() -> None:
     for method in METHODS:
         worst = max(rank[method]["total"] for rank in two)
         ratio = worst / one[method]["total"]
+        per_rank = ", ".join(f"{rank[method]['total'] / 2**20:.2f}" for rank in two)
         print(f"adapter.method={method:5s} 1 rank: {one[method]['total'] / 2**20:8.2f} MiB   "
-              f"2 ranks: {', '.join(f'{rank[method]['total'] / 2**20:.2f}' for rank in two)} MiB   "
-              f"ratio {ratio:.3f} (target <= {TARGET})")
+              f"2 ranks: {per_rank} MiB   ratio {ratio:.3f} (target <= {TARGET})")
         print(f"    1 rank  {one[method]}\n    2 ranks {[rank[method] for rank in two]}")
 
 
