@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO_ROOT, classification_recipe, sentiment_rows, write_jsonl, write_recipe
+from tests.conftest import REPO_ROOT, classification_recipe, sentiment_rows, write_jsonl, write_recipe
 from peftkit.training.checkpoints import check_saved_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]

@@ -42,7 +42,7 @@ def build_training_args(recipe: Recipe, run_dir: Path, best_metric: str, world_s
         optim=training.optimizer,
         seed=training.seed,
         data_seed=training.seed,
-        gradient_checkpointing=training.gradient_checkpointing,
+        activation_checkpointing=training.gradient_checkpointing,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         # DeepSpeed picks its own CPU accelerator; forcing use_cpu would skip its process-group setup.
@@ -59,6 +59,7 @@ def build_training_args(recipe: Recipe, run_dir: Path, best_metric: str, world_s
         logging_strategy="steps",
         logging_steps=training.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss must be visible, not averaged away
         report_to=[],
         remove_unused_columns=False,
         disable_tqdm=False,

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from accelerate import PartialState
-from transformers import EarlyStoppingCallback, Trainer, set_seed
+from transformers import EarlyStoppingCallback, set_seed
 from transformers.integrations import TensorBoardCallback
 
 from peftkit.adapters import attach_adapter, count_parameters
@@ -30,17 +30,28 @@ from peftkit.evaluation.plots import plot_losses
 from peftkit.evaluation.report import write_report
 from peftkit.models.load import load_config, load_tokenizer
 from peftkit.recipe.schema import Recipe
-from peftkit.run_folder import manifest, run_dir_for, recipe_as_yaml, run_folder, write_json, write_jsonl, write_text_atomic
+from peftkit.run_folder import (
+    check_resume_matches,
+    manifest,
+    run_dir_for,
+    recipe_as_yaml,
+    run_folder,
+    write_json,
+    write_jsonl,
+    write_text_atomic,
+)
 from peftkit.tasks import get_task
 from peftkit.training.arguments import build_training_args
 from peftkit.training.checkpoints import CheckSavedWeights, check_saved_weights, last_complete_checkpoint
+from peftkit.errors import Preempted
+from peftkit.training.trainer import GradientGuardCallback, PeftkitTrainer, PreemptionCallback
 
 log = logging.getLogger("peftkit")
 
 ADAPTER_DIR = "adapter"
 
 
-def train(recipe: Recipe, resume: bool = False) -> Path:
+def train(recipe: Recipe, resume: bool = False, force_resume: bool = False) -> Path:
     """Run a recipe end to end and return the run folder."""
     task = get_task(recipe.task.type)
     resume = resume or recipe.training.resume
@@ -61,6 +72,7 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
         state.wait_for_everyone()
         checkpoint = last_complete_checkpoint(run_dir) if resume else None
         if resume:
+            check_resume_matches(run_dir, recipe, force_resume)
             log.info("resuming from %s", checkpoint or "the start (no complete checkpoint yet)")
         if state.is_main_process:
             write_text_atomic(run_dir / "recipe.yaml", recipe_as_yaml(recipe))
@@ -76,7 +88,8 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
             100 * parameters["trainable"] / parameters["total"],
         )
 
-        trainer = Trainer(
+        preemption = PreemptionCallback()
+        trainer = PeftkitTrainer(
             model=model,
             args=args,
             train_dataset=tokenized["train"],
@@ -84,12 +97,20 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
             data_collator=task.collator(tokenizer),
             processing_class=tokenizer,
             compute_metrics=task.compute_metrics(info),
-            callbacks=_callbacks(recipe, run_dir, state.is_main_process),
+            callbacks=[*_callbacks(recipe, run_dir, state.is_main_process), preemption],
+            on_nonfinite=recipe.training.on_nonfinite,
+            abort_grad_norm=recipe.training.abort_grad_norm,
         )
+        trainer.add_callback(GradientGuardCallback(trainer))
         # The Trainer rescales losses of models whose forward takes **kwargs as if they were sums over a global
         # item count (x processes, no division by accumulation steps); a per-batch mean loss must not be rescaled.
         trainer.model_accepts_loss_kwargs = trainer.model_accepts_loss_kwargs and getattr(task, "LOSS_SUMS_OVER_ITEMS", False)
         train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if preemption.received:
+            raise Preempted(
+                f"SIGTERM received: saved {last_complete_checkpoint(run_dir)} at step {trainer.state.global_step}; "
+                "continue with `peftkit train RECIPE --resume`"
+            )
 
         trainer.save_model(str(run_dir / ADAPTER_DIR))  # every rank: ZeRO-3/FSDP gather the shards here
         if state.is_main_process:
@@ -110,6 +131,7 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
                 "best_metric_name": best_metric,
                 "best_metric": trainer.state.best_metric,
                 "world_size": world_size,
+                "skipped_steps": trainer.skipped_steps,
             }
             _write_results(run_dir, recipe, task, info, summary, split_results, trainer.state.log_history)
     state.wait_for_everyone()
