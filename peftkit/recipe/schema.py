@@ -180,11 +180,38 @@ class QuantizationSection(Section):
 
 class DistributedSection(Section):
     strategy: Literal["auto", "ddp", "deepspeed", "fsdp"] = Field(
-        "auto", description="Sharding: `auto` is DDP when launched on several processes, else one process."
+        "auto", description="Sharding: `auto` is DDP when launched on several processes, else one process. "
+        "The recipe decides the strategy; the launcher (torchrun / accelerate launch) only decides the processes."
     )
-    zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    zero_stage: Literal[1, 2, 3] = Field(
+        2, description="DeepSpeed ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also parameters."
+    )
     offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (DeepSpeed/FSDP).")
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO-3/FSDP).")
+    fsdp_reshard_after_forward: bool = Field(
+        True, description="FSDP: free gathered parameters after forward (full shard); false keeps them (ZeRO-2-like)."
+    )
+
+    @model_validator(mode="after")
+    def _offload_fits_strategy(self) -> DistributedSection:
+        if self.offload_params and not (self.strategy == "fsdp" or (self.strategy == "deepspeed" and self.zero_stage == 3)):
+            raise ValueError(
+                "distributed.offload_params needs sharded parameters: set distributed.strategy: fsdp, or "
+                "distributed.strategy: deepspeed with distributed.zero_stage: 3"
+            )
+        if self.offload_optimizer and self.strategy not in ("deepspeed", "fsdp"):
+            raise ValueError("distributed.offload_optimizer needs distributed.strategy: deepspeed or fsdp")
+        if self.strategy == "fsdp" and self.offload_optimizer != self.offload_params:
+            raise ValueError(
+                "FSDP offloads parameters, gradients and optimizer states together: set distributed.offload_params "
+                "and distributed.offload_optimizer to the same value"
+            )
+        return self
+
+    @property
+    def shards_parameters(self) -> bool:
+        """ZeRO-3 and FSDP split every weight across ranks (quantized weights included)."""
+        return self.strategy == "fsdp" or (self.strategy == "deepspeed" and self.zero_stage == 3)
 
 
 class TrainingSection(Section):
@@ -270,6 +297,22 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _combinations_are_possible(self) -> Recipe:
         _check_adapter_fits(self.adapter, self.quantization, self.task.type)
+        if self.distributed.shards_parameters and self.quantization.bits == 8:
+            raise ValueError(
+                "quantization.bits: 8 cannot be sharded by ZeRO-3/FSDP (int8 weights are not partitioned); "
+                "use quantization.bits: 4 with storage_dtype equal to compute_dtype, or distributed.zero_stage: 2"
+            )
+        if (
+            self.distributed.shards_parameters
+            and self.quantization.bits == 4
+            and self.quantization.storage_dtype != self.quantization.compute_dtype
+        ):
+            raise ValueError(
+                "quantization.storage_dtype must equal quantization.compute_dtype under ZeRO-3/FSDP so the packed "
+                "4-bit weights are partitioned across ranks instead of replicated on each "
+                f"(got storage_dtype={self.quantization.storage_dtype}, compute_dtype={self.quantization.compute_dtype}); "
+                f"set quantization.storage_dtype: {self.quantization.compute_dtype}"
+            )
         if self.training.eval_strategy != "no" and self.data.validation is None and not self.data.validation_fraction:
             raise ValueError(
                 "training.eval_strategy needs validation data: set data.validation, data.validation_fraction, "

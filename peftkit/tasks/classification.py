@@ -17,6 +17,7 @@ from peftkit.recipe.schema import Recipe
 
 PEFT_TASK_TYPE = "SEQ_CLS"
 DEFAULT_METRIC = "f1_macro"
+LOSS_SUMS_OVER_ITEMS = False  # cross-entropy mean over the batch
 HEAD_NAMES = ("classifier", "score")
 
 

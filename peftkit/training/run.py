@@ -1,12 +1,17 @@
 """`peftkit train`: one recipe, read top to bottom: check inputs -> model + adapter -> train -> evaluate -> write.
 
-Everything that can be wrong with the user's input (model path, data files, columns, labels) is checked
-before the run folder is created, so a bad recipe leaves nothing behind.
+Everything that can be wrong with the user's input (model path, data files, columns, labels, a launcher that
+contradicts the recipe) is checked before the run folder is created, so a bad recipe leaves nothing behind.
+
+Launched on several processes (`torchrun` / `accelerate launch -m peftkit train`), every process runs this same
+flow, so that collective calls (training steps, saves that gather ZeRO-3 shards, predict/evaluate) see all
+ranks; only the main process writes result files.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from accelerate import PartialState
@@ -21,6 +26,12 @@ from peftkit.adapters import (
     save_adapter,
 )
 from peftkit.data.sources import load_splits
+from peftkit.distributed import (
+    adopt_recipe_sharding,
+    check_launcher_agrees,
+    launched_world_size,
+    write_sharding_configs,
+)
 from peftkit.evaluation.plots import plot_losses
 from peftkit.evaluation.report import write_report
 from peftkit.models.load import load_config, load_tokenizer
@@ -29,6 +40,7 @@ from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import (
     check_resume_matches,
     manifest,
+    run_dir_for,
     recipe_as_yaml,
     run_folder,
     write_json,
@@ -37,7 +49,7 @@ from peftkit.run_folder import (
 )
 from peftkit.tasks import get_task
 from peftkit.training.arguments import build_training_args, training_setup
-from peftkit.training.checkpoints import last_complete_checkpoint
+from peftkit.training.checkpoints import CheckSavedWeights, check_saved_weights, last_complete_checkpoint
 from peftkit.errors import Preempted
 from peftkit.training.trainer import GradientGuardCallback, PeftkitTrainer, PreemptionCallback
 
@@ -48,9 +60,15 @@ ADAPTER_DIR = "adapter"
 
 def train(recipe: Recipe, resume: bool = False, force_resume: bool = False) -> Path:
     """Run a recipe end to end and return the run folder."""
-    state = PartialState()
     task = get_task(recipe.task.type)
     resume = resume or recipe.training.resume
+    world_size = launched_world_size()
+    check_launcher_agrees(recipe, os.environ, world_size)
+    adopt_recipe_sharding()
+    best_metric = recipe.training.metric_for_best or task.DEFAULT_METRIC
+    # Built before the model is loaded: under ZeRO-3 this makes from_pretrained load partitioned weights.
+    args = build_training_args(recipe, run_dir_for(recipe), best_metric, world_size)
+    state = PartialState()
 
     check_adapter_fits_model(recipe, load_config(recipe.model), task.PEFT_TASK_TYPE)
     warn_if_recipe_will_not_fit(recipe)
@@ -59,12 +77,14 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False) -> P
     tokenized, info = task.prepare(recipe, raw_splits, tokenizer)
 
     with run_folder(recipe, resume, state.is_main_process) as run_dir, PreemptionCallback() as preemption:
+        state.wait_for_everyone()
         checkpoint = last_complete_checkpoint(run_dir) if resume else None
         if resume:
             check_resume_matches(run_dir, recipe, force_resume)
             log.info("resuming from %s", checkpoint or "the start (no complete checkpoint yet)")
         if state.is_main_process:
             write_text_atomic(run_dir / "recipe.yaml", recipe_as_yaml(recipe))
+            write_sharding_configs(run_dir, recipe, world_size)
 
         set_seed(recipe.training.seed)
         model = task.load_model(recipe, info)
@@ -76,20 +96,22 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False) -> P
             100 * parameters["trainable"] / parameters["total"],
         )
 
-        best_metric = recipe.training.metric_for_best or task.DEFAULT_METRIC
         trainer = PeftkitTrainer(
             model=model,
-            args=build_training_args(recipe, run_dir, best_metric),
+            args=args,
             train_dataset=tokenized["train"],
             eval_dataset=tokenized.get("validation"),
             data_collator=task.collator(tokenizer),
             processing_class=tokenizer,
             compute_metrics=task.compute_metrics(info),
-            callbacks=[*_callbacks(recipe, run_dir), preemption, *adapter_callbacks(recipe)],
+            callbacks=[*_callbacks(recipe, run_dir, state.is_main_process), preemption, *adapter_callbacks(recipe)],
             on_nonfinite=recipe.training.on_nonfinite,
             abort_grad_norm=recipe.training.abort_grad_norm,
         )
         trainer.add_callback(GradientGuardCallback(trainer))
+        # The Trainer rescales losses of models whose forward takes **kwargs as if they were sums over a global
+        # item count (x processes, no division by accumulation steps); a per-batch mean loss must not be rescaled.
+        trainer.model_accepts_loss_kwargs = trainer.model_accepts_loss_kwargs and getattr(task, "LOSS_SUMS_OVER_ITEMS", False)
         train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         if preemption.received:
             raise Preempted(
@@ -97,10 +119,11 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False) -> P
                 "continue with `peftkit train RECIPE --resume`"
             )
 
-        save_adapter(trainer, run_dir / ADAPTER_DIR)
+        save_adapter(trainer, run_dir / ADAPTER_DIR)  # every rank: ZeRO-3/FSDP gather the shards here
         if state.is_main_process:
             # The Trainer pickles its arguments next to the weights; a deployable folder holds safetensors only.
             (run_dir / ADAPTER_DIR / "training_args.bin").unlink(missing_ok=True)
+            check_saved_weights(run_dir / ADAPTER_DIR)
         split_results = {
             split: _evaluate_split(trainer, task, recipe, info, tokenized[split], raw_splits[split])
             for split in recipe.evaluation.splits
@@ -115,6 +138,7 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False) -> P
                 "best_checkpoint": trainer.state.best_model_checkpoint,
                 "best_metric_name": best_metric,
                 "best_metric": trainer.state.best_metric,
+                "world_size": world_size,
                 "skipped_steps": trainer.skipped_steps,
             }
             _write_results(run_dir, recipe, task, info, summary, split_results, trainer.state.log_history)
@@ -122,9 +146,9 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False) -> P
     return run_dir
 
 
-def _callbacks(recipe: Recipe, run_dir: Path) -> list:
-    callbacks = []
-    if recipe.output.tensorboard:
+def _callbacks(recipe: Recipe, run_dir: Path, is_main_process: bool) -> list:
+    callbacks = [CheckSavedWeights()]
+    if recipe.output.tensorboard and is_main_process:  # one event file, written by the main process
         from torch.utils.tensorboard import SummaryWriter
 
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard"))))
