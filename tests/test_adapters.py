@@ -249,3 +249,11 @@ def test_qlora_fragment_turns_on_4bit_kbit_preparation_and_checkpointing(tmp_pat
     setup = training_setup(recipe)
     assert setup["kbit_preparation"] and setup["gradient_checkpointing"]
     assert not training_setup(load_recipe(recipe_file, ["training.gradient_checkpointing=false"]))["gradient_checkpointing"]
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora", "ia3", "prompt_tuning", "none"])
+def test_a_dumped_recipe_validates_again(method):
+    """Run folders store the fully resolved recipe, every adapter option included; it must load back."""
+    recipe = validate_recipe({"model": {"name": "m"}, "data": {"train": {"path": "t.jsonl"}},
+                              "adapter": {"method": method}, "training": {"eval_strategy": "no"}})
+    assert validate_recipe(recipe.model_dump(mode="json")) == recipe

@@ -82,7 +82,7 @@ class DataSection(Section):
 
 PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
 
-# Which adapter options each method reads; setting one the chosen method ignores is an error, not a no-op.
+# Which adapter options each method reads; changing one the chosen method ignores is an error, not a no-op.
 ADAPTER_OPTION_METHODS: dict[str, tuple[str, ...]] = {
     "r": ("lora", "adalora"),
     "alpha": ("lora", "adalora"),
@@ -141,9 +141,9 @@ class AdapterSection(Section):
 
     @model_validator(mode="after")
     def _options_fit_method(self) -> AdapterSection:
-        for option in sorted(self.model_fields_set & ADAPTER_OPTION_METHODS.keys()):
-            methods = ADAPTER_OPTION_METHODS[option]
-            if self.method not in methods:
+        for option, methods in ADAPTER_OPTION_METHODS.items():
+            # Compared with the default, not with what was set: a dumped recipe (run folder) lists every key.
+            if self.method not in methods and getattr(self, option) != type(self).model_fields[option].default:
                 raise ValueError(
                     f"adapter.{option} applies to method {' / '.join(methods)}, not `{self.method}`; "
                     f"remove it or choose one of those methods"
