@@ -38,7 +38,37 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 24GiB or 80GB (default: the visible GPU's)")
     plan.add_argument("--fit", action="store_true", help="search recipe changes that fit, cheapest slowdown first")
     plan.set_defaults(handler=_plan)
+
+    evaluate = commands.add_parser("eval", help="re-evaluate a finished run on its own or other data")
+    evaluate.add_argument("run_dir", help="run folder written by `peftkit train`")
+    evaluate.add_argument("--data", help="data file or hub dataset to score (default: the run's own split)")
+    evaluate.add_argument("--split", help="the run's split (train, validation, test) or, with --data, the hub split")
+    evaluate.set_defaults(handler=_eval)
+
+    predict = commands.add_parser("predict", help="write a finished run's predictions for an input file (JSONL)")
+    predict.add_argument("run_dir", help="run folder written by `peftkit train`")
+    predict.add_argument("--input", required=True, help="input file (json, jsonl, csv, tsv, parquet) with the task's columns")
+    predict.add_argument("--output", required=True, help="JSONL file to write, one prediction a line")
+    predict.set_defaults(handler=_predict)
     return parser
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import json
+
+    from peftkit.evaluation.saved_run import evaluate_run
+
+    out, metrics = evaluate_run(args.run_dir, args.data, args.split)
+    headline = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
+    print(json.dumps(headline, indent=2))
+    print(f"evaluation folder: {out}")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from peftkit.evaluation.saved_run import predict_file
+
+    count = predict_file(args.run_dir, args.input, args.output)
+    print(f"wrote {count} predictions to {args.output}")
 
 
 def _train(args: argparse.Namespace) -> None:

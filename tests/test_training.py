@@ -6,28 +6,12 @@ import json
 import shutil
 
 import numpy as np
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from peftkit.recipe.load import validate_recipe
 from peftkit.training.run import train
 from tests.conftest import classification_recipe
-
-
-@pytest.fixture(scope="module")
-def trained_run(tiny_bert_dir, tmp_path_factory):
-    from tests.conftest import sentiment_rows, write_jsonl
-
-    data_dir = tmp_path_factory.mktemp("data")
-    files = {
-        "train": write_jsonl(data_dir / "train.jsonl", sentiment_rows(160, seed=1)),
-        "validation": write_jsonl(data_dir / "validation.jsonl", sentiment_rows(40, seed=2)),
-        "test": write_jsonl(data_dir / "test.jsonl", sentiment_rows(40, seed=3)),
-    }
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    recipe = validate_recipe(classification_recipe(tiny_bert_dir, files, run_dir, output={"tensorboard": True}))
-    return train(recipe), files
 
 
 def test_accuracy_rises_well_above_chance(trained_run):

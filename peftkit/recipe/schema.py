@@ -50,7 +50,51 @@ class ClassificationTask(Section):
     )
 
 
-Task = Annotated[Union[ClassificationTask], Field(discriminator="type")]
+class ExtractiveQATask(Section):
+    type: Literal["extractive_qa"] = Field("extractive_qa", description="Extractive question answering (SQuAD style).")
+    question_column: str = Field("question", description="Column holding the question.")
+    context_column: str = Field("context", description="Column holding the passage the answer is a span of.")
+    answers_column: str = Field(
+        "answers",
+        description="Column holding the gold answers: `{text: [...], answer_start: [...]}`, a list of "
+        "`{text, answer_start}`, or plain answer text (located in the context).",
+    )
+    doc_stride: int = Field(
+        64, gt=0, description="Tokens shared by consecutive windows when a context is longer than data.max_length."
+    )
+    max_answer_tokens: int = Field(30, gt=0, description="Longest answer span, in tokens, considered at prediction.")
+    allow_unanswerable: bool = Field(
+        False, description="Questions may have no answer (SQuAD v2); the model then learns to predict the empty answer."
+    )
+    null_score_threshold: float = Field(
+        0.0, description="With allow_unanswerable: answer empty when the no-answer score beats the best span by this."
+    )
+
+
+class _Seq2SeqTask(Section):
+    source_prefix: str = Field("", description="Text put before every source (e.g. T5's `translate English to French: `).")
+    max_target_length: int = Field(128, gt=0, description="Maximum tokens of a training target; longer ones are truncated.")
+
+
+class TranslationTask(_Seq2SeqTask):
+    type: Literal["translation"] = Field("translation", description="Translation with an encoder-decoder model.")
+    source_column: str = Field("source", description="Column holding the source sentence (a language code for pair files).")
+    target_column: str = Field("target", description="Column holding the reference translation.")
+
+
+class SummarizationTask(_Seq2SeqTask):
+    type: Literal["summarization"] = Field("summarization", description="Summarization with an encoder-decoder model.")
+    source_column: str = Field(
+        "document", description="Column holding the document (a list of sentences is joined with spaces)."
+    )
+    target_column: str = Field(
+        "summary", description="Column holding the summary (a list means several references; training uses the first)."
+    )
+
+
+Task = Annotated[
+    Union[ClassificationTask, ExtractiveQATask, TranslationTask, SummarizationTask], Field(discriminator="type")
+]
 
 
 class DataSource(Section):
@@ -66,8 +110,25 @@ class DataSource(Section):
     rename: dict[str, str] = Field(
         default_factory=dict, description="Columns to rename after loading, `{old: new}`."
     )
+    languages: list[str] | None = Field(
+        None,
+        min_length=2,
+        description="Line-aligned language files: read `<path>.<lang>` (or `.gz`) for each language into a column "
+        "named by the language code (e.g. Multi30k's `train.en.gz`, `train.fr.gz` with path `.../train`).",
+    )
+    rows: str | None = Field(
+        None,
+        pattern=r"^\d*:\d*$",
+        description="Keep the row range `start:end` (Python slice, applied before `limit`), e.g. to split by article.",
+    )
     limit: int | None = Field(None, gt=0, description="Keep at most this many rows (after shuffling with `seed`).")
     seed: int = Field(0, description="Seed of the shuffle applied before `limit`.")
+
+    @model_validator(mode="after")
+    def _languages_are_files(self) -> DataSource:
+        if self.languages and self.format != "auto":
+            raise ValueError("languages reads line-aligned text files; remove format (it must stay `auto`)")
+        return self
 
 
 class DataSection(Section):
@@ -274,6 +335,16 @@ class EvaluationSection(Section):
     worst_examples: int = Field(10, ge=0, description="Worst predictions listed in the report.")
 
 
+class GenerationSection(Section):
+    num_beams: int = Field(1, gt=0, description="Beam size when generating at evaluation (1 is greedy).")
+    max_new_tokens: int = Field(64, gt=0, description="Most tokens generated per example.")
+    length_penalty: float = Field(
+        1.0,
+        description="Beam search ranks by log-probability / length**length_penalty: larger favours longer outputs, "
+        "0 ignores length (no effect when num_beams is 1).",
+    )
+
+
 class OutputSection(Section):
     dir: str | None = Field(None, description="Run folder; unset is `runs/<recipe name>`.")
     overwrite: bool = Field(False, description="Replace an existing run folder instead of refusing.")
@@ -292,6 +363,9 @@ class Recipe(Section):
     distributed: DistributedSection = Field(default_factory=DistributedSection, description="Sharding strategy.")
     training: TrainingSection = Field(default_factory=TrainingSection, description="Optimization settings.")
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection, description="Final evaluation.")
+    generation: GenerationSection = Field(
+        default_factory=GenerationSection, description="Decoding settings for tasks that generate text."
+    )
     output: OutputSection = Field(default_factory=OutputSection, description="Where results go.")
 
     @model_validator(mode="after")
