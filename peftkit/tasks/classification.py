@@ -88,7 +88,7 @@ def head_modules(model) -> list[str]:
     return [name for name in HEAD_NAMES if name in present]
 
 
-def collator(tokenizer):
+def collator(tokenizer, recipe: Recipe):
     return DataCollatorWithPadding(tokenizer)
 
 
@@ -107,13 +107,16 @@ def compute_metrics(info: dict):
 
 
 def predict(trainer, tokenized, raw, recipe: Recipe, info: dict) -> list[dict]:
-    """One record per example: inputs, gold and predicted label, and the predicted label's probability."""
     output = trainer.predict(tokenized)
     logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-    probabilities = _softmax(np.asarray(logits, dtype=np.float64))
+    return records_from_probabilities(_softmax(np.asarray(logits, dtype=np.float64)), tokenized["labels"], raw, recipe, info)
+
+
+def records_from_probabilities(probabilities: np.ndarray, gold_ids, raw, recipe: Recipe, info: dict) -> list[dict]:
+    """One record per example: inputs, gold and predicted label, and the predicted label's probability."""
     names = info["labels"]
     records = []
-    for i, (gold, probs) in enumerate(zip(tokenized["labels"], probabilities)):
+    for i, (gold, probs) in enumerate(zip(gold_ids, probabilities)):
         record = {"text": raw[i][recipe.task.text_column]}
         if recipe.task.text_pair_column:
             record["text_pair"] = raw[i][recipe.task.text_pair_column]
@@ -175,13 +178,14 @@ def report(records: list[dict], metrics: dict, split: str, run_dir: Path, worst:
     errors = sorted((r for r in records if r["gold"] != r["predicted"]), key=lambda r: r["gold_probability"])
     if errors and worst:
         lines += [f"Worst misclassified examples (lowest probability of the gold label), {min(worst, len(errors))} of {len(errors)}:", ""]
-        lines += ["| text | gold | predicted | p(predicted) |", "|---|---|---|---|"]
+        lines += ["| text | gold | predicted | p(gold) |", "|---|---|---|---|"]
         for record in errors[:worst]:
             text = record["text"] + (f" ‖ {record['text_pair']}" if "text_pair" in record else "")
-            lines.append(f"| {_cell(text)} | {record['gold']} | {record['predicted']} | {record['probability']:.3f} |")
+            lines.append(f"| {cell(text)} | {record['gold']} | {cell(record['predicted'])} | {record['gold_probability']:.3f} |")
     return "\n".join(lines)
 
 
-def _cell(text: str, limit: int = 160) -> str:
+def cell(text: str, limit: int = 160) -> str:
+    """Text made safe and short for a Markdown table cell."""
     text = str(text).replace("|", "\\|").replace("\n", " ")
     return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -23,14 +23,15 @@ from peftkit.run_folder import manifest, recipe_as_yaml, run_folder, write_json,
 from peftkit.tasks import get_task
 from peftkit.training.arguments import build_training_args
 from peftkit.training.checkpoints import last_complete_checkpoint
+from peftkit.training.result import FitResult
 
 log = logging.getLogger("peftkit")
 
 ADAPTER_DIR = "adapter"
 
 
-def train(recipe: Recipe, resume: bool = False) -> Path:
-    """Run a recipe end to end and return the run folder."""
+def train(recipe: Recipe, resume: bool = False, callbacks: list = ()) -> Path:
+    """Run a recipe end to end and return the run folder. `callbacks` are extra `TrainerCallback`s (e.g. a sweep's pruner)."""
     state = PartialState()
     task = get_task(recipe.task.type)
     resume = resume or recipe.training.resume
@@ -48,49 +49,65 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
             write_text_atomic(run_dir / "recipe.yaml", recipe_as_yaml(recipe))
 
         set_seed(recipe.training.seed)
-        model = task.load_model(recipe, info)
-        model = attach_adapter(model, recipe, task.PEFT_TASK_TYPE, task.head_modules(model))
-        parameters = count_parameters(model)
-        log.info(
-            "trainable parameters: %s of %s (%.2f%%)",
-            f"{parameters['trainable']:,}", f"{parameters['total']:,}",
-            100 * parameters["trainable"] / parameters["total"],
-        )
-
-        best_metric = recipe.training.metric_for_best or task.DEFAULT_METRIC
-        trainer = Trainer(
-            model=model,
-            args=build_training_args(recipe, run_dir, best_metric),
-            train_dataset=tokenized["train"],
-            eval_dataset=tokenized.get("validation"),
-            data_collator=task.collator(tokenizer),
-            processing_class=tokenizer,
-            compute_metrics=task.compute_metrics(info),
-            callbacks=_callbacks(recipe, run_dir),
-        )
-        train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-
-        trainer.save_model(str(run_dir / ADAPTER_DIR))
-        if state.is_main_process:
-            # The Trainer pickles its arguments next to the weights; a deployable folder holds safetensors only.
-            (run_dir / ADAPTER_DIR / "training_args.bin").unlink(missing_ok=True)
+        fit = getattr(task, "fit", fit_with_trainer)  # tasks that need no gradient steps bring their own
+        result = fit(recipe, task, info, tokenized, tokenizer, run_dir, checkpoint, list(callbacks))
         split_results = {
-            split: _evaluate_split(trainer, task, recipe, info, tokenized[split], raw_splits[split])
+            split: _evaluate_split(result.predictor, task, recipe, info, tokenized[split], raw_splits[split])
             for split in recipe.evaluation.splits
             if split in tokenized
         }
         if state.is_main_process:
             summary = {
-                "parameters": parameters,
+                "parameters": result.parameters,
                 "examples": {split: len(dataset) for split, dataset in raw_splits.items()},
-                "train": {**train_output.metrics, "global_step": trainer.state.global_step},
-                "best_checkpoint": trainer.state.best_model_checkpoint,
-                "best_metric_name": best_metric,
-                "best_metric": trainer.state.best_metric,
+                "train": result.train_metrics,
+                "best_checkpoint": result.best_checkpoint,
+                "best_metric_name": result.best_metric_name,
+                "best_metric": result.best_metric,
             }
-            _write_results(run_dir, recipe, task, info, summary, split_results, trainer.state.log_history)
+            _write_results(run_dir, recipe, task, info, summary, split_results, result.log_history)
     state.wait_for_everyone()
     return run_dir
+
+
+def fit_with_trainer(recipe: Recipe, task, info: dict, tokenized: dict, tokenizer, run_dir: Path, checkpoint, callbacks: list) -> FitResult:
+    """Gradient training with the HF Trainer: the task's model + adapter, periodic evaluation, best checkpoint."""
+    model = task.load_model(recipe, info)
+    model = attach_adapter(model, recipe, task.PEFT_TASK_TYPE, task.head_modules(model))
+    parameters = count_parameters(model)
+    log.info(
+        "trainable parameters: %s of %s (%.2f%%)",
+        f"{parameters['trainable']:,}", f"{parameters['total']:,}",
+        100 * parameters["trainable"] / parameters["total"],
+    )
+
+    best_metric = recipe.training.metric_for_best or task.DEFAULT_METRIC
+    trainer = Trainer(
+        model=model,
+        args=build_training_args(recipe, run_dir, best_metric),
+        train_dataset=tokenized["train"],
+        eval_dataset=tokenized.get("validation"),
+        data_collator=task.collator(tokenizer, recipe),
+        processing_class=tokenizer,
+        compute_metrics=task.compute_metrics(info),
+        callbacks=_callbacks(recipe, run_dir) + callbacks,
+    )
+    train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    trainer.save_model(str(run_dir / ADAPTER_DIR))
+    if trainer.is_world_process_zero():
+        # The Trainer pickles its arguments next to the weights; a deployable folder holds safetensors only.
+        (run_dir / ADAPTER_DIR / "training_args.bin").unlink(missing_ok=True)
+    return FitResult(
+        predictor=trainer,
+        parameters=parameters,
+        train_metrics={**train_output.metrics, "global_step": trainer.state.global_step},
+        best_checkpoint=trainer.state.best_model_checkpoint,
+        best_metric_name=best_metric,
+        best_metric=trainer.state.best_metric,
+        log_history=trainer.state.log_history,
+        saved_to=run_dir / ADAPTER_DIR,
+    )
 
 
 def _callbacks(recipe: Recipe, run_dir: Path) -> list:
@@ -104,8 +121,8 @@ def _callbacks(recipe: Recipe, run_dir: Path) -> list:
     return callbacks
 
 
-def _evaluate_split(trainer, task, recipe: Recipe, info: dict, tokenized, raw) -> tuple[list[dict], dict]:
-    records = task.predict(trainer, tokenized, raw, recipe, info)
+def _evaluate_split(predictor, task, recipe: Recipe, info: dict, tokenized, raw) -> tuple[list[dict], dict]:
+    records = task.predict(predictor, tokenized, raw, recipe, info)
     return records, task.score(records, info)
 
 
