@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import run_cli, sentiment_rows, write_jsonl, write_recipe
 from peftkit.errors import UserError
-from peftkit.evaluation import text_metrics
 from peftkit.recipe.load import deep_merge, validate_recipe
 from peftkit.tasks import causal_lm
 
@@ -132,7 +131,7 @@ def test_leakage_check_can_fail_without_position_ids(tiny_llama_dir, tokenizer):
 def test_sft_trains_and_scores_generated_labels(tiny_llama_dir, sft_files, tmp_path):
     recipe = sft_recipe(
         tiny_llama_dir, {**sft_files, "test": sft_files["validation"]}, tmp_path / "run",
-        task={"response_metric": "classification", "max_new_tokens": 3},
+        task={"response_metric": "classification"}, generation={"max_new_tokens": 3},
     )
     result = run_cli("train", str(write_recipe(tmp_path / "sft.yaml", recipe)))
     assert result.returncode == 0, result.stderr
@@ -159,7 +158,7 @@ def test_sft_learns_the_responses(tiny_llama_dir, sft_files, tmp_path):
 
     recipe = validate_recipe(sft_recipe(
         tiny_llama_dir, sft_files, tmp_path / "run",
-        task={"response_metric": "bleu", "max_new_tokens": 2},
+        task={"response_metric": "bleu"}, generation={"max_new_tokens": 2},
         adapter={"method": "none"},  # a random tiny model learns fastest with every weight free
         training={"max_steps": 20, "eval_steps": 10, "save_steps": 10, "learning_rate": 3e-3},
         evaluation={"splits": ["validation"], "worst_examples": 3},
@@ -240,9 +239,15 @@ def test_generated_label_matching():
     assert causal_lm.match_label("unsure", names) == "unsure"
 
 
-def test_text_metrics_known_values():
-    assert text_metrics.squad_scores(["The cat", "a dog sat"], ["cat", "dog"]) == {"exact_match": 50.0, "f1": pytest.approx(100 * (1 + 2 / 3) / 2)}
-    assert text_metrics.translation_scores(["a small white dog runs ."], ["a small white dog runs ."])["bleu"] == pytest.approx(100)
-    scores = text_metrics.rouge_scores(["the cat sat on the mat"], ["the cat sat on the mat"])
-    assert scores == {"rouge1": pytest.approx(100), "rouge2": pytest.approx(100), "rougeL": pytest.approx(100)}
-    assert text_metrics.rouge_scores(["dogs bark"], ["the cat sat"])["rouge1"] == 0.0
+def test_generative_scores_on_known_outputs():
+    def record(gold, generated):
+        return {"gold": gold, "generated": generated, "loss": 0.5, "tokens": 2}
+
+    qa = causal_lm.score([record("cat", "The cat"), record("dog", "a dog sat")], {"response_metric": "qa"})
+    assert qa["exact_match"] == 50.0 and qa["f1"] == pytest.approx(100 * (1 + 2 / 3) / 2)
+    assert qa["loss"] == pytest.approx(0.5) and qa["perplexity"] == pytest.approx(1.6487, abs=1e-4)
+    bleu = causal_lm.score([record("a small white dog runs .", "a small white dog runs .")], {"response_metric": "bleu"})
+    assert bleu["bleu"] == pytest.approx(100) and bleu["chrf"] == pytest.approx(100)
+    rouge = causal_lm.score([record("the cat sat on the mat", "the cat sat on the mat"), record("the cat sat", "dogs bark")],
+                            {"response_metric": "rouge"})
+    assert rouge["rouge1"] == pytest.approx(50) and rouge["rougeL"] == pytest.approx(50)

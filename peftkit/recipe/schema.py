@@ -97,7 +97,6 @@ class CausalLMTask(Section):
         None,
         description="classification: label strings in id order; integer values in the response index into them.",
     )
-    max_new_tokens: int = Field(64, gt=0, description="Tokens generated per prompt when scoring responses.")
 
     @model_validator(mode="after")
     def _labels_belong_to_classification(self) -> CausalLMTask:
@@ -221,6 +220,14 @@ class EvaluationSection(Section):
     worst_examples: int = Field(10, ge=0, description="Worst predictions listed in the report.")
 
 
+class GenerationSection(Section):
+    num_beams: int = Field(1, gt=0, description="Beam size when generating at evaluation (1 is greedy).")
+    max_new_tokens: int = Field(64, gt=0, description="Most tokens generated per example.")
+    length_penalty: float = Field(
+        1.0, description="Beam-search length penalty: >1 favours longer outputs, <1 shorter ones."
+    )
+
+
 class OutputSection(Section):
     dir: str | None = Field(None, description="Run folder; unset is `runs/<recipe name>`.")
     overwrite: bool = Field(False, description="Replace an existing run folder instead of refusing.")
@@ -239,6 +246,9 @@ class Recipe(Section):
     distributed: DistributedSection = Field(default_factory=DistributedSection, description="Sharding strategy.")
     training: TrainingSection = Field(default_factory=TrainingSection, description="Optimization settings.")
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection, description="Final evaluation.")
+    generation: GenerationSection = Field(
+        default_factory=GenerationSection, description="Decoding settings for tasks that generate text."
+    )
     output: OutputSection = Field(default_factory=OutputSection, description="Where results go.")
 
     @model_validator(mode="after")

@@ -251,8 +251,9 @@ def response_losses(model, examples: list[dict]) -> list[tuple[float, int]]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy continuations of each chat prompt (left-padded batches)."""
+def generate(model, tokenizer, prompts: list[list[dict]], recipe: Recipe, batch_size: int) -> list[str]:
+    """Continuations of each chat prompt with the recipe's decoding settings (left-padded batches)."""
+    decoding = recipe.generation
     device = next(model.parameters()).device
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     outputs = []
@@ -261,7 +262,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
             texts = [_chat_text(tokenizer, messages, add_generation_prompt=True) for messages in prompts[start : start + batch_size]]
             batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
             generated = model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                **batch, max_new_tokens=decoding.max_new_tokens, num_beams=decoding.num_beams,
+                length_penalty=decoding.length_penalty, do_sample=False, pad_token_id=tokenizer.pad_token_id,
             )
             new_tokens = generated[:, batch["input_ids"].shape[1] :]
             outputs += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -284,7 +286,7 @@ def predict(trainer, tokenized, raw, recipe: Recipe, info: dict) -> list[dict]:
             kept.append((prompt, gold, example))
     losses = response_losses(model, [example for _, _, example in kept])
     batch_size = recipe.training.eval_batch_size or 2 * recipe.training.batch_size
-    generated = generate(model, tokenizer, [prompt for prompt, _, _ in kept], recipe.task.max_new_tokens, batch_size)
+    generated = generate(model, tokenizer, [prompt for prompt, _, _ in kept], recipe, batch_size)
     records = []
     for (prompt, gold, _), (nll, tokens), output in zip(kept, losses, generated):
         record = {
@@ -314,20 +316,26 @@ def score(records: list[dict], info: dict) -> dict[str, Any]:
     tokens = sum(r["tokens"] for r in records)
     loss = sum(r["loss"] * r["tokens"] for r in records) / max(tokens, 1)
     metrics: dict[str, Any] = {"examples": len(records), "loss": loss, "perplexity": math.exp(min(loss, 50))}
-    generated, gold = [r["generated"] for r in records], [r["gold"] for r in records]
     metric = info["response_metric"]
     if metric == "classification":
         metrics.update(classification.score(records, info))
     elif metric == "qa":
-        metrics.update(text_metrics.squad_scores(generated, gold))
+        metrics["exact_match"] = _mean(text_metrics.exact_match(r["generated"], [r["gold"]]) for r in records)
+        metrics["f1"] = _mean(text_metrics.token_f1(r["generated"], [r["gold"]]) for r in records)
     elif metric == "bleu":
-        metrics.update(text_metrics.translation_scores(generated, gold))
+        metrics.update(text_metrics.bleu_and_chrf([r["generated"] for r in records], [[r["gold"]] for r in records]))
     elif metric == "rouge":
-        metrics.update(text_metrics.rouge_scores(generated, gold))
+        per_example = [text_metrics.rouge(r["generated"], [r["gold"]]) for r in records]
+        metrics.update({name: _mean(scores[name] for scores in per_example) for name in text_metrics.ROUGE_TYPES})
     return metrics
 
 
-HEADLINE_METRICS = ("loss", "perplexity", "exact_match", "f1", "bleu", "chrf", "rouge1", "rouge2", "rougeL")
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / max(len(values), 1)
+
+
+HEADLINE_METRICS = ("loss", "perplexity", "exact_match", "f1", "bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
 def report(records: list[dict], metrics: dict, split: str, run_dir: Path, worst: int) -> str:
