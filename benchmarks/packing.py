@@ -10,18 +10,20 @@ one warm-up step, then `--steps` timed optimizer steps (forward + backward + Ada
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from peftkit.adapters import attach_adapter
-from peftkit.data.sources import load_splits
-from peftkit.models.load import load_tokenizer
-from peftkit.recipe.load import validate_recipe
-from peftkit.tasks import causal_lm
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's peftkit, not an installed one
+
+from peftkit.adapters import attach_adapter  # noqa: E402
+from peftkit.data.sources import load_splits  # noqa: E402
+from peftkit.models.load import load_tokenizer  # noqa: E402
+from peftkit.recipe.load import validate_recipe  # noqa: E402
+from peftkit.tasks import causal_lm  # noqa: E402
 
 
 def build_recipe(data: Path, batch_size: int, max_length: int, packing: bool):

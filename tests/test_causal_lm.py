@@ -128,6 +128,7 @@ def test_leakage_check_can_fail_without_position_ids(tiny_llama_dir, tokenizer):
     assert not torch.allclose(joined[len(first["input_ids"]) :], alone, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_sft_trains_and_scores_generated_labels(tiny_llama_dir, sft_files, tmp_path):
     recipe = sft_recipe(
         tiny_llama_dir, {**sft_files, "test": sft_files["validation"]}, tmp_path / "run",
@@ -152,6 +153,7 @@ def test_sft_trains_and_scores_generated_labels(tiny_llama_dir, sft_files, tmp_p
     assert "Confusion matrix" in (run_dir / "report.md").read_text() or "confusion" in (run_dir / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_sft_learns_the_responses(tiny_llama_dir, sft_files, tmp_path):
     """A few dozen steps of padding-free SFT cut the held-out response loss well below the untrained model's."""
     from peftkit.training.run import train

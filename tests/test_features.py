@@ -48,6 +48,7 @@ def test_features_end_to_end_and_cached_rerun(tiny_bert_dir, sentiment_files, tm
     assert again["test"]["f1_macro"] == metrics["test"]["f1_macro"]
 
 
+@pytest.mark.slow
 def test_features_through_the_cli_on_a_decoder(tiny_llama_dir, sentiment_files, tmp_path):
     recipe = features_recipe(tiny_llama_dir, sentiment_files, tmp_path / "run", evaluation={"splits": ["test"]})
     result = run_cli("train", str(write_recipe(tmp_path / "features.yaml", recipe)))

@@ -15,6 +15,7 @@ from peftkit.recipe.load import load_recipe
 from peftkit.sweep import PruningCallback, load_space
 
 
+@pytest.mark.slow
 def test_sweep_three_trials(tiny_bert_dir, sentiment_files, tmp_path):
     recipe = classification_recipe(tiny_bert_dir, sentiment_files, tmp_path / "sweep", training={"epochs": 2})
     space = {

@@ -139,8 +139,11 @@ def encode(tokenizer, messages: list[dict], max_length: int) -> dict[str, list[i
     return {"input_ids": list(encoded["input_ids"]), "labels": labels}
 
 
-def prepare(recipe: Recipe, splits: dict, tokenizer) -> tuple[dict, dict]:
-    """Check columns, render conversations with the chat template and tokenize with response-only labels."""
+def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -> tuple[dict, dict]:
+    """Check columns, render conversations with the chat template and tokenize with response-only labels.
+
+    `info` (a saved run's task info) fixes the label strings instead of deriving them from `splits['train']`.
+    """
     import datasets
 
     task = recipe.task
@@ -148,7 +151,9 @@ def prepare(recipe: Recipe, splits: dict, tokenizer) -> tuple[dict, dict]:
     columns = [task.messages_column] if task.messages_column else template_columns(task.prompt) + template_columns(task.response)
     for split, dataset in splits.items():
         require_columns(dataset, columns, split, split_origin(recipe.data, split), "task.prompt/task.response/task.messages_column")
-    names = _label_names(recipe, splits["train"]) if task.response_metric == "classification" else None
+    names = None
+    if task.response_metric == "classification":
+        names = info["labels"] if info else _label_names(recipe, splits["train"])
 
     tokenized = {}
     for split, dataset in splits.items():
