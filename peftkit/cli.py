@@ -7,9 +7,10 @@ import logging
 import os
 import sys
 
-from peftkit.errors import UserError
+from peftkit.errors import Preempted, UserError
 
 EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect from a job that stopped on SIGTERM
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train, evaluate and write a run folder")
     _add_recipe_arguments(train)
     train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    train.add_argument("--force-resume", action="store_true", help="resume even if the recipe changed since")
     train.set_defaults(handler=_train)
 
     sweep = commands.add_parser("sweep", help="search recipe keys with optuna; one run folder per trial")
@@ -43,7 +45,7 @@ def _train(args: argparse.Namespace) -> None:
     from peftkit.training.run import train
 
     recipe = load_recipe(args.recipe, args.overrides)
-    run_dir = train(recipe, resume=args.resume)
+    run_dir = train(recipe, resume=args.resume or args.force_resume, force_resume=args.force_resume)
     print(f"run folder: {run_dir}")
 
 
@@ -74,4 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"peftkit: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Preempted as stop:
+        print(f"peftkit: stopped: {stop}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0

@@ -17,3 +17,4 @@ class FitResult:
     best_metric: float | None = None
     log_history: list[dict] = field(default_factory=list)
     saved_to: Path | None = None
+    summary: dict[str, Any] = field(default_factory=dict)  # further facts for metrics.json

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from accelerate import PartialState
-from transformers import EarlyStoppingCallback, Trainer, set_seed
+from transformers import EarlyStoppingCallback, set_seed
 from transformers.integrations import TensorBoardCallback
 
 from peftkit.adapters import attach_adapter, count_parameters
@@ -19,19 +19,30 @@ from peftkit.evaluation.plots import plot_losses
 from peftkit.evaluation.report import write_report
 from peftkit.models.load import load_config, load_tokenizer
 from peftkit.recipe.schema import Recipe
-from peftkit.run_folder import manifest, recipe_as_yaml, run_folder, write_json, write_jsonl, write_text_atomic
+from peftkit.run_folder import (
+    check_resume_matches,
+    manifest,
+    recipe_as_yaml,
+    run_folder,
+    write_json,
+    write_jsonl,
+    write_text_atomic,
+)
 from peftkit.tasks import get_task
 from peftkit.training.arguments import build_training_args
 from peftkit.training.checkpoints import last_complete_checkpoint
+from peftkit.errors import Preempted
 from peftkit.training.result import FitResult
+from peftkit.training.trainer import GradientGuardCallback, PeftkitTrainer, PreemptionCallback
 
 log = logging.getLogger("peftkit")
 
 ADAPTER_DIR = "adapter"
 
 
-def train(recipe: Recipe, resume: bool = False, callbacks: list = ()) -> Path:
-    """Run a recipe end to end and return the run folder. `callbacks` are extra `TrainerCallback`s (e.g. a sweep's pruner)."""
+def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, callbacks: list = ()) -> Path:
+    """Run a recipe end to end and return the run folder. `callbacks` are extra `TrainerCallback`s (e.g. a
+    sweep's pruner)."""
     state = PartialState()
     task = get_task(recipe.task.type)
     resume = resume or recipe.training.resume
@@ -44,6 +55,7 @@ def train(recipe: Recipe, resume: bool = False, callbacks: list = ()) -> Path:
     with run_folder(recipe, resume, state.is_main_process) as run_dir:
         checkpoint = last_complete_checkpoint(run_dir) if resume else None
         if resume:
+            check_resume_matches(run_dir, recipe, force_resume)
             log.info("resuming from %s", checkpoint or "the start (no complete checkpoint yet)")
         if state.is_main_process:
             write_text_atomic(run_dir / "recipe.yaml", recipe_as_yaml(recipe))
@@ -64,6 +76,7 @@ def train(recipe: Recipe, resume: bool = False, callbacks: list = ()) -> Path:
                 "best_checkpoint": result.best_checkpoint,
                 "best_metric_name": result.best_metric_name,
                 "best_metric": result.best_metric,
+                **result.summary,
             }
             _write_results(run_dir, recipe, task, info, summary, split_results, result.log_history)
     state.wait_for_everyone()
@@ -82,7 +95,8 @@ def fit_with_trainer(recipe: Recipe, task, info: dict, tokenized: dict, tokenize
     )
 
     best_metric = recipe.training.metric_for_best or task.DEFAULT_METRIC
-    trainer = Trainer(
+    preemption = PreemptionCallback()
+    trainer = PeftkitTrainer(
         model=model,
         args=build_training_args(recipe, run_dir, best_metric),
         train_dataset=tokenized["train"],
@@ -90,9 +104,17 @@ def fit_with_trainer(recipe: Recipe, task, info: dict, tokenized: dict, tokenize
         data_collator=task.collator(tokenizer, recipe),
         processing_class=tokenizer,
         compute_metrics=task.compute_metrics(info),
-        callbacks=_callbacks(recipe, run_dir) + callbacks,
+        callbacks=[*_callbacks(recipe, run_dir), preemption, *callbacks],
+        on_nonfinite=recipe.training.on_nonfinite,
+        abort_grad_norm=recipe.training.abort_grad_norm,
     )
+    trainer.add_callback(GradientGuardCallback(trainer))
     train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if preemption.received:
+        raise Preempted(
+            f"SIGTERM received: saved {last_complete_checkpoint(run_dir)} at step {trainer.state.global_step}; "
+            "continue with `peftkit train RECIPE --resume`"
+        )
 
     trainer.save_model(str(run_dir / ADAPTER_DIR))
     if trainer.is_world_process_zero():
@@ -107,6 +129,7 @@ def fit_with_trainer(recipe: Recipe, task, info: dict, tokenized: dict, tokenize
         best_metric=trainer.state.best_metric,
         log_history=trainer.state.log_history,
         saved_to=run_dir / ADAPTER_DIR,
+        summary={"skipped_steps": trainer.skipped_steps},
     )
 
 
