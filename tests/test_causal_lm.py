@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import run_cli, sentiment_rows, write_jsonl, write_recipe
+from tests.conftest import run_cli, sentiment_rows, write_jsonl, write_recipe
 from peftkit.errors import UserError
 from peftkit.recipe.load import deep_merge, validate_recipe
 from peftkit.tasks import causal_lm
@@ -28,6 +28,8 @@ def sft_recipe(model_dir, files, run_dir, **sections) -> dict:
         },
         "output": {"dir": str(run_dir), "tensorboard": False},
     }
+    if "validation" not in files:
+        recipe["training"].update(eval_strategy="no", save_strategy="no")
     return deep_merge(recipe, sections)
 
 
@@ -93,7 +95,7 @@ def _examples(tokenizer, count):
 def test_packing_has_no_cross_example_attention_and_the_same_loss(tiny_llama_dir, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="sdpa").eval()
     examples = _examples(tokenizer, 4)
-    recipe = validate_recipe(sft_recipe(tiny_llama_dir, {"train": "x.jsonl"}, "run", training={"eval_strategy": "no", "save_strategy": "no"}))
+    recipe = validate_recipe(sft_recipe(tiny_llama_dir, {"train": "x.jsonl"}, "run"))
     packed = causal_lm.collator(tokenizer, recipe)(examples)
     padded_recipe = recipe.model_copy(update={"task": recipe.task.model_copy(update={"packing": False})})
     padded = causal_lm.collator(tokenizer, padded_recipe)(examples)
@@ -191,7 +193,7 @@ def test_empty_responses_are_counted_and_all_empty_is_an_error(tiny_llama_dir, t
     for row in rows[:3]:
         row["label"] = "  "
     files = {"train": write_jsonl(tmp_path / "train.jsonl", rows)}
-    recipe = validate_recipe(sft_recipe(tiny_llama_dir, files, tmp_path / "run", training={"eval_strategy": "no", "save_strategy": "no"}))
+    recipe = validate_recipe(sft_recipe(tiny_llama_dir, files, tmp_path / "run"))
     from peftkit.data.sources import load_splits
 
     with caplog.at_level(logging.WARNING, logger="peftkit"):
@@ -208,7 +210,7 @@ def test_empty_responses_are_counted_and_all_empty_is_an_error(tiny_llama_dir, t
 
 def test_tokenizer_without_chat_template_needs_a_named_one(tiny_llama_dir, tokenizer, tmp_path):
     recipe = validate_recipe(sft_recipe(tiny_llama_dir, {"train": tmp_path / "t.jsonl"}, tmp_path / "r",
-                                        task={"chat_template": "auto"}, training={"eval_strategy": "no", "save_strategy": "no"}))
+                                        task={"chat_template": "auto"}))
     with pytest.raises(UserError, match="task.chat_template: .* has no chat template"):
         causal_lm.use_chat_template(tokenizer, recipe)
 

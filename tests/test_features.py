@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from conftest import classification_recipe, run_cli, write_recipe
+from tests.conftest import classification_recipe, run_cli, write_recipe
 from peftkit.errors import UserError
 from peftkit.recipe.load import validate_recipe
 from peftkit.tasks import features

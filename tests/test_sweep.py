@@ -9,22 +9,22 @@ import optuna
 import pytest
 import yaml
 
-from conftest import classification_recipe, run_cli, write_recipe
+from tests.conftest import classification_recipe, run_cli, write_recipe
 from peftkit.errors import UserError
 from peftkit.recipe.load import load_recipe
-from peftkit.sweep import PruningCallback, load_space
+from peftkit.sweep import PruningCallback, load_space, sweep
 
 
 @pytest.mark.slow
 def test_sweep_three_trials(tiny_bert_dir, sentiment_files, tmp_path):
-    recipe = classification_recipe(tiny_bert_dir, sentiment_files, tmp_path / "sweep", training={"epochs": 2})
+    recipe = classification_recipe(tiny_bert_dir, sentiment_files, tmp_path / "sweep", training={
+        "max_steps": 10, "eval_strategy": "steps", "eval_steps": 5, "save_strategy": "steps", "save_steps": 5})
     space = {
         "params": {"training.learning_rate": {"low": 1e-3, "high": 1e-2, "log": True}, "adapter.r": {"choices": [2, 4]}},
     }
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
-    result = run_cli("sweep", str(write_recipe(tmp_path / "r.yaml", recipe)), "--space", str(tmp_path / "space.yaml"), "--trials", "3")
-    assert result.returncode == 0, result.stderr
-    sweep_dir = tmp_path / "sweep"
+    sweep_dir = sweep(write_recipe(tmp_path / "r.yaml", recipe), tmp_path / "space.yaml", trials=3)
+    assert sweep_dir == tmp_path / "sweep"
     rows = list(csv.DictReader(open(sweep_dir / "results.csv")))
     assert [row["trial"] for row in rows] == ["0", "1", "2"]
     assert {row["state"] for row in rows} <= {"complete", "pruned"} and rows[0]["state"] == "complete"
