@@ -36,10 +36,13 @@ def test_sweep_three_trials(tiny_bert_dir, sentiment_files, tmp_path):
             trial_recipe = yaml.safe_load((sweep_dir / f"trial-{int(row['trial']):03d}" / "recipe.yaml").read_text())
             assert trial_recipe["adapter"]["r"] == int(row["adapter.r"])
     complete = [row for row in rows if row["state"] == "complete"]
-    best = max(complete, key=lambda row: float(row["f1_macro"]))
+    top = max(float(row["f1_macro"]) for row in complete)
     best_recipe = load_recipe(sweep_dir / "best_recipe.yaml")
-    assert best_recipe.adapter.r == int(best["adapter.r"])
-    assert best_recipe.training.learning_rate == pytest.approx(float(best["training.learning_rate"]))
+    assert any(  # ties are possible on this easy task; the best recipe is one of the top trials
+        best_recipe.adapter.r == int(row["adapter.r"])
+        and best_recipe.training.learning_rate == pytest.approx(float(row["training.learning_rate"]))
+        for row in complete if float(row["f1_macro"]) == top
+    )
     assert (sweep_dir / "results.png").stat().st_size > 1000
     assert "| trial | training.learning_rate | adapter.r | f1_macro | state |" in (sweep_dir / "results.md").read_text()
 

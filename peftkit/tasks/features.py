@@ -24,6 +24,7 @@ from transformers import AutoModel, DataCollatorWithPadding
 
 from peftkit.models.load import load_base_model, load_config
 from peftkit.recipe.schema import Recipe
+from peftkit.run_folder import ADAPTER_DIR
 from peftkit.tasks import classification
 from peftkit.training.result import FitResult
 
@@ -143,8 +144,7 @@ def fit(recipe: Recipe, task, info: dict, tokenized: dict, tokenizer, run_dir: P
     log.info("features: %s training embeddings (%s), classifier fitted in %.1f s",
              "reused" if embeddings.reused else "computed", embeddings.pooling, finished - embedded)
 
-    saved_to = run_dir / "adapter"
-    _save_classifier(pipeline, embeddings.pooling, info, saved_to)
+    _save_classifier(pipeline, embeddings.pooling, info, run_dir / ADAPTER_DIR)
     classifier_parameters = int(pipeline[-1].coef_.size + pipeline[-1].intercept_.size)
     return FitResult(
         predictor=FittedClassifier(embeddings, pipeline, len(info["labels"])),
@@ -157,7 +157,6 @@ def fit(recipe: Recipe, task, info: dict, tokenized: dict, tokenizer, run_dir: P
             "embeddings_reused": bool(embeddings.reused),
         },
         log_history=[],
-        saved_to=saved_to,
     )
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 
@@ -16,5 +15,4 @@ class FitResult:
     best_metric_name: str | None = None
     best_metric: float | None = None
     log_history: list[dict] = field(default_factory=list)
-    saved_to: Path | None = None
     summary: dict[str, Any] = field(default_factory=dict)  # further facts for metrics.json

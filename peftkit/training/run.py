@@ -20,6 +20,7 @@ from peftkit.evaluation.report import write_report
 from peftkit.models.load import load_config, load_tokenizer
 from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import (
+    ADAPTER_DIR,
     check_resume_matches,
     manifest,
     recipe_as_yaml,
@@ -36,8 +37,6 @@ from peftkit.training.result import FitResult
 from peftkit.training.trainer import GradientGuardCallback, PeftkitTrainer, PreemptionCallback
 
 log = logging.getLogger("peftkit")
-
-ADAPTER_DIR = "adapter"
 
 
 def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, callbacks: list = ()) -> Path:
@@ -128,7 +127,6 @@ def fit_with_trainer(recipe: Recipe, task, info: dict, tokenized: dict, tokenize
         best_metric_name=best_metric,
         best_metric=trainer.state.best_metric,
         log_history=trainer.state.log_history,
-        saved_to=run_dir / ADAPTER_DIR,
         summary={"skipped_steps": trainer.skipped_steps},
     )
 
