@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--force-resume", action="store_true", help="resume even if the recipe changed since")
     train.set_defaults(handler=_train)
 
+    sweep = commands.add_parser("sweep", help="search recipe keys with optuna; one run folder per trial")
+    _add_recipe_arguments(sweep)
+    sweep.add_argument("--space", required=True, help="search space YAML: recipe key paths -> ranges or choices")
+    sweep.add_argument("--trials", type=int, default=10, help="number of trials (default 10)")
+    sweep.set_defaults(handler=_sweep)
+
     validate = commands.add_parser("validate", help="print the fully resolved recipe")
     _add_recipe_arguments(validate)
     validate.set_defaults(handler=_validate)
@@ -79,6 +85,17 @@ def _train(args: argparse.Namespace) -> None:
 
     run_dir = train(recipe, resume=args.resume or args.force_resume, force_resume=args.force_resume)
     print(f"run folder: {run_dir}")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from peftkit.sweep import sweep
+
+    if args.trials < 1:
+        raise UserError("--trials must be at least 1")
+    sweep_dir = sweep(Path(args.recipe), Path(args.space), args.trials, args.overrides)
+    print(f"sweep folder: {sweep_dir} (results.md, results.csv, results.png, best_recipe.yaml)")
 
 
 def _validate(args: argparse.Namespace) -> None:

@@ -20,6 +20,7 @@ from peftkit.errors import UserError
 from peftkit.recipe.schema import Recipe
 
 CHECKPOINTS = "checkpoints"
+ADAPTER_DIR = "adapter"  # the deployable result: PEFT adapter, full model, or a features classifier
 LIBRARIES = ("peftkit", "torch", "transformers", "peft", "accelerate", "datasets", "trl", "bitsandbytes", "deepspeed")
 
 

@@ -92,8 +92,68 @@ class SummarizationTask(_Seq2SeqTask):
     )
 
 
+class FeaturesTask(ClassificationTask):
+    type: Literal["features"] = Field(
+        "features",
+        description="Classification baseline: frozen model -> pooled embeddings (cached in the run folder) -> "
+        "scikit-learn logistic regression. Needs adapter.method: none.",
+    )
+    pooling: Literal["auto", "mean", "cls", "last"] = Field(
+        "auto", description="How token states become one vector: `auto` is `last` for decoder-only models, else `mean`."
+    )
+    regularization: float = Field(
+        1.0, gt=0, description="Inverse L2 strength `C` of the logistic regression (smaller = stronger)."
+    )
+    max_iterations: int = Field(2000, gt=0, description="Solver iterations of the logistic regression.")
+
+
+class CausalLMTask(Section):
+    type: Literal["causal_lm"] = Field(
+        "causal_lm",
+        description="Instruction / chat SFT of a decoder; loss on responses only. Downstream tasks are learned "
+        "generatively and scored on generated text (see response_metric).",
+    )
+    messages_column: str | None = Field(
+        None,
+        description="Column of chat messages (`[{role, content}, ...]`); every assistant turn is trained. "
+        "When set, `prompt`/`response` are not used.",
+    )
+    prompt: str = Field(
+        "{prompt}",
+        description="User turn as a template over the row's columns: `{column}`, nested `{column[0][key]}`.",
+    )
+    response: str = Field("{response}", description="Assistant turn (the trained target), a template like `prompt`.")
+    system_prompt: str | None = Field(None, description="System message put before every prompt.")
+    chat_template: Literal["auto", "chatml", "plain"] = Field(
+        "auto",
+        description="`auto` uses the tokenizer's chat template; `chatml` or `plain` (prompt, newline, response, EOS) "
+        "for tokenizers without one.",
+    )
+    packing: bool = Field(
+        True,
+        description="Padding-free batching: each batch is one row with position_ids restarting per example "
+        "(no cross-example attention); false pads every example to the batch's longest.",
+    )
+    response_metric: Literal["none", "classification", "qa", "bleu", "rouge"] = Field(
+        "none",
+        description="Score generated responses: `classification` (accuracy/F1 on label strings), `qa` (EM/F1), "
+        "`bleu` (BLEU/chrF), `rouge` (ROUGE-1/2/L); `none` reports response loss and perplexity only.",
+    )
+    labels: list[str] | None = Field(
+        None,
+        description="classification: label strings in id order; integer values in the response index into them.",
+    )
+
+    @model_validator(mode="after")
+    def _labels_belong_to_classification(self) -> CausalLMTask:
+        if self.labels and self.response_metric != "classification":
+            raise ValueError("task.labels is only used with task.response_metric: classification")
+        return self
+
+
 Task = Annotated[
-    Union[ClassificationTask, ExtractiveQATask, TranslationTask, SummarizationTask], Field(discriminator="type")
+    Union[ClassificationTask, FeaturesTask, CausalLMTask, ExtractiveQATask, TranslationTask, SummarizationTask],
+    Field(discriminator="type"),
 ]
 
 
@@ -371,6 +431,11 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _combinations_are_possible(self) -> Recipe:
         _check_adapter_fits(self.adapter, self.quantization, self.task.type)
+        if self.task.type == "features" and self.adapter.method != "none":
+            raise ValueError(
+                "task.type features keeps the model frozen and trains a logistic regression on its embeddings; "
+                "set adapter.method: none"
+            )
         if self.distributed.shards_parameters and self.quantization.bits == 8:
             raise ValueError(
                 "quantization.bits: 8 cannot be sharded by ZeRO-3/FSDP (int8 weights are not partitioned); "

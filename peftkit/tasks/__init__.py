@@ -11,22 +11,29 @@ A task module provides:
   training data and splits may lack the gold columns (then `predict` leaves gold and scores out).
 - `load_model(recipe, info)`: the base model with the task's head
 - `head_modules(model) -> list[str]`: modules trained fully and saved with the adapter
-- `collator(tokenizer)`, `compute_metrics(info)` (periodic evaluation inside the Trainer)
+- `collator(tokenizer, recipe)`, `compute_metrics(info)` (periodic evaluation inside the Trainer)
 - `compute_metrics` may return None: periodic evaluation then reports the loss only (DEFAULT_METRIC "loss")
-- `predict(trainer, tokenized, raw, recipe, info) -> records` (JSON-able dicts; generating tasks decode with
-  `recipe.generation` through `trainer.model`), `score(records, info) -> metrics`
+- `predict(predictor, tokenized, raw, recipe, info) -> records` (JSON-able dicts; generating tasks decode with
+  `recipe.generation` through `predictor.model`), `score(records, info) -> metrics`; `predictor` is what the
+  fit step returned (the HF Trainer unless the task brings its own `fit`)
 - `report(records, metrics, split, run_dir, worst) -> markdown`: metrics plus error analysis
   (`peftkit.evaluation.analysis`: score by input length, lowest-scoring examples)
+
+Optionally `fit(recipe, task, info, tokenized, tokenizer, run_dir, checkpoint, callbacks) -> FitResult`
+(`peftkit.training.result`) for tasks that do not train with the HF Trainer (feature extraction); such a task
+needs no `load_model`/`head_modules`/`collator`/`compute_metrics`.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-from peftkit.tasks import classification, extractive_qa, summarization, translation
+from peftkit.tasks import causal_lm, classification, extractive_qa, features, summarization, translation
 
 TASKS: dict[str, ModuleType] = {
     "classification": classification,
+    "features": features,
+    "causal_lm": causal_lm,
     "extractive_qa": extractive_qa,
     "translation": translation,
     "summarization": summarization,

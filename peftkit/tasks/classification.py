@@ -98,7 +98,7 @@ def head_modules(model) -> list[str]:
     return [name for name in HEAD_NAMES if name in present]
 
 
-def collator(tokenizer):
+def collator(tokenizer, recipe: Recipe):
     return DataCollatorWithPadding(tokenizer)
 
 
@@ -117,14 +117,17 @@ def compute_metrics(info: dict):
 
 
 def predict(trainer, tokenized, raw, recipe: Recipe, info: dict) -> list[dict]:
-    """One record per example: inputs, predicted label and its probability, and the gold label when known."""
     output = trainer.predict(tokenized)
     logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-    probabilities = _softmax(np.asarray(logits, dtype=np.float64))
+    return records_from_probabilities(_softmax(np.asarray(logits, dtype=np.float64)), tokenized, raw, recipe, info)
+
+
+def records_from_probabilities(probabilities: np.ndarray, tokenized, raw, recipe: Recipe, info: dict) -> list[dict]:
+    """One record per example: inputs, predicted label and its probability, and the gold label when known."""
     names = info["labels"]
-    golds = tokenized["labels"] if "labels" in tokenized.column_names else [None] * len(tokenized)
+    gold_ids = tokenized["labels"] if "labels" in tokenized.column_names else [None] * len(tokenized)
     records = []
-    for i, (gold, probs) in enumerate(zip(golds, probabilities)):
+    for i, (gold, probs) in enumerate(zip(gold_ids, probabilities)):
         record = {"text": raw[i][recipe.task.text_column]}
         if recipe.task.text_pair_column:
             record["text_pair"] = raw[i][recipe.task.text_pair_column]
@@ -184,7 +187,7 @@ def report(records: list[dict], metrics: dict, split: str, run_dir: Path, worst:
     errors = sorted((r for r in records if r["gold"] != r["predicted"]), key=lambda r: r["gold_probability"])
     if errors and worst:
         lines += [f"Worst misclassified examples (lowest probability of the gold label), {min(worst, len(errors))} of {len(errors)}:", ""]
-        lines += ["| text | gold | predicted | p(predicted) |", "|---|---|---|---|"]
+        lines += ["| text | gold | predicted | p(gold) |", "|---|---|---|---|"]
         for record in errors[:worst]:
             text = record["text"] + (f" ‖ {record['text_pair']}" if "text_pair" in record else "")
             lines.append(f"| {markdown_cell(text)} | {record['gold']} | {record['predicted']} | {record['probability']:.3f} |")
