@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from peft import LoraConfig, PeftConfig, get_peft_model
+from transformers import PretrainedConfig
 
+from peftkit.models.fingerprint import architecture, fingerprint
+from peftkit.models.load import model_location
 from peftkit.recipe.schema import Recipe
+
+ADAPTER_RECORD = "peftkit_adapter.json"
 
 
 def build_peft_config(recipe: Recipe, task_type: str, head_modules: list[str] = ()) -> PeftConfig | None:
@@ -35,3 +40,22 @@ def count_parameters(model) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return {"trainable": trainable, "total": total}
+
+
+def adapter_record(recipe: Recipe, base_config: PretrainedConfig, task_info: dict) -> dict:
+    """What an adapter folder needs to be deployed on its own: the base it was trained on and its task.
+
+    Written next to the weights as `ADAPTER_RECORD`; attaching checks the base fingerprint against it.
+    """
+    fields = architecture(base_config)
+    return {
+        "base": {
+            "name": recipe.model.name,
+            "location": model_location(recipe.model),
+            "revision": recipe.model.revision,
+            "architecture": fields,
+            "fingerprint": fingerprint(fields),
+        },
+        "task": {"type": recipe.task.type, **task_info},
+        "quantization": recipe.quantization.model_dump(mode="json"),
+    }

@@ -13,7 +13,7 @@ from accelerate import PartialState
 from transformers import EarlyStoppingCallback, Trainer, set_seed
 from transformers.integrations import TensorBoardCallback
 
-from peftkit.adapters import attach_adapter, count_parameters
+from peftkit.adapters import ADAPTER_RECORD, adapter_record, attach_adapter, count_parameters
 from peftkit.data.sources import load_splits
 from peftkit.evaluation.plots import plot_losses
 from peftkit.evaluation.report import write_report
@@ -35,7 +35,7 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
     task = get_task(recipe.task.type)
     resume = resume or recipe.training.resume
 
-    load_config(recipe.model)
+    base_config = load_config(recipe.model)
     tokenizer = load_tokenizer(recipe.model)
     raw_splits = load_splits(recipe.data)
     tokenized, info = task.prepare(recipe, raw_splits, tokenizer)
@@ -74,6 +74,7 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
         if state.is_main_process:
             # The Trainer pickles its arguments next to the weights; a deployable folder holds safetensors only.
             (run_dir / ADAPTER_DIR / "training_args.bin").unlink(missing_ok=True)
+            write_json(run_dir / ADAPTER_DIR / ADAPTER_RECORD, adapter_record(recipe, base_config, info))
         split_results = {
             split: _evaluate_split(trainer, task, recipe, info, tokenized[split], raw_splits[split])
             for split in recipe.evaluation.splits
