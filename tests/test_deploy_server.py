@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -11,7 +14,7 @@ import httpx
 import pytest
 import uvicorn
 
-from conftest import run_cli
+from conftest import REPO_ROOT
 from peftkit.deploy.attach import AttachedModel
 from peftkit.deploy.server import build_app
 
@@ -121,26 +124,22 @@ def test_openai_compatible_generation(llama_adapters, tiny_llama_dir, start_serv
 
 
 @pytest.mark.slow
-def test_cli_serve_binds_loopback_and_answers(bert_runs, tiny_bert_dir):
-    import subprocess
-    import sys
-
-    from conftest import REPO_ROOT
-
+def test_cli_serve_binds_loopback_and_answers(bert_runs, tiny_bert_dir, tmp_path):
     port = free_port()
+    log = (tmp_path / "serve.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "peftkit", "serve", "--base", str(tiny_bert_dir), "--adapter", f"sentiment={bert_runs['sentiment']}",
          "--port", str(port)],
-        cwd=REPO_ROOT, env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=log, stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 600
         while True:
             try:
                 health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
                 break
             except httpx.TransportError:
-                assert process.poll() is None and time.time() < deadline, "peftkit serve did not come up"
+                assert process.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
                 time.sleep(0.5)
         assert health.json()["adapters"] == ["sentiment"]
         answer = httpx.post(f"http://127.0.0.1:{port}/v1/predict", json={"inputs": [{"text": "great"}]}).json()
