@@ -7,9 +7,10 @@ import logging
 import os
 import sys
 
-from peftkit.errors import UserError
+from peftkit.errors import Preempted, UserError
 
 EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect from a job that stopped on SIGTERM
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train, evaluate and write a run folder")
     _add_recipe_arguments(train)
     train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    train.add_argument("--force-resume", action="store_true", help="resume even if the recipe changed since")
     train.set_defaults(handler=_train)
 
     validate = commands.add_parser("validate", help="print the fully resolved recipe")
@@ -63,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-window-ms", type=float, default=5.0, help="how long to collect requests into one batch")
     serve.add_argument("--max-batch-size", type=int, default=32, help="most rows in one batch")
     serve.set_defaults(handler=_serve)
+
+    plan = commands.add_parser("plan", help="predict per-GPU training memory; --fit finds recipe changes that fit")
+    _add_recipe_arguments(plan)
+    plan.add_argument("--gpus", type=int, default=None, help="GPUs to train on (default: the visible ones, or 1)")
+    plan.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 24GiB or 80GB (default: the visible GPU's)")
+    plan.add_argument("--fit", action="store_true", help="search recipe changes that fit, cheapest slowdown first")
+    plan.set_defaults(handler=_plan)
     return parser
 
 
@@ -80,7 +89,7 @@ def _train(args: argparse.Namespace) -> None:
     from peftkit.training.run import train
 
     recipe = load_recipe(args.recipe, args.overrides)
-    run_dir = train(recipe, resume=args.resume)
+    run_dir = train(recipe, resume=args.resume or args.force_resume, force_resume=args.force_resume)
     print(f"run folder: {run_dir}")
 
 
@@ -147,6 +156,50 @@ def _serve(args: argparse.Namespace) -> None:
 
     serve(_attached_model(args), args.host, args.port, args.batch_window_ms, args.max_batch_size)
 
+def parse_memory_size(text: str) -> int:
+    """`24GiB`, `24G` (binary) or `80GB` (decimal) -> bytes."""
+    units = {"gib": 2**30, "g": 2**30, "gb": 10**9, "mib": 2**20, "m": 2**20, "mb": 10**6, "tib": 2**40, "tb": 10**12}
+    number = text.strip().lower().rstrip("abcdefghijklmnopqrstuvwxyz").strip()
+    unit = text.strip().lower()[len(number):].strip() or "gib"
+    try:
+        return int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise UserError(f"--gpu-memory `{text}` must look like 24GiB, 24G or 80GB") from None
+
+
+def _plan(args: argparse.Namespace) -> None:
+    gpu_memory = parse_memory_size(args.gpu_memory) if args.gpu_memory else None
+    import torch
+
+    from peftkit.plan.fit import plan_recipe, search
+    from peftkit.plan.memory import format_plan
+    from peftkit.recipe.load import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    visible = torch.cuda.device_count()
+    gpus = args.gpus or visible or 1
+    if gpu_memory is None and visible:
+        gpu_memory = torch.cuda.get_device_properties(0).total_memory
+    if args.fit and gpu_memory is None:
+        raise UserError("--fit needs --gpu-memory (no GPU is visible to read it from)")
+    plan = plan_recipe(recipe, gpus, gpu_memory)
+    print(f"model: {recipe.model.name}")
+    print(format_plan(plan))
+    if not args.fit:
+        return
+    if plan.fits:
+        print("\nthe recipe fits as written")
+        return
+    candidates = search(recipe, gpus, gpu_memory)
+    if not candidates:
+        raise UserError(
+            f"no combination of quantization, ZeRO/FSDP, offload, checkpointing and micro-batch fits "
+            f"{args.gpu_memory or gpu_memory} per GPU; use more GPUs, a shorter data.max_length or a smaller model"
+        )
+    print("\nrecipe changes that fit, cheapest expected slowdown first:")
+    for candidate in candidates:
+        print(f"  x{candidate.slowdown:.2f} step time, {candidate.plan.total / 2**30:.2f} GiB: {candidate.as_overrides()}")
+
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -157,4 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"peftkit: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Preempted as stop:
+        print(f"peftkit: stopped: {stop}", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0

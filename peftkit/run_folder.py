@@ -101,3 +101,32 @@ def manifest(recipe: Recipe, **facts: Any) -> dict[str, Any]:
         "libraries": library_versions(),
         **facts,
     }
+
+
+RESUME_SENSITIVE = ("model", "task", "data", "adapter", "quantization")
+
+
+def changed_key_paths(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Key paths whose values differ between two plain recipe dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        paths = []
+        for key in sorted(set(old) | set(new), key=str):
+            path = f"{prefix}.{key}" if prefix else str(key)
+            paths += changed_key_paths(old.get(key), new.get(key), path)
+        return paths
+    return [] if old == new else [prefix]
+
+
+def check_resume_matches(run_dir: Path, recipe: Recipe, force: bool) -> None:
+    """Refuse to resume a run with different data, model, task, method or quantization unless forced."""
+    saved_file = run_dir / "recipe.yaml"
+    if force or not saved_file.is_file():
+        return
+    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+    current = recipe.model_dump(mode="json")
+    changed = [p for section in RESUME_SENSITIVE for p in changed_key_paths(saved.get(section), current[section], section)]
+    if changed:
+        raise UserError(
+            f"cannot resume `{run_dir}`: the recipe changed since the run started ({', '.join(changed)}); "
+            "restore those keys, start a new run (another output.dir), or pass --force-resume"
+        )

@@ -82,7 +82,7 @@ def sentiment_rows(count: int, seed: int) -> list[dict]:
     rows = []
     for i in range(count):
         label = "positive" if i % 2 == 0 else "negative"
-        words = rng.sample(FILLER_WORDS, 4) + [rng.choice(POSITIVE_WORDS if label == "positive" else NEGATIVE_WORDS)]
+        words = rng.sample(FILLER_WORDS, 2) + [rng.choice(POSITIVE_WORDS if label == "positive" else NEGATIVE_WORDS)]
         rng.shuffle(words)
         rows.append({"text": " ".join(words), "label": label})
     rng.shuffle(rows)
@@ -112,9 +112,9 @@ def classification_recipe(model_dir: Path, files: dict[str, Path], run_dir: Path
         "model": {"name": str(model_dir)},
         "task": {"type": "classification"},
         "data": {name: {"path": str(path)} for name, path in files.items()},
-        "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
         "training": {
-            "epochs": 3, "batch_size": 8, "learning_rate": 5e-3, "logging_steps": 5, "seed": 7,
+            "epochs": 6, "batch_size": 8, "learning_rate": 1e-2, "logging_steps": 5, "seed": 7,
             "eval_strategy": "epoch", "save_strategy": "epoch",
         },
         "output": {"dir": str(run_dir), "tensorboard": False},

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
+import json
 from pathlib import Path
 
 import datasets
@@ -37,7 +39,8 @@ def load_source(source: DataSource, key_path: str) -> datasets.Dataset:
         raise
     except Exception as exc:  # datasets raises many types for unreadable files and unknown hub names
         what = "hub dataset" if data_format == "hub" else f"{data_format} file"
-        raise UserError(f"{key_path}.path: could not read {what} `{location}`: {_first_line(exc)}") from None
+        detail = _locate_file_problem(location, data_format) or _first_line(exc)
+        raise UserError(f"{key_path}.path: could not read {what} `{location}`: {detail}") from None
     finally:
         datasets.enable_progress_bars()
     dataset = _rename(dataset, source, key_path)
@@ -68,7 +71,23 @@ def _detect_format(source: DataSource, location: str, key_path: str) -> str:
     return "hub"
 
 
+def _require_utf8(location: str) -> None:
+    """Loaders silently mangle non-UTF-8 text; check it first, in chunks, and name the line."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines_before = 0
+    with open(location, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                line = lines_before + chunk[: exc.start].count(b"\n") + 1
+                raise UserError(f"`{location}` line {line} is not UTF-8 text; re-save the file as UTF-8") from None
+            lines_before += chunk.count(b"\n")
+
+
 def _load_file(location: str, data_format: str) -> datasets.Dataset:
+    if data_format != "parquet":
+        _require_utf8(location)
     if data_format in ("json", "jsonl"):
         return datasets.load_dataset("json", data_files=location, split="train")
     if data_format == "csv":
@@ -96,6 +115,31 @@ def require_columns(dataset: datasets.Dataset, columns: list[str], split: str, s
             f"data.{split}: `{source_path}` has no column {missing[0]!r} (columns: {dataset.column_names}); "
             f"set {hint_key} or rename the column with data.{split}.rename"
         )
+
+
+def _locate_file_problem(location: str, data_format: str) -> str | None:
+    """Name the line that breaks a text file, which the loaders' own errors often do not."""
+    if data_format == "hub" or data_format == "parquet":
+        return None
+    text = Path(location).read_text(encoding="utf-8")
+    if data_format == "jsonl":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                return f"line {number} is not valid JSON ({exc.msg}, column {exc.colno})"
+            if not isinstance(row, dict):
+                return f"line {number} is a JSON {type(row).__name__}, not an object of columns"
+    if data_format in ("csv", "tsv"):
+        delimiter = "\t" if data_format == "tsv" else ","
+        rows = csv.reader(text.splitlines(), delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+        header = next(rows, [])
+        for number, row in enumerate(rows, start=2):
+            if row and len(row) != len(header):
+                return f"line {number} has {len(row)} fields but the header has {len(header)}"
+    return None
 
 
 def _first_line(exc: Exception) -> str:

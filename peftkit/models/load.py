@@ -47,7 +47,8 @@ def load_tokenizer(model: ModelSection) -> PreTrainedTokenizerBase:
 def load_base_model(recipe: Recipe, auto_class: type, keep_unquantized: list[str] = (), **task_kwargs: Any):
     """Load `auto_class` with the recipe's dtype, quantization and trust settings plus task-specific kwargs."""
     model = recipe.model
-    kwargs: dict[str, Any] = {**_hub_kwargs(model), **task_kwargs, "use_safetensors": True}
+    # use_safetensors=None lets transformers fall back to .bin, which it reads with torch.load(weights_only=True).
+    kwargs: dict[str, Any] = {**_hub_kwargs(model), **task_kwargs, "use_safetensors": None if model.allow_pickle_weights else True}
     if model.dtype != "auto":
         kwargs["dtype"] = torch_dtype(model.dtype)
     else:
@@ -60,4 +61,7 @@ def load_base_model(recipe: Recipe, auto_class: type, keep_unquantized: list[str
     try:
         return auto_class.from_pretrained(model_location(model), **kwargs)
     except (OSError, ValueError) as exc:
-        raise UserError(f"model.name: cannot load `{model.name}`: {str(exc).strip().splitlines()[0][:300]}") from None
+        hint = ""
+        if not model.allow_pickle_weights and "safetensors" in str(exc).lower():
+            hint = " (only safetensors weights are read; set model.allow_pickle_weights: true to accept .bin files)"
+        raise UserError(f"model.name: cannot load `{model.name}`: {str(exc).strip().splitlines()[0][:300]}{hint}") from None

@@ -155,7 +155,7 @@ def _did_you_mean(loc: tuple, data: dict[str, Any]) -> str:
         return ""
     close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
     hint = f"; did you mean `{close[0]}`?" if close else ""
-    return f"{hint} allowed keys: {', '.join(model.model_fields)}"
+    return f"{hint}; allowed keys: {', '.join(model.model_fields)}"
 
 
 def _model_at(loc: tuple, data: dict[str, Any]) -> type[BaseModel] | None:

@@ -33,6 +33,10 @@ class ModelSection(Section):
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
         None, description="Attention kernel; unset lets transformers choose."
     )
+    allow_pickle_weights: bool = Field(
+        False,
+        description="Also accept pickle (.bin) weights, read with torch.load(weights_only=True); safetensors otherwise.",
+    )
 
 
 class ClassificationTask(Section):
@@ -145,6 +149,12 @@ class TrainingSection(Section):
         None, description="Validation metric that selects the best checkpoint; unset uses the task's default."
     )
     resume: bool = Field(False, description="Continue from the last complete checkpoint in the run folder.")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="On a NaN/inf loss or gradient: stop naming the step and last checkpoint, or skip the step."
+    )
+    abort_grad_norm: float | None = Field(
+        None, gt=0, description="Treat a gradient norm above this as divergence (handled like on_nonfinite)."
+    )
 
     @model_validator(mode="after")
     def _cadence_fits(self) -> TrainingSection:

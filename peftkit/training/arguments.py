@@ -37,7 +37,7 @@ def build_training_args(recipe: Recipe, run_dir: Path, best_metric: str) -> Trai
         optim=training.optimizer,
         seed=training.seed,
         data_seed=training.seed,
-        gradient_checkpointing=training.gradient_checkpointing,
+        activation_checkpointing=training.gradient_checkpointing,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
@@ -52,6 +52,7 @@ def build_training_args(recipe: Recipe, run_dir: Path, best_metric: str) -> Trai
         logging_strategy="steps",
         logging_steps=training.logging_steps,
         logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN loss must be visible, not averaged away
         report_to=[],
         remove_unused_columns=False,
         disable_tqdm=False,

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from accelerate import PartialState
-from transformers import EarlyStoppingCallback, Trainer, set_seed
+from transformers import EarlyStoppingCallback, set_seed
 from transformers.integrations import TensorBoardCallback
 
 from peftkit.adapters import ADAPTER_RECORD, adapter_record, attach_adapter, count_parameters
@@ -18,31 +18,44 @@ from peftkit.data.sources import load_splits
 from peftkit.evaluation.plots import plot_losses
 from peftkit.evaluation.report import write_report
 from peftkit.models.load import load_config, load_tokenizer
+from peftkit.plan.preflight import warn_if_recipe_will_not_fit
 from peftkit.recipe.schema import Recipe
-from peftkit.run_folder import manifest, recipe_as_yaml, run_folder, write_json, write_jsonl, write_text_atomic
+from peftkit.run_folder import (
+    check_resume_matches,
+    manifest,
+    recipe_as_yaml,
+    run_folder,
+    write_json,
+    write_jsonl,
+    write_text_atomic,
+)
 from peftkit.tasks import get_task
 from peftkit.training.arguments import build_training_args
 from peftkit.training.checkpoints import last_complete_checkpoint
+from peftkit.errors import Preempted
+from peftkit.training.trainer import GradientGuardCallback, PeftkitTrainer, PreemptionCallback
 
 log = logging.getLogger("peftkit")
 
 ADAPTER_DIR = "adapter"
 
 
-def train(recipe: Recipe, resume: bool = False) -> Path:
+def train(recipe: Recipe, resume: bool = False, force_resume: bool = False) -> Path:
     """Run a recipe end to end and return the run folder."""
     state = PartialState()
     task = get_task(recipe.task.type)
     resume = resume or recipe.training.resume
 
     base_config = load_config(recipe.model)
+    warn_if_recipe_will_not_fit(recipe)
     tokenizer = load_tokenizer(recipe.model)
     raw_splits = load_splits(recipe.data)
     tokenized, info = task.prepare(recipe, raw_splits, tokenizer)
 
-    with run_folder(recipe, resume, state.is_main_process) as run_dir:
+    with run_folder(recipe, resume, state.is_main_process) as run_dir, PreemptionCallback() as preemption:
         checkpoint = last_complete_checkpoint(run_dir) if resume else None
         if resume:
+            check_resume_matches(run_dir, recipe, force_resume)
             log.info("resuming from %s", checkpoint or "the start (no complete checkpoint yet)")
         if state.is_main_process:
             write_text_atomic(run_dir / "recipe.yaml", recipe_as_yaml(recipe))
@@ -58,7 +71,7 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
         )
 
         best_metric = recipe.training.metric_for_best or task.DEFAULT_METRIC
-        trainer = Trainer(
+        trainer = PeftkitTrainer(
             model=model,
             args=build_training_args(recipe, run_dir, best_metric),
             train_dataset=tokenized["train"],
@@ -66,9 +79,17 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
             data_collator=task.collator(tokenizer),
             processing_class=tokenizer,
             compute_metrics=task.compute_metrics(info),
-            callbacks=_callbacks(recipe, run_dir),
+            callbacks=[*_callbacks(recipe, run_dir), preemption],
+            on_nonfinite=recipe.training.on_nonfinite,
+            abort_grad_norm=recipe.training.abort_grad_norm,
         )
+        trainer.add_callback(GradientGuardCallback(trainer))
         train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if preemption.received:
+            raise Preempted(
+                f"SIGTERM received: saved {last_complete_checkpoint(run_dir)} at step {trainer.state.global_step}; "
+                "continue with `peftkit train RECIPE --resume`"
+            )
 
         trainer.save_model(str(run_dir / ADAPTER_DIR))
         if state.is_main_process:
@@ -88,6 +109,7 @@ def train(recipe: Recipe, resume: bool = False) -> Path:
                 "best_checkpoint": trainer.state.best_model_checkpoint,
                 "best_metric_name": best_metric,
                 "best_metric": trainer.state.best_metric,
+                "skipped_steps": trainer.skipped_steps,
             }
             _write_results(run_dir, recipe, task, info, summary, split_results, trainer.state.log_history)
     state.wait_for_everyone()

@@ -1,0 +1,74 @@
+"""The CLI: `validate` prints the resolved recipe; every kind of bad input exits 2 with one clear message,
+no traceback, and no run folder left behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tests.conftest import classification_recipe, run_cli, write_jsonl, write_recipe
+
+
+def test_validate_prints_the_resolved_recipe(tmp_path, sentiment_files, tiny_bert_dir):
+    path = write_recipe(tmp_path / "r.yaml", classification_recipe(tiny_bert_dir, sentiment_files, tmp_path / "run"))
+    result = run_cli("validate", str(path), "training.learning_rate=0.5", "adapter.r=2")
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["training"]["learning_rate"] == 0.5 and resolved["adapter"]["r"] == 2
+    assert resolved["name"] == "tiny" and resolved["model"]["trust_remote_code"] is False
+    assert resolved["training"]["scheduler"] == "linear"  # defaults are filled in
+    assert not (tmp_path / "run").exists()
+
+
+def _bad_cases(tmp_path, files, model_dir):
+    def recipe(**sections):
+        return classification_recipe(model_dir, files, tmp_path / "run", **sections)
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    unseen = write_jsonl(tmp_path / "unseen.jsonl", [{"text": "good", "label": "neutral"}])
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    return {
+        "malformed yaml": ("model: [", "is not valid YAML"),
+        "unknown key": (recipe(trainng={"epochs": 1}), "trainng: unknown key; did you mean `training`?"),
+        "wrong type": (recipe(training={"epochs": "many"}), "training.epochs: Input should be a valid number"),
+        "out of range": (recipe(adapter={"dropout": 1.5}), "adapter.dropout: Input should be less than 1"),
+        "missing data file": (recipe(data={"train": {"path": str(tmp_path / "nope.jsonl")}}), "data.train.path: file"),
+        "missing column": (recipe(task={"text_column": "sentence"}), "has no column 'sentence'"),
+        "empty split": (recipe(data={"test": {"path": str(empty)}}), "data.test"),
+        "unseen label": (recipe(data={"validation": {"path": str(unseen)}}), "label(s) ['neutral'] that do not occur"),
+        "unreadable model": (recipe(model={"name": str(not_a_model)}), "model.name: cannot load"),
+        "missing package": (recipe(model={"name": "package:no_such_pkg/model"}), "package `no_such_pkg` is not installed"),
+    }
+
+
+@pytest.mark.slow
+def test_bad_input_exits_2_without_traceback_or_run_folder(tmp_path, sentiment_files, tiny_bert_dir):
+    for case, (content, expected) in _bad_cases(tmp_path, sentiment_files, tiny_bert_dir).items():
+        path = tmp_path / "bad.yaml"
+        path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+        result = run_cli("train", str(path))
+        assert result.returncode == 2, (case, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr, (case, result.stderr[-2000:])
+        assert expected in result.stderr, (case, result.stderr[-2000:])
+        assert not (tmp_path / "run").exists(), case
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path, sentiment_files, tiny_bert_dir):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "precious.txt").write_text("keep me")
+    path = write_recipe(tmp_path / "r.yaml", classification_recipe(tiny_bert_dir, sentiment_files, run_dir))
+    result = run_cli("train", str(path))
+    assert result.returncode == 2 and "already exists" in result.stderr and "--resume" in result.stderr
+    assert (run_dir / "precious.txt").read_text() == "keep me"
+
+
+def test_module_and_console_entry_points_exist():
+    from importlib.metadata import entry_points
+
+    assert any(ep.name == "peftkit" and ep.value == "peftkit.cli:main" for ep in entry_points(group="console_scripts"))
+    assert run_cli("--help").returncode == 0

@@ -1,0 +1,205 @@
+"""Crash safety, exact resume, numeric guards, pre-emption, safe loading and secrets (single process).
+
+Distributed variants of kill-and-resume live with the distributed tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peftkit.errors import UserError
+from peftkit.recipe.load import validate_recipe
+from peftkit.training.run import train
+from tests.conftest import REPO_ROOT, classification_recipe, run_cli, write_recipe
+
+STEPS = 12
+
+
+def _recipe(model_dir, files, run_dir, **extra):
+    from peftkit.recipe.load import deep_merge
+
+    base = classification_recipe(
+        model_dir, {"train": files["train"]}, run_dir,
+        training={"max_steps": STEPS, "eval_strategy": "no", "save_strategy": "steps", "save_steps": 2, "keep_last": 3},
+        adapter={"dropout": 0.1}, evaluation={"splits": []},
+    )
+    return deep_merge(base, extra)
+
+
+def _assert_same_adapter(left: Path, right: Path) -> None:
+    expected = load_file(left / "adapter" / "adapter_model.safetensors")
+    actual = load_file(right / "adapter" / "adapter_model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_bert_dir, tmp_path_factory):
+    from tests.conftest import sentiment_rows, write_jsonl
+
+    data = tmp_path_factory.mktemp("data")
+    files = {"train": write_jsonl(data / "train.jsonl", sentiment_rows(160, seed=1))}
+    run_dir = train(validate_recipe(_recipe(tiny_bert_dir, files, tmp_path_factory.mktemp("runs") / "full")))
+    return run_dir, files
+
+
+def _start_training(recipe_path: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "peftkit", "train", str(recipe_path), *extra],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(uninterrupted, tiny_bert_dir, tmp_path):
+    full, files = uninterrupted
+    kill_after = random.Random(os.getpid()).choice([2, 4, 6, 8])
+    recipe_path = write_recipe(tmp_path / "r.yaml", _recipe(tiny_bert_dir, files, tmp_path / "run"))
+    process = _start_training(recipe_path)
+    checkpoint = tmp_path / "run" / "checkpoints" / f"checkpoint-{kill_after}"
+    _wait_for(checkpoint.is_dir, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "run" / "adapter").exists()
+    result = run_cli("train", str(recipe_path), "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_adapter(full, tmp_path / "run")
+
+
+def test_kill_during_a_save_resumes_from_the_previous_checkpoint(uninterrupted, tiny_bert_dir, tmp_path):
+    """What a kill mid-save leaves: a complete checkpoint-8 and a half-written checkpoint-10 in the staging folder."""
+    full, files = uninterrupted
+    run_dir = tmp_path / "run"
+    checkpoints = run_dir / "checkpoints"
+    (checkpoints / ".staging").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "checkpoint-8", checkpoints / "checkpoint-8")
+    shutil.copytree(full / "checkpoints" / "checkpoint-10", checkpoints / ".staging" / "checkpoint-10")
+    (checkpoints / ".staging" / "checkpoint-10" / "trainer_state.json").unlink()
+    (checkpoints / ".staging" / "checkpoint-10" / "optimizer.pt").write_bytes(b"half-written")
+    shutil.copy(full / "recipe.yaml", run_dir / "recipe.yaml")
+    train(validate_recipe(_recipe(tiny_bert_dir, files, run_dir)), resume=True)
+    _assert_same_adapter(full, run_dir)
+
+
+def test_checkpoints_appear_complete_and_retention_keeps_the_latest(uninterrupted):
+    full, _ = uninterrupted
+    names = sorted(p.name for p in (full / "checkpoints").iterdir())
+    assert names == ["checkpoint-10", "checkpoint-12", "checkpoint-8"], names  # keep_last=3, staging folder gone
+    for checkpoint in (full / "checkpoints").iterdir():
+        assert {"trainer_state.json", "optimizer.pt", "rng_state.pth", "adapter_model.safetensors"} <= {
+            p.name for p in checkpoint.iterdir()}
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(uninterrupted, tiny_bert_dir, tmp_path):
+    full, files = uninterrupted
+    recipe = _recipe(tiny_bert_dir, files, tmp_path / "run", training={"save_steps": 100})  # no scheduled saves
+    recipe_path = write_recipe(tmp_path / "r.yaml", recipe)
+    process = _start_training(recipe_path)
+    _wait_for(lambda: (tmp_path / "run" / "recipe.yaml").is_file(), process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr[-3000:]
+    assert "SIGTERM received" in stderr and "Traceback" not in stderr
+    saved = list((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
+    assert len(saved) == 1 and (saved[0] / "trainer_state.json").is_file()
+    assert not (tmp_path / "run" / "adapter").exists()
+    result = run_cli("train", str(recipe_path), "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_adapter(full, tmp_path / "run")
+
+
+def test_resume_with_a_changed_recipe_is_refused_unless_forced(uninterrupted, tiny_bert_dir, tmp_path):
+    full, files = uninterrupted
+    run_dir = tmp_path / "run"
+    shutil.copytree(full, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "checkpoint-12")
+    changed = validate_recipe(_recipe(tiny_bert_dir, files, run_dir, adapter={"r": 4}))
+    with pytest.raises(UserError, match=r"recipe changed since the run started \(adapter.r\)"):
+        train(changed, resume=True)
+    path = write_recipe(tmp_path / "r.yaml", _recipe(tiny_bert_dir, files, run_dir, adapter={"dropout": 0.2}))
+    refused = run_cli("train", str(path), "--resume")
+    assert refused.returncode == 2 and "adapter.dropout" in refused.stderr and "--force-resume" in refused.stderr
+    forced = run_cli("train", str(path), "--force-resume")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert json.loads((run_dir / "log_history.json").read_text())[-1]["step"] == STEPS
+
+
+def test_exploding_gradients_stop_with_step_and_checkpoint(uninterrupted, tiny_bert_dir, tmp_path):
+    _, files = uninterrupted
+    recipe = validate_recipe(_recipe(tiny_bert_dir, files, tmp_path / "run", training={"abort_grad_norm": 1e-12}))
+    with pytest.raises(UserError, match=r"training stopped at step 1: the gradient norm .* exceeded"):
+        train(recipe)
+    assert not (tmp_path / "run").exists()  # nothing was saved, so nothing is left behind
+
+
+def test_nan_loss_stops_the_run_before_an_adapter_is_written(uninterrupted, tiny_bert_dir, tmp_path):
+    _, files = uninterrupted
+    recipe = validate_recipe(_recipe(tiny_bert_dir, files, tmp_path / "run", training={"learning_rate": 1e30, "max_grad_norm": 0}))
+    with pytest.raises(UserError, match=r"training stopped at step \d+: the (loss|gradient norm) became (nan|inf)") as caught:
+        train(recipe)
+    assert "Last good checkpoint" in str(caught.value)
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_skip_mode_drops_bad_steps_and_records_them(uninterrupted, tiny_bert_dir, tmp_path):
+    _, files = uninterrupted
+    recipe = validate_recipe(_recipe(
+        tiny_bert_dir, files, tmp_path / "run", training={"abort_grad_norm": 1e-12, "on_nonfinite": "skip", "max_steps": 3}))
+    run_dir = train(recipe)
+    assert json.loads((run_dir / "metrics.json").read_text())["skipped_steps"] == [1, 2, 3]
+    weights = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    lora_b = [w for name, w in weights.items() if "lora_B" in name]
+    assert lora_b and all(torch.count_nonzero(w) == 0 for w in lora_b)  # never updated from their zero init
+
+
+def test_pickle_weights_need_an_explicit_key(tiny_bert_dir, sentiment_files, tmp_path):
+    from transformers import AutoModel
+
+    pickled = tmp_path / "pickled-model"
+    shutil.copytree(tiny_bert_dir, pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save(AutoModel.from_pretrained(tiny_bert_dir).state_dict(), pickled / "pytorch_model.bin")
+    assert not list(pickled.glob("*.safetensors")) and list(pickled.glob("*.bin"))
+    files = {"train": sentiment_files["train"]}
+    refused = classification_recipe(pickled, files, tmp_path / "r1", training={"max_steps": 1, "eval_strategy": "no"}, evaluation={"splits": []})
+    with pytest.raises(UserError, match="allow_pickle_weights"):
+        train(validate_recipe(refused))
+    allowed = classification_recipe(pickled, files, tmp_path / "r2", model={"allow_pickle_weights": True},
+                                    training={"max_steps": 1, "eval_strategy": "no"}, evaluation={"splits": []})
+    assert (train(validate_recipe(allowed)) / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_tokens_from_the_environment_never_reach_the_run_folder(tiny_bert_dir, sentiment_files, tmp_path):
+    secret = "hf_SECRETtoken1234567890"
+    recipe = write_recipe(tmp_path / "r.yaml", classification_recipe(
+        tiny_bert_dir, {"train": sentiment_files["train"]}, tmp_path / "run",
+        training={"max_steps": 2, "eval_strategy": "no", "save_strategy": "steps", "save_steps": 1},
+        evaluation={"splits": []}, output={"tensorboard": True}))
+    result = run_cli("train", str(recipe), env={"HF_TOKEN": secret, "WANDB_API_KEY": secret, "HUGGING_FACE_HUB_TOKEN": secret})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert secret not in result.stdout + result.stderr
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
