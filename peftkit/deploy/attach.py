@@ -70,13 +70,15 @@ class AttachedModel:
                 )
             self._loads += 1
             peft_name = f"adapter_{self._loads}"
-            if self.model is None:
-                self._load_base(source, peft_name)
-            else:
-                try:
+            try:
+                if self.model is None:
+                    self._load_base(source, peft_name)
+                else:
                     self.model.load_adapter(str(source.path), adapter_name=peft_name, is_trainable=False)
-                except (RuntimeError, ValueError, KeyError) as exc:
-                    raise UserError(f"adapter {name!r} (`{reference}`) does not fit the loaded base: {_first_line(exc)}") from None
+            except (RuntimeError, ValueError, KeyError) as exc:
+                if self.model is not None and peft_name in self.model.peft_config:
+                    self.model.delete_adapter(peft_name)  # drop whatever the failed load injected
+                raise UserError(f"adapter {name!r} (`{reference}`) does not fit the base: {_first_line(exc)}") from None
             replaced = self._peft_names.get(name)
             if replaced is not None and replaced == self.model.active_adapter:
                 self.model.set_adapter(peft_name)
