@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from conftest import run_cli, train_tiny_run
+from tests.conftest import run_cli, train_tiny_run
 from peftkit.deploy.attach import AttachedModel
 from peftkit.deploy.merge import merge_run
 from peftkit.errors import UserError

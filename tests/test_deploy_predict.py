@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import run_cli, write_jsonl
+from tests.conftest import run_cli, write_jsonl
 from peftkit.deploy.attach import AttachedModel
 
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import uvicorn
 
-from conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT
 from peftkit.deploy.attach import AttachedModel
 from peftkit.deploy.server import build_app
 
