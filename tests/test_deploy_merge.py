@@ -40,7 +40,7 @@ def test_cli_merge_writes_a_standalone_model_equal_to_the_attached_adapter(bert_
     assert len(shards) > 1 and (out / "model.safetensors.index.json").exists()
     assert not list(out.glob("*.bin")) and (out / "tokenizer.json").exists()
     card = (out / "README.md").read_text()
-    assert f"base_model: {tiny_bert_dir}" in card and "LoRA (r=4" in card and "| test | " in card and "accuracy" in card
+    assert f"base_model: {tiny_bert_dir}" in card and "- Method: LoRA (r=" in card and "| test | " in card and "accuracy" in card
 
     loaded = subprocess.run([sys.executable, "-c", STANDALONE, str(out), json.dumps(TEXTS)], capture_output=True, text=True)
     assert loaded.returncode == 0, loaded.stderr

@@ -54,7 +54,7 @@ def infer(
         tokens = generated[:limit]
         stop = next((i for i, token in enumerate(tokens) if token in eos), None)
         finish_reason = "stop" if stop is not None else "length"
-        tokens = tokens[:stop] if stop is not None else [t for t in tokens if t != tokenizer.pad_token_id]
+        tokens = tokens[:stop] if stop is not None else tokens  # padding only ever follows an end-of-sequence token
         answers.append({"text": tokenizer.decode(tokens, skip_special_tokens=True), "tokens": len(tokens), "finish_reason": finish_reason})
     return answers
 
