@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--force-resume", action="store_true", help="resume even if the recipe changed since")
     train.set_defaults(handler=_train)
 
+    sweep = commands.add_parser("sweep", help="search recipe keys with optuna; one run folder per trial")
+    _add_recipe_arguments(sweep)
+    sweep.add_argument("--space", required=True, help="search space YAML: recipe key paths -> ranges or choices")
+    sweep.add_argument("--trials", type=int, default=10, help="number of trials (default 10)")
+    sweep.set_defaults(handler=_sweep)
+
     validate = commands.add_parser("validate", help="print the fully resolved recipe")
     _add_recipe_arguments(validate)
     validate.set_defaults(handler=_validate)
@@ -38,7 +44,37 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 24GiB or 80GB (default: the visible GPU's)")
     plan.add_argument("--fit", action="store_true", help="search recipe changes that fit, cheapest slowdown first")
     plan.set_defaults(handler=_plan)
+
+    evaluate = commands.add_parser("eval", help="re-evaluate a finished run on its own or other data")
+    evaluate.add_argument("run_dir", help="run folder written by `peftkit train`")
+    evaluate.add_argument("--data", help="data file or hub dataset to score (default: the run's own split)")
+    evaluate.add_argument("--split", help="the run's split (train, validation, test) or, with --data, the hub split")
+    evaluate.set_defaults(handler=_eval)
+
+    predict = commands.add_parser("predict", help="write a finished run's predictions for an input file (JSONL)")
+    predict.add_argument("run_dir", help="run folder written by `peftkit train`")
+    predict.add_argument("--input", required=True, help="input file (json, jsonl, csv, tsv, parquet) with the task's columns")
+    predict.add_argument("--output", required=True, help="JSONL file to write, one prediction a line")
+    predict.set_defaults(handler=_predict)
     return parser
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import json
+
+    from peftkit.evaluation.saved_run import evaluate_run
+
+    out, metrics = evaluate_run(args.run_dir, args.data, args.split)
+    headline = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
+    print(json.dumps(headline, indent=2))
+    print(f"evaluation folder: {out}")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from peftkit.evaluation.saved_run import predict_file
+
+    count = predict_file(args.run_dir, args.input, args.output)
+    print(f"wrote {count} predictions to {args.output}")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -49,6 +85,17 @@ def _train(args: argparse.Namespace) -> None:
 
     run_dir = train(recipe, resume=args.resume or args.force_resume, force_resume=args.force_resume)
     print(f"run folder: {run_dir}")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from peftkit.sweep import sweep
+
+    if args.trials < 1:
+        raise UserError("--trials must be at least 1")
+    sweep_dir = sweep(Path(args.recipe), Path(args.space), args.trials, args.overrides)
+    print(f"sweep folder: {sweep_dir} (results.md, results.csv, results.png, best_recipe.yaml)")
 
 
 def _validate(args: argparse.Namespace) -> None:

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from peftkit.errors import UserError
+from peftkit.models.gguf import converted_folder, is_gguf
 from peftkit.models.quantization import build_quantization_config, torch_dtype
 from peftkit.recipe.schema import ModelSection, Recipe
 from peftkit.references import resolve_reference
 
 
 def model_location(model: ModelSection) -> str:
-    return resolve_reference(model.name, "model.name")
+    """A local folder or hub id; a `.gguf` file is dequantized once into a cached folder (see `models.gguf`)."""
+    location = resolve_reference(model.name, "model.name")
+    return str(converted_folder(Path(location))) if is_gguf(location) else location
 
 
 def _hub_kwargs(model: ModelSection) -> dict[str, Any]:
