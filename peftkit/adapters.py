@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PretrainedConfig, TrainerCallback
 
 from peftkit.errors import UserError
+from peftkit.models.fingerprint import architecture, fingerprint
 from peftkit.models.load import is_decoder_only, model_location
 from peftkit.recipe.schema import AdapterSection, Recipe
 
@@ -105,6 +106,8 @@ PEFT_CONFIG_BUILDERS = {
     "prefix_tuning": _virtual_tokens(PrefixTuningConfig),
     "p_tuning": _virtual_tokens(PromptEncoderConfig),
 }
+
+ADAPTER_RECORD = "peftkit_adapter.json"
 
 
 def build_peft_config(recipe: Recipe, task_type: str, head_modules: list[str] = ()) -> PeftConfig | None:
@@ -208,3 +211,22 @@ def count_parameters(model) -> dict[str, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return {"trainable": trainable, "total": total}
+
+
+def adapter_record(recipe: Recipe, base_config: PretrainedConfig, task_info: dict) -> dict:
+    """What an adapter folder needs to be deployed on its own: the base it was trained on and its task.
+
+    Written next to the weights as `ADAPTER_RECORD`; attaching checks the base fingerprint against it.
+    """
+    fields = architecture(base_config)
+    return {
+        "base": {
+            "name": recipe.model.name,
+            "location": model_location(recipe.model),
+            "revision": recipe.model.revision,
+            "architecture": fields,
+            "fingerprint": fingerprint(fields),
+        },
+        "task": {"type": recipe.task.type, **task_info},
+        "quantization": recipe.quantization.model_dump(mode="json"),
+    }

@@ -1,6 +1,6 @@
 """Downstream tasks as plug-ins. The trainer never branches on task names; it calls a task module's functions.
 
-A task module provides:
+A task module provides, for training:
 - `PEFT_TASK_TYPE`, `DEFAULT_METRIC` (validation metric that picks the best checkpoint)
 - `LOSS_SUMS_OVER_ITEMS` (optional, default False): True only when the model's loss divides a sum by the Trainer's `num_items_in_batch`
   (token-level LM losses); a per-batch mean (classification, QA) must say False or ranks and accumulation
@@ -22,6 +22,14 @@ A task module provides:
 Optionally `fit(recipe, task, info, tokenized, tokenizer, run_dir, checkpoint, callbacks) -> FitResult`
 (`peftkit.training.result`) for tasks that do not train with the HF Trainer (feature extraction); such a task
 needs no `load_model`/`head_modules`/`collator`/`compute_metrics`.
+
+and, for deployment (`peftkit.deploy`: merge, multi-adapter inference, the HTTP server):
+- `AUTO_CLASS`, `model_kwargs(info)`: how to load the base with the task's head (`load_model` uses both)
+- `INPUT_FIELDS`: `{field: required}` of one inference input row, e.g. `{"text": True, "text_pair": False}`
+- `inference_rows(recipe, dataset) -> rows`: a data split as inference rows (merge verification)
+- `forward_logits(model, tokenizer, rows, adapter_names) -> [tensor per row]`: raw outputs to compare models
+- `infer(model, tokenizer, rows, infos, adapter_names, **generation) -> [answer dict per row]`; `infos[i]` is the
+  task info of row i's adapter and `adapter_names[i]` its peft adapter name (peft mixed-adapter batches)
 """
 
 from __future__ import annotations
@@ -42,3 +50,8 @@ TASKS: dict[str, ModuleType] = {
 
 def get_task(task_type: str) -> ModuleType:
     return TASKS[task_type]
+
+
+def task_for_peft_type(peft_task_type: str | None) -> str | None:
+    """The task that deploys adapters of a peft task type (for adapters trained outside peftkit)."""
+    return next((name for name, module in TASKS.items() if module.PEFT_TASK_TYPE == peft_task_type), None)

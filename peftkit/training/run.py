@@ -20,7 +20,9 @@ from transformers import EarlyStoppingCallback, set_seed
 from transformers.integrations import TensorBoardCallback
 
 from peftkit.adapters import (
+    ADAPTER_RECORD,
     adapter_callbacks,
+    adapter_record,
     attach_adapter,
     check_adapter_fits_model,
     count_parameters,
@@ -72,7 +74,8 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
     args = build_training_args(recipe, run_dir_for(recipe), best_metric, world_size)
     state = PartialState()
 
-    check_adapter_fits_model(recipe, load_config(recipe.model), task.PEFT_TASK_TYPE)
+    base_config = load_config(recipe.model)
+    check_adapter_fits_model(recipe, base_config, task.PEFT_TASK_TYPE)
     warn_if_recipe_will_not_fit(recipe)
     tokenizer = load_tokenizer(recipe.model)
     raw_splits = load_splits(recipe.data)
@@ -94,6 +97,7 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
         result = fit(recipe, task, info, tokenized, tokenizer, run_dir, checkpoint, list(callbacks))
         if state.is_main_process:
             check_saved_weights(run_dir / ADAPTER_DIR)
+            write_json(run_dir / ADAPTER_DIR / ADAPTER_RECORD, adapter_record(recipe, base_config, info))
         split_results = {
             split: _evaluate_split(result.predictor, task, recipe, info, tokenized[split], raw_splits[split])
             for split in recipe.evaluation.splits
