@@ -146,11 +146,12 @@ def attach_adapter(model, recipe: Recipe, task_type: str, head_modules: list[str
         # training; gradient checkpointing is left to the Trainer (training.gradient_checkpointing).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, config)
-    if recipe.adapter.init == "loftq":
+    has_weights = not next(model.parameters()).is_meta  # planners build the model on the meta device
+    if recipe.adapter.init == "loftq" and has_weights:
         # LoftQ re-reads the unquantized weights from the checkpoint's safetensors (a local folder or the hub cache).
         location = model_location(recipe.model)
         replace_lora_weights_loftq(model, model_path=location if Path(location).is_dir() else None)
-    if recipe.adapter.init in BASE_REWRITING_INITS:
+    if recipe.adapter.init in BASE_REWRITING_INITS and has_weights:
         initial = {name: tensor.detach().clone() for name, tensor in get_peft_model_state_dict(model).items()}
         setattr(model, _INITIAL_ADAPTER, initial)
     return model
