@@ -28,9 +28,53 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--force-resume", action="store_true", help="resume even if the recipe changed since")
     train.set_defaults(handler=_train)
 
+    sweep = commands.add_parser("sweep", help="search recipe keys with optuna; one run folder per trial")
+    _add_recipe_arguments(sweep)
+    sweep.add_argument("--space", required=True, help="search space YAML: recipe key paths -> ranges or choices")
+    sweep.add_argument("--trials", type=int, default=10, help="number of trials (default 10)")
+    sweep.set_defaults(handler=_sweep)
+
     validate = commands.add_parser("validate", help="print the fully resolved recipe")
     _add_recipe_arguments(validate)
     validate.set_defaults(handler=_validate)
+
+    merge = commands.add_parser("merge", help="merge a run's adapter into its base and write a standalone model")
+    merge.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by `peftkit train`")
+    merge.add_argument("--out", required=True, help="folder for the merged model")
+    merge.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the saved weights")
+    merge.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
+    merge.add_argument(
+        "--onto", choices=["original", "dequantized"],
+        help="for adapters trained on a quantized base: merge onto the original full-precision weights or onto the "
+        "quantized weights dequantized (default: dequantized, which matches the trained model more closely)",
+    )
+    merge.add_argument("--samples", type=int, default=64, help="rows of the run's data used to verify the merge")
+    merge.add_argument("--tolerance", type=float, help="largest accepted |merged - attached| logit (default per dtype)")
+    merge.add_argument("--force", action="store_true", help="write the model even when verification fails")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    merge.set_defaults(handler=_merge)
+
+    predict = commands.add_parser(
+        "predict",
+        help="write predictions (JSONL) for an input file: RUN_DIR alone uses the run's task, base and adapter; "
+        "--adapter NAME=PATH (repeatable) attaches several adapters to one base",
+    )
+    predict.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run folder (its adapter and base)")
+    _add_base_and_adapter_arguments(predict)
+    predict.add_argument("--input", required=True, help="rows to predict (.jsonl, .json, .csv, .tsv, .parquet)")
+    predict.add_argument("--output", required=True, help="JSONL file for the answers")
+    predict.add_argument("--adapter-column", help="input column naming each row's adapter (mixed-adapter batches)")
+    predict.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
+    predict.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (generative tasks)")
+    predict.set_defaults(handler=_predict)
+
+    serve = commands.add_parser("serve", help="serve one base with named adapters over HTTP")
+    _add_base_and_adapter_arguments(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--batch-window-ms", type=float, default=5.0, help="how long to collect requests into one batch")
+    serve.add_argument("--max-batch-size", type=int, default=32, help="most rows in one batch")
+    serve.set_defaults(handler=_serve)
 
     plan = commands.add_parser("plan", help="predict per-GPU training memory; --fit finds recipe changes that fit")
     _add_recipe_arguments(plan)
@@ -45,11 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", help="the run's split (train, validation, test) or, with --data, the hub split")
     evaluate.set_defaults(handler=_eval)
 
-    predict = commands.add_parser("predict", help="write a finished run's predictions for an input file (JSONL)")
-    predict.add_argument("run_dir", help="run folder written by `peftkit train`")
-    predict.add_argument("--input", required=True, help="input file (json, jsonl, csv, tsv, parquet) with the task's columns")
-    predict.add_argument("--output", required=True, help="JSONL file to write, one prediction a line")
-    predict.set_defaults(handler=_predict)
     return parser
 
 
@@ -64,20 +103,41 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"evaluation folder: {out}")
 
 
-def _predict(args: argparse.Namespace) -> None:
+def _predict_run(args: argparse.Namespace) -> None:
     from peftkit.evaluation.saved_run import predict_file
 
     count = predict_file(args.run_dir, args.input, args.output)
     print(f"wrote {count} predictions to {args.output}")
 
 
+def _add_base_and_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", help="base model (hub id, folder or package:...); default: the adapters' recorded base")
+    parser.add_argument(
+        "--adapter", action="append", default=[], metavar="NAME=PATH",
+        help="attach the adapter (run folder or adapter folder) at PATH as NAME; repeatable",
+    )
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="dtype of the base")
+
+
 def _train(args: argparse.Namespace) -> None:
     from peftkit.recipe.load import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: a bad recipe fails fast
     from peftkit.training.run import train
 
-    recipe = load_recipe(args.recipe, args.overrides)
     run_dir = train(recipe, resume=args.resume or args.force_resume, force_resume=args.force_resume)
     print(f"run folder: {run_dir}")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from peftkit.sweep import sweep
+
+    if args.trials < 1:
+        raise UserError("--trials must be at least 1")
+    sweep_dir = sweep(Path(args.recipe), Path(args.space), args.trials, args.overrides)
+    print(f"sweep folder: {sweep_dir} (results.md, results.csv, results.png, best_recipe.yaml)")
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -85,6 +145,65 @@ def _validate(args: argparse.Namespace) -> None:
     from peftkit.run_folder import recipe_as_yaml
 
     print(recipe_as_yaml(load_recipe(args.recipe, args.overrides)), end="")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from peftkit.deploy.merge import merge_run
+
+    result = merge_run(
+        args.run_dir, args.out, dtype=args.dtype, onto=args.onto, max_shard_size=args.max_shard_size,
+        samples=args.samples, tolerance=args.tolerance, force=args.force, overwrite=args.overwrite,
+    )
+    check = result.verification
+    print(
+        f"verification on {check.rows} samples: max |logit difference| {check.max_abs_diff:.3g} "
+        f"(tolerance {result.tolerance:g}), prediction agreement {check.agreement:.2%}"
+    )
+    if result.vs_trained is not None:
+        print(
+            f"vs the model as trained (quantized base + adapter): max |logit difference| "
+            f"{result.vs_trained.max_abs_diff:.3g}, prediction agreement {result.vs_trained.agreement:.2%}"
+        )
+    print(f"merged model ({result.dtype}, onto the {result.onto} base weights): {result.out_dir}")
+
+
+def _attached_model(args: argparse.Namespace, run_dir: str | None = None):
+    from peftkit.deploy.adapter_folder import find_adapter
+    from peftkit.deploy.attach import AttachedModel
+
+    adapters = dict([("run", run_dir)] if run_dir else [])
+    for value in args.adapter:
+        name, separator, path = value.partition("=")
+        if not separator or not name or not path:
+            raise UserError(f"--adapter {value!r}: expected NAME=PATH, e.g. --adapter sentiment=runs/sentiment")
+        adapters[name] = path
+    if not adapters:
+        raise UserError("give at least one adapter: RUN_DIR or --adapter NAME=PATH")
+    base = args.base
+    if base is None:
+        first = find_adapter(*next(iter(adapters.items())))
+        if first.base is None:
+            raise UserError(f"adapter {first.name!r} does not record its base model; pass --base")
+        base = first.base["name"]
+    return AttachedModel(base, adapters, dtype=args.dtype)
+
+
+def _predict(args: argparse.Namespace) -> None:
+    if args.run_dir and not (args.adapter or args.base or args.adapter_column):
+        return _predict_run(args)  # one finished run: every task type, through its saved recipe
+    from peftkit.deploy.predict import predict_file
+
+    attached = _attached_model(args, args.run_dir)
+    count = predict_file(
+        attached, args.input, args.output, args.adapter_column, args.batch_size, max_new_tokens=args.max_new_tokens,
+    )
+    print(f"{count} predictions: {args.output}")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from peftkit.deploy.server import serve
+
+    serve(_attached_model(args), args.host, args.port, args.batch_window_ms, args.max_batch_size)
 
 
 def parse_memory_size(text: str) -> int:

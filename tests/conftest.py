@@ -18,6 +18,8 @@ SHARED_DATA = Path(os.environ.get("PEFTKIT_SHARED_DATA", REPO_ROOT.parent / "sha
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from intra-op threads, and on a shared CPU they oversubscribe it (10x slower steps).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 POSITIVE_WORDS = ["great", "good", "excellent", "lovely", "superb", "wonderful", "fine", "happy"]
 NEGATIVE_WORDS = ["bad", "awful", "poor", "terrible", "boring", "sad", "broken", "ugly"]
@@ -205,3 +207,57 @@ def qa_rows(count: int, seed: int) -> list[dict]:
             "answers": {"text": [words[position]], "answer_start": [start]},
         })
     return rows
+
+
+def train_tiny_run(model_dir: Path, directory: Path, seed: int = 7, label_names: tuple[str, str] = ("positive", "negative"),
+                   **sections) -> Path:
+    """A short LoRA classification run (few steps, no periodic evaluation) for tests that need a run folder."""
+    from peftkit.recipe.load import validate_recipe
+    from peftkit.training.run import train
+
+    positive, negative = label_names
+    rows = [
+        {**row, "label": positive if row["label"] == "positive" else negative} for row in sentiment_rows(96, seed=seed)
+    ]
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {"train": write_jsonl(directory / "train.jsonl", rows[:64]), "test": write_jsonl(directory / "test.jsonl", rows[64:])}
+    recipe = classification_recipe(
+        model_dir, files, directory / "run",
+        training={"max_steps": 12, "eval_strategy": "no", "save_strategy": "no", "seed": seed, "logging_steps": 4},
+        evaluation={"splits": ["test"], "worst_examples": 0},
+    )
+    from peftkit.recipe.load import deep_merge
+
+    return train(validate_recipe(deep_merge(recipe, sections)))
+
+
+@pytest.fixture(scope="session")
+def bert_runs(tiny_bert_dir, tmp_path_factory) -> dict[str, Path]:
+    """Two LoRA runs on the tiny BERT with different seeds and label names (`positive/negative`, `good/bad`)."""
+    root = tmp_path_factory.mktemp("bert-runs")
+    return {
+        "sentiment": train_tiny_run(tiny_bert_dir, root / "sentiment", seed=7),
+        "quality": train_tiny_run(tiny_bert_dir, root / "quality", seed=11, label_names=("good", "bad")),
+    }
+
+
+@pytest.fixture(scope="session")
+def llama_adapters(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
+    """Two causal-LM LoRA adapters with random (non-zero) weights, saved the way peft saves any adapter."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("llama-adapters")
+    adapters = {}
+    for seed, name in [(1, "poet"), (2, "critic")]:
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+        config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+        model = get_peft_model(base, config)
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.data.mul_(4.0)  # large enough to change greedy generations
+        model.save_pretrained(root / name)
+        adapters[name] = root / name
+    return adapters

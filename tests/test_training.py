@@ -88,3 +88,22 @@ def test_resume_matches_uninterrupted_run(tiny_bert_dir, sentiment_files, tmp_pa
     # and the checkpoint at step 8 really differs from the end: resuming did train
     at_eight = load_file(interrupted / "checkpoints" / "checkpoint-8" / "adapter_model.safetensors")
     assert any(not torch.equal(at_eight[k], actual[k]) for k in at_eight)
+
+
+def test_gradient_accumulation_matches_one_larger_batch(tiny_llama_dir, sentiment_files, tmp_path):
+    """4 x 2 accumulated equals 8 at once: the Trainer must not treat the classification loss (a batch mean) as a
+    sum over a global item count (it would skip the division by accumulation steps; on N ranks multiply by N)."""
+
+    def losses(name, batch_size, accumulation):
+        recipe = validate_recipe(classification_recipe(
+            tiny_llama_dir, {"train": sentiment_files["train"]}, tmp_path / name,
+            training={"max_steps": 3, "batch_size": batch_size, "gradient_accumulation": accumulation,
+                      "logging_steps": 1, "eval_strategy": "no", "save_strategy": "no", "warmup_ratio": 0.0},
+            evaluation={"splits": []},
+        ))
+        history = json.loads((train(recipe) / "log_history.json").read_text())
+        return [entry[key] for entry in history if "loss" in entry for key in ("loss", "grad_norm")]
+
+    accumulated, whole = losses("accumulated", 4, 2), losses("whole", 8, 1)
+    assert len(whole) == 2 * 3
+    assert accumulated == pytest.approx(whole, rel=1e-4)

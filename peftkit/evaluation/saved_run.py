@@ -62,7 +62,7 @@ def load_run(run_dir: str | Path) -> SavedRun:
     trainer = Trainer(
         model=model,
         args=build_training_args(recipe.model_copy(update={"training": predicting}), run_dir, task.DEFAULT_METRIC),
-        data_collator=task.collator(tokenizer),
+        data_collator=task.collator(tokenizer, recipe),
         processing_class=tokenizer,
     )
     return SavedRun(run_dir, recipe, task, info, trainer)

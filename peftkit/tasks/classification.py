@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
@@ -18,7 +19,10 @@ from peftkit.recipe.schema import Recipe
 
 PEFT_TASK_TYPE = "SEQ_CLS"
 DEFAULT_METRIC = "f1_macro"
+LOSS_SUMS_OVER_ITEMS = False  # cross-entropy mean over the batch
 HEAD_NAMES = ("classifier", "score")
+AUTO_CLASS = AutoModelForSequenceClassification
+INPUT_FIELDS = {"text": True, "text_pair": False}
 
 
 def label_names(recipe: Recipe, train) -> list[str]:
@@ -80,16 +84,13 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
     return tokenized, {"labels": names}
 
 
-def load_model(recipe: Recipe, info: dict):
+def model_kwargs(info: dict) -> dict:
     names = info["labels"]
-    return load_base_model(
-        recipe,
-        AutoModelForSequenceClassification,
-        keep_unquantized=list(HEAD_NAMES),
-        num_labels=len(names),
-        id2label=dict(enumerate(names)),
-        label2id={name: i for i, name in enumerate(names)},
-    )
+    return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+
+
+def load_model(recipe: Recipe, info: dict):
+    return load_base_model(recipe, AUTO_CLASS, keep_unquantized=list(HEAD_NAMES), **model_kwargs(info))
 
 
 def head_modules(model) -> list[str]:
@@ -97,7 +98,7 @@ def head_modules(model) -> list[str]:
     return [name for name in HEAD_NAMES if name in present]
 
 
-def collator(tokenizer):
+def collator(tokenizer, recipe: Recipe):
     return DataCollatorWithPadding(tokenizer)
 
 
@@ -116,14 +117,17 @@ def compute_metrics(info: dict):
 
 
 def predict(trainer, tokenized, raw, recipe: Recipe, info: dict) -> list[dict]:
-    """One record per example: inputs, predicted label and its probability, and the gold label when known."""
     output = trainer.predict(tokenized)
     logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-    probabilities = _softmax(np.asarray(logits, dtype=np.float64))
+    return records_from_probabilities(_softmax(np.asarray(logits, dtype=np.float64)), tokenized, raw, recipe, info)
+
+
+def records_from_probabilities(probabilities: np.ndarray, tokenized, raw, recipe: Recipe, info: dict) -> list[dict]:
+    """One record per example: inputs, predicted label and its probability, and the gold label when known."""
     names = info["labels"]
-    golds = tokenized["labels"] if "labels" in tokenized.column_names else [None] * len(tokenized)
+    gold_ids = tokenized["labels"] if "labels" in tokenized.column_names else [None] * len(tokenized)
     records = []
-    for i, (gold, probs) in enumerate(zip(golds, probabilities)):
+    for i, (gold, probs) in enumerate(zip(gold_ids, probabilities)):
         record = {"text": raw[i][recipe.task.text_column]}
         if recipe.task.text_pair_column:
             record["text_pair"] = raw[i][recipe.task.text_pair_column]
@@ -183,7 +187,7 @@ def report(records: list[dict], metrics: dict, split: str, run_dir: Path, worst:
     errors = sorted((r for r in records if r["gold"] != r["predicted"]), key=lambda r: r["gold_probability"])
     if errors and worst:
         lines += [f"Worst misclassified examples (lowest probability of the gold label), {min(worst, len(errors))} of {len(errors)}:", ""]
-        lines += ["| text | gold | predicted | p(predicted) |", "|---|---|---|---|"]
+        lines += ["| text | gold | predicted | p(gold) |", "|---|---|---|---|"]
         for record in errors[:worst]:
             text = record["text"] + (f" ‖ {record['text_pair']}" if "text_pair" in record else "")
             lines.append(f"| {markdown_cell(text)} | {record['gold']} | {record['predicted']} | {record['probability']:.3f} |")
@@ -192,3 +196,38 @@ def report(records: list[dict], metrics: dict, split: str, run_dir: Path, worst:
 
 def _text_length(record: dict) -> int:
     return word_count(record["text"]) + word_count(record.get("text_pair", ""))
+
+
+def inference_rows(recipe: Recipe, dataset) -> list[dict]:
+    """A data split as inference inputs (`INPUT_FIELDS`), e.g. to verify a merge on the run's own data."""
+    task = recipe.task
+    rows = []
+    for row in dataset:
+        rows.append({"text": row[task.text_column], **({"text_pair": row[task.text_pair_column]} if task.text_pair_column else {})})
+    return rows
+
+
+def forward_logits(model, tokenizer, rows: list[dict], adapter_names: list[str] | None = None) -> list[torch.Tensor]:
+    """Class logits, one tensor per row; `adapter_names` picks a peft adapter per row (mixed batch)."""
+    pairs = [row.get("text_pair") for row in rows]
+    inputs = tokenizer(
+        [row["text"] for row in rows], pairs if any(pair is not None for pair in pairs) else None,
+        padding=True, truncation=True, max_length=model.config.max_position_embeddings, return_tensors="pt",
+    ).to(model.device)
+    with torch.inference_mode():
+        logits = model(**inputs, **({"adapter_names": adapter_names} if adapter_names else {})).logits
+    return list(logits.float().cpu())
+
+
+def infer(model, tokenizer, rows: list[dict], infos: list[dict], adapter_names: list[str] | None = None, **_generation) -> list[dict]:
+    """Predicted label, its probability and every label's probability, decoded with each row's own label names."""
+    answers = []
+    for logits, info in zip(forward_logits(model, tokenizer, rows, adapter_names), infos):
+        probabilities = torch.softmax(logits.double(), dim=-1).tolist()
+        best = max(range(len(probabilities)), key=probabilities.__getitem__)
+        answers.append({
+            "label": info["labels"][best],
+            "probability": round(probabilities[best], 6),
+            "scores": {name: round(p, 6) for name, p in zip(info["labels"], probabilities)},
+        })
+    return answers

@@ -188,7 +188,7 @@ def head_modules(model) -> list[str]:
     return [name for name in HEAD_NAMES if name in present]
 
 
-def collator(tokenizer):
+def collator(tokenizer, recipe: Recipe):
     pad = DataCollatorWithPadding(tokenizer)
 
     def collate(features: list[dict]) -> dict:

@@ -87,7 +87,7 @@ def head_modules(model) -> list[str]:
     return []  # the LM head is tied to the embeddings; nothing new to train fully
 
 
-def collator(tokenizer):
+def collator(tokenizer, recipe: Recipe):
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
 
 

@@ -1,0 +1,1 @@
+"""Deployment: merge adapters into their base, serve many adapters on one base, over Python, CLI and HTTP."""

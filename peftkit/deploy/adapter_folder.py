@@ -1,0 +1,87 @@
+"""Find an adapter on disk and what it was trained for: its folder, task, task info and base record.
+
+Accepts a run folder (`<run>/adapter`), a peftkit adapter folder (with `peftkit_adapter.json`), or a plain peft
+adapter folder trained elsewhere (task from its peft task type, no base record).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from peft import PeftConfig
+from transformers import PretrainedConfig
+
+from peftkit.adapters import ADAPTER_RECORD
+from peftkit.errors import UserError
+from peftkit.models.fingerprint import architecture, fingerprint
+from peftkit.tasks import TASKS, task_for_peft_type
+from peftkit.training.run import ADAPTER_DIR
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    name: str
+    path: Path  # the folder holding adapter_config.json
+    task: str
+    info: dict  # task info (e.g. label names) without the type
+    base: dict | None  # the base record written at train time, None for adapters trained outside peftkit
+
+
+def find_adapter(name: str, reference: str) -> AdapterSource:
+    """Read an adapter's folder and records; every problem is a UserError naming the adapter and the path."""
+    path = Path(reference).expanduser()
+    if (path / ADAPTER_DIR / "adapter_config.json").exists():
+        path = path / ADAPTER_DIR
+    if not (path / "adapter_config.json").exists():
+        raise UserError(
+            f"adapter {name!r}: `{reference}` holds no adapter_config.json; give a peftkit run folder or a peft adapter folder"
+        )
+    record_file = path / ADAPTER_RECORD
+    if record_file.exists():
+        record = json.loads(record_file.read_text())
+        task = dict(record["task"])
+        return AdapterSource(name, path, task.pop("type"), task, record["base"])
+    peft_task_type = PeftConfig.from_pretrained(str(path)).task_type
+    task_type = task_for_peft_type(peft_task_type)
+    if task_type is None:
+        raise UserError(
+            f"adapter {name!r}: peft task type {peft_task_type!r} of `{reference}` has no deployable peftkit task "
+            f"(known: {sorted(TASKS)})"
+        )
+    return AdapterSource(name, path, task_type, _run_task_info(path), None)
+
+
+def _run_task_info(adapter_dir: Path) -> dict:
+    """Task info of an adapter from a run folder made before adapter records existed (its `task.json`)."""
+    task_file = adapter_dir.parent / "task.json"
+    if not task_file.exists():
+        return {}
+    info = json.loads(task_file.read_text())
+    info.pop("type", None)
+    return info
+
+
+def check_base(adapter: AdapterSource, base_name: str, base_location: str, base_config: PretrainedConfig) -> None:
+    """Refuse a base whose architecture differs from the one the adapter was trained on; warn on another name."""
+    if adapter.base is None:
+        return
+    fields = architecture(base_config)
+    if fingerprint(fields) != adapter.base["fingerprint"]:
+        trained = adapter.base["architecture"]
+        differences = [
+            f"{key}: {trained.get(key)} vs {fields.get(key)}" for key in sorted({*trained, *fields})
+            if trained.get(key) != fields.get(key)
+        ]
+        raise UserError(
+            f"adapter {adapter.name!r} was trained on `{adapter.base['name']}` but the base is `{base_name}`, "
+            f"whose architecture differs ({'; '.join(differences[:6])}); load it onto `{adapter.base['name']}`"
+        )
+    if not {base_name, base_location} & {adapter.base["name"], adapter.base["location"]}:
+        warnings.warn(
+            f"adapter {adapter.name!r} was trained on `{adapter.base['name']}`; attaching it to `{base_name}`, "
+            "which has the same architecture fingerprint",
+            stacklevel=3,
+        )

@@ -1,0 +1,133 @@
+"""Multi-adapter inference on one base: records, base checks, switching, hot-swap, mixed batches."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from peftkit.deploy.attach import BASE_ADAPTER, AttachedModel, InputTooLong, UnknownAdapter
+from peftkit.errors import UserError
+
+TEXTS = ["the movie was great", "awful service and sad food", "a lovely place", "boring it was", "really fine"]
+
+
+def test_training_writes_adapter_record(bert_runs, tiny_bert_dir):
+    record = json.loads((bert_runs["quality"] / "adapter" / "peftkit_adapter.json").read_text())
+    assert record["base"]["name"] == str(tiny_bert_dir)
+    assert record["base"]["architecture"]["hidden_size"] == 32
+    assert len(record["base"]["fingerprint"]) == 16
+    assert record["task"] == {"type": "classification", "labels": ["bad", "good"]}
+
+
+def test_attached_matches_plain_peft_and_decodes_each_adapters_labels(bert_runs, tiny_bert_dir):
+    attached = AttachedModel(str(tiny_bert_dir), {name: str(path) for name, path in bert_runs.items()})
+    rows = [{"text": text} for text in TEXTS]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    for name, run in bert_runs.items():
+        labels = json.loads((run / "task.json").read_text())["labels"]
+        base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+        plain = PeftModel.from_pretrained(base, run / "adapter").eval()
+        with torch.no_grad():
+            expected = plain(**tokenizer(TEXTS, padding=True, return_tensors="pt")).logits
+        got = torch.stack(attached.logits(rows, name))
+        assert torch.allclose(got, expected, atol=1e-6)
+        answers = attached.predict(rows, name)
+        assert [a["label"] for a in answers] == [labels[i] for i in expected.argmax(-1).tolist()]
+        assert set(answers[0]["scores"]) == set(labels)
+
+
+def test_mixed_batch_equals_each_row_alone(bert_runs, tiny_bert_dir):
+    attached = AttachedModel(str(tiny_bert_dir), {name: str(path) for name, path in bert_runs.items()})
+    rows = [{"text": text} for text in TEXTS]
+    names = ["sentiment", "quality", BASE_ADAPTER, "quality", "sentiment"]
+    mixed = attached.logits(rows, names)
+    for row, name, got in zip(rows, names, mixed):
+        alone = attached.logits([row], name)[0]
+        assert torch.allclose(got, alone, atol=1e-5)
+    assert not torch.allclose(mixed[0], attached.logits(rows[:1], "quality")[0])  # the adapters really differ
+    labels = [answer["label"] for answer in attached.predict(rows, names)]
+    assert labels[1] in {"good", "bad"} and labels[0] in {"positive", "negative"}
+
+
+def test_switch_hot_swap_and_unload(bert_runs, tiny_bert_dir):
+    attached = AttachedModel(str(tiny_bert_dir), {"first": str(bert_runs["sentiment"])})
+    rows = [{"text": text} for text in TEXTS]
+    sentiment = torch.stack(attached.logits(rows))
+    attached.load("second", str(bert_runs["quality"]))
+    assert attached.active == "first"
+    attached.activate("second")
+    quality = torch.stack(attached.logits(rows))
+    assert not torch.allclose(sentiment, quality)
+    attached.load("first", str(bert_runs["quality"]))  # hot-swap: same name, other weights
+    assert torch.allclose(torch.stack(attached.logits(rows, "first")), quality, atol=1e-6)
+    attached.unload("second")
+    assert attached.active == "first" and set(attached.adapters) == {"first"}
+    with pytest.raises(UnknownAdapter, match="unknown adapter 'second'"):
+        attached.predict(rows, "second")
+    with pytest.raises(UserError, match="last one"):
+        attached.unload("first")
+
+
+def test_hot_swap_failure_keeps_the_old_adapter(bert_runs, tiny_bert_dir, tmp_path):
+    attached = AttachedModel(str(tiny_bert_dir), {"first": str(bert_runs["sentiment"])})
+    rows = [{"text": text} for text in TEXTS]
+    before = torch.stack(attached.logits(rows))
+    broken = tmp_path / "broken"
+    shutil.copytree(bert_runs["quality"] / "adapter", broken)
+    config = json.loads((broken / "adapter_config.json").read_text())
+    config["r"] = 2  # the saved weights have rank 4: loading must fail
+    (broken / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="does not fit"):
+        attached.load("first", str(broken))
+    assert torch.allclose(torch.stack(attached.logits(rows)), before)
+
+
+def test_incompatible_base_fails_naming_both(bert_runs, tiny_llama_dir, tiny_bert_dir):
+    with pytest.raises(UserError) as error:
+        AttachedModel(str(tiny_llama_dir), {"first": str(bert_runs["sentiment"])})
+    assert str(tiny_bert_dir) in str(error.value) and str(tiny_llama_dir) in str(error.value)
+    assert "model_type: bert vs llama" in str(error.value)
+
+
+def test_compatible_base_with_another_name_warns(bert_runs, tiny_bert_dir, tmp_path):
+    copy = tmp_path / "bert-copy"
+    shutil.copytree(tiny_bert_dir, copy)
+    with pytest.warns(UserWarning, match="same architecture fingerprint"):
+        AttachedModel(str(copy), {"first": str(bert_runs["sentiment"])})
+
+
+def test_bad_inputs_are_user_errors(bert_runs, tiny_bert_dir, tmp_path):
+    attached = AttachedModel(str(tiny_bert_dir), {"first": str(bert_runs["sentiment"])})
+    with pytest.raises(UserError, match="must be strings"):
+        attached.check_rows([{"prompt": "x"}])
+    with pytest.raises(InputTooLong, match="exceed the model's context of 128"):
+        attached.check_rows([{"text": "good " * 200}])
+    with pytest.raises(UserError, match="no adapter_config.json"):
+        attached.load("c", str(tmp_path))
+
+
+def test_causal_generation_mixed_batch_equals_each_row_alone(llama_adapters, tiny_llama_dir):
+    attached = AttachedModel(str(tiny_llama_dir), {name: str(path) for name, path in llama_adapters.items()})
+    assert attached.task_type == "causal_lm"
+    rows = [{"prompt": "the movie was"}, {"prompt": "a lovely place and"}, {"prompt": "it was"}]
+    names = ["poet", "critic", BASE_ADAPTER]
+    mixed = attached.predict(rows, names, max_new_tokens=[6, 4, 5])
+    alone = [attached.predict([row], name, max_new_tokens=n)[0] for row, name, n in zip(rows, names, [6, 4, 5])]
+    assert mixed == alone
+    for answer, limit in zip(mixed, [6, 4, 5]):
+        assert answer["tokens"] == limit if answer["finish_reason"] == "length" else answer["tokens"] < limit
+    # the adapters change the generated text, and attached outputs equal plain peft's
+    assert len({attached.predict(rows[:1], name, max_new_tokens=6)[0]["text"] for name in names}) > 1
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), llama_adapters["critic"]).eval()
+    with torch.no_grad():
+        expected = plain(**tokenizer(["it was"], return_tensors="pt")).logits[0]
+    assert torch.allclose(attached.logits([rows[2]], "critic")[0], expected, atol=1e-5)
+    logits_mixed = attached.logits(rows, names)
+    for row, name, got in zip(rows, names, logits_mixed):
+        assert torch.allclose(got, attached.logits([row], name)[0], atol=1e-5)

@@ -1,0 +1,84 @@
+"""`peftkit merge`: merged == attached, standalone loading, sharding, verification failures, QLoRA merges."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from tests.conftest import run_cli, train_tiny_run
+from peftkit.deploy.attach import AttachedModel
+from peftkit.deploy.merge import merge_run
+from peftkit.errors import UserError
+
+TEXTS = ["the movie was great", "awful service and sad food", "a lovely place", "boring it was", "really fine"]
+
+# Loads the merged folder in a fresh interpreter where importing peft or peftkit fails.
+STANDALONE = """
+import sys, json, torch
+sys.modules["peftkit"] = None
+sys.modules["peft"] = None
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1]).eval()
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+with torch.no_grad():
+    logits = model(**tokenizer(json.loads(sys.argv[2]), padding=True, return_tensors="pt")).logits
+print(json.dumps({"logits": logits.tolist(), "labels": model.config.id2label}))
+"""
+
+
+def test_cli_merge_writes_a_standalone_model_equal_to_the_attached_adapter(bert_runs, tiny_bert_dir, tmp_path):
+    out = tmp_path / "merged"
+    result = run_cli("merge", str(bert_runs["sentiment"]), "--out", str(out), "--max-shard-size", "40KB")
+    assert result.returncode == 0, result.stderr
+    assert "prediction agreement 100.00%" in result.stdout
+    shards = sorted(path.name for path in out.glob("*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").exists()
+    assert not list(out.glob("*.bin")) and (out / "tokenizer.json").exists()
+    card = (out / "README.md").read_text()
+    assert f"base_model: {tiny_bert_dir}" in card and "- Method: LoRA (r=" in card and "| test | " in card and "accuracy" in card
+
+    loaded = subprocess.run([sys.executable, "-c", STANDALONE, str(out), json.dumps(TEXTS)], capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr
+    standalone = json.loads(loaded.stdout)
+    attached = AttachedModel(str(tiny_bert_dir), {"sentiment": str(bert_runs["sentiment"])})
+    expected = torch.stack(attached.logits([{"text": text} for text in TEXTS]))
+    assert torch.allclose(torch.tensor(standalone["logits"]), expected, atol=1e-5)
+    assert standalone["labels"] == {"0": "negative", "1": "positive"}
+
+
+def test_bf16_merge_stays_within_its_tolerance(bert_runs, tmp_path):
+    result = merge_run(bert_runs["quality"], tmp_path / "bf16", dtype="bf16")
+    assert 0 < result.verification.max_abs_diff <= result.tolerance
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "bf16")
+    assert model.dtype == torch.bfloat16
+
+
+def test_failed_verification_writes_nothing_unless_forced(bert_runs, tmp_path):
+    with pytest.raises(UserError, match="merge verification failed.*--force"):
+        merge_run(bert_runs["quality"], tmp_path / "strict", dtype="bf16", tolerance=1e-9)
+    assert not (tmp_path / "strict").exists()
+    forced = merge_run(bert_runs["quality"], tmp_path / "strict", dtype="bf16", tolerance=1e-9, force=True)
+    assert forced.verification.max_abs_diff > 1e-9 and (tmp_path / "strict" / "config.json").exists()
+    result = run_cli("merge", str(bert_runs["quality"]), "--out", str(tmp_path / "strict"))
+    assert result.returncode == 2 and "already exists" in result.stderr
+
+
+@pytest.mark.slow
+def test_qlora_merge_onto_dequantized_weights_reproduces_the_trained_model(tiny_bert_dir, tmp_path):
+    run = train_tiny_run(tiny_bert_dir, tmp_path / "qlora", quantization={"bits": 4})
+    dequantized = merge_run(run, tmp_path / "dequantized")
+    original = merge_run(run, tmp_path / "original", onto="original")
+    assert dequantized.onto == "dequantized" and original.onto == "original"
+    assert dequantized.verification.max_abs_diff < 1e-4 and original.verification.max_abs_diff < 1e-4
+    assert dequantized.vs_trained.max_abs_diff < 1e-4
+    assert original.vs_trained.max_abs_diff > 100 * dequantized.vs_trained.max_abs_diff
+    config = json.loads((tmp_path / "dequantized" / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert "4-bit (nf4) base" in (tmp_path / "dequantized" / "README.md").read_text()
+    with pytest.raises(UserError, match="needs a run trained on a quantized base"):
+        merge_run(train_tiny_run(tiny_bert_dir, tmp_path / "plain"), tmp_path / "x", onto="dequantized")

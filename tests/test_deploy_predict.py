@@ -1,0 +1,40 @@
+"""`peftkit predict --base --adapter NAME=PATH ... --adapter-column`: a mixed-adapter file, one answer per row."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import run_cli, write_jsonl
+from peftkit.deploy.attach import AttachedModel
+
+
+def test_cli_predict_with_an_adapter_column(bert_runs, tiny_bert_dir, tmp_path):
+    rows = [
+        {"text": "the movie was great", "which": "quality"},
+        {"text": "awful service", "which": "sentiment"},
+        {"text": "a lovely place", "which": "quality"},
+    ]
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    result = run_cli(
+        "predict", "--base", str(tiny_bert_dir), "--adapter", f"sentiment={bert_runs['sentiment']}",
+        "--adapter", f"quality={bert_runs['quality']}", "--input", str(source), "--output", str(tmp_path / "out.jsonl"),
+        "--adapter-column", "which", "--batch-size", "2",
+    )
+    assert result.returncode == 0, result.stderr
+    answers = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    attached = AttachedModel(str(tiny_bert_dir), {name: str(path) for name, path in bert_runs.items()})
+    for row, answer in zip(rows, answers):
+        assert answer["adapter"] == row["which"] and answer["text"] == row["text"]
+        assert answer["label"] == attached.predict([{"text": row["text"]}], row["which"])[0]["label"]
+
+    single = run_cli("predict", str(bert_runs["sentiment"]), "--input", str(source), "--output", str(tmp_path / "one.jsonl"))
+    assert single.returncode == 0, single.stderr  # one run alone: the run's own task, base and adapter
+    assert {json.loads(line)["predicted"] for line in (tmp_path / "one.jsonl").read_text().splitlines()} <= {"positive", "negative"}
+
+    bad = run_cli("predict", "--base", str(tiny_bert_dir), "--adapter", "nopath", "--input", str(source), "--output", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "expected NAME=PATH" in bad.stderr
+    unknown = run_cli(
+        "predict", "--base", str(tiny_bert_dir), "--adapter", f"sentiment={bert_runs['sentiment']}", "--input", str(source),
+        "--output", str(tmp_path / "x"), "--adapter-column", "which",
+    )
+    assert unknown.returncode == 2 and "unknown adapter 'quality'" in unknown.stderr

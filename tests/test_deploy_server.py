@@ -1,0 +1,149 @@
+"""The HTTP server on loopback: real requests, mixed-adapter micro-batches, runtime adapter management, 4xx errors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from tests.conftest import REPO_ROOT
+from peftkit.deploy.attach import AttachedModel
+from peftkit.deploy.server import build_app
+
+TEXTS = ["the movie was great", "awful service and sad food", "a lovely place", "boring it was"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def start_server():
+    """Start `build_app(...)` under uvicorn in a thread on a free loopback port; yields its base URL."""
+    servers = []
+
+    def start(attached: AttachedModel, **options) -> str:
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(build_app(attached, **options), host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.time() + 30
+        while not server.started:
+            assert time.time() < deadline and thread.is_alive(), "server did not start"
+            time.sleep(0.05)
+        servers.append((server, thread))
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+async def _post_together(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=120) as client:
+        return await asyncio.gather(*(client.post(url, json=body) for body in bodies))
+
+
+def test_classification_server(bert_runs, tiny_bert_dir, start_server):
+    attached = AttachedModel(str(tiny_bert_dir), {"sentiment": str(bert_runs["sentiment"])})
+    url = start_server(attached, window_ms=300)
+    health = httpx.get(f"{url}/health").json()
+    assert health["status"] == "ok" and health["adapters"] == ["sentiment"] and health["task"] == "classification"
+
+    loaded = httpx.post(f"{url}/v1/adapters", json={"name": "quality", "path": str(bert_runs["quality"])}, timeout=60)
+    assert loaded.status_code == 200 and loaded.json()["replaced"] is False
+    assert {a["name"] for a in httpx.get(f"{url}/v1/adapters").json()["adapters"]} == {"sentiment", "quality"}
+
+    # concurrent requests for different adapters run as one mixed batch and equal each row run alone
+    bodies = [{"adapter": name, "inputs": [{"text": text}]} for name, text in zip(["sentiment", "quality"] * 2, TEXTS)]
+    before = httpx.get(f"{url}/health").json()["batching"]
+    responses = asyncio.run(_post_together(f"{url}/v1/predict", bodies))
+    assert [r.status_code for r in responses] == [200] * 4
+    after = httpx.get(f"{url}/health").json()["batching"]
+    assert after["mixed_batches"] > before["mixed_batches"] and max(after["requests_per_batch"]) >= 2
+    for body, response in zip(bodies, responses):
+        alone = attached.predict(body["inputs"], body["adapter"])
+        assert response.json()["predictions"] == alone
+    labels = {r.json()["predictions"][0]["label"] for r in responses}
+    assert labels & {"good", "bad"} and labels & {"positive", "negative"}
+
+    per_row = httpx.post(f"{url}/v1/predict", json={"inputs": [{"text": TEXTS[0], "adapter": "quality"}, {"text": TEXTS[1]}]}).json()
+    assert per_row["predictions"][0]["label"] in {"good", "bad"} and per_row["predictions"][1]["label"] in {"positive", "negative"}
+
+    errors = {
+        "unknown adapter": (httpx.post(f"{url}/v1/predict", json={"adapter": "nope", "inputs": [{"text": "good"}]}), 404),
+        "malformed json": (httpx.post(f"{url}/v1/predict", content=b"{not json", headers={"content-type": "application/json"}), 400),
+        "missing field": (httpx.post(f"{url}/v1/predict", json={"inputs": [{"txt": "good"}]}), 400),
+        "over-long input": (httpx.post(f"{url}/v1/predict", json={"inputs": [{"text": "good " * 500}]}), 413),
+        "generation on a classifier": (httpx.post(f"{url}/v1/completions", json={"model": "quality", "prompt": "hi"}), 400),
+        "bad adapter path": (httpx.post(f"{url}/v1/adapters", json={"name": "x", "path": "/nonexistent"}), 400),
+    }
+    for case, (response, status) in errors.items():
+        assert response.status_code == status, (case, response.text)
+        assert response.json()["error"]["message"], case
+    assert "unknown adapter 'nope'" in errors["unknown adapter"][0].json()["error"]["message"]
+
+    assert httpx.delete(f"{url}/v1/adapters/quality").status_code == 200
+    assert httpx.post(f"{url}/v1/predict", json={"adapter": "quality", "inputs": [{"text": "good"}]}).status_code == 404
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"  # still serving after all the bad requests
+
+
+def test_openai_compatible_generation(llama_adapters, tiny_llama_dir, start_server):
+    attached = AttachedModel(str(tiny_llama_dir), {name: str(path) for name, path in llama_adapters.items()})
+    url = start_server(attached, window_ms=300)
+    assert {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]} >= {"poet", "critic"}
+
+    bodies = [{"model": name, "prompt": "the movie was", "max_tokens": n} for name, n in [("poet", 5), ("critic", 3), ("poet", 4)]]
+    responses = asyncio.run(_post_together(f"{url}/v1/completions", bodies))
+    assert [r.status_code for r in responses] == [200] * 3
+    for body, response in zip(bodies, responses):
+        choice = response.json()["choices"][0]
+        alone = attached.predict([{"prompt": body["prompt"]}], body["model"], max_new_tokens=body["max_tokens"])[0]
+        assert choice["text"] == alone["text"] and choice["finish_reason"] == alone["finish_reason"]
+        assert response.json()["usage"]["completion_tokens"] == alone["tokens"]
+    assert httpx.get(f"{url}/health").json()["batching"]["mixed_batches"] >= 1
+
+    chat = httpx.post(f"{url}/v1/chat/completions", json={
+        "model": "critic", "messages": [{"role": "user", "content": "was the food good"}], "max_tokens": 4,
+    }, timeout=60)
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["role"] == "assistant"
+    too_long = httpx.post(f"{url}/v1/completions", json={"model": "poet", "prompt": "good " * 100, "max_tokens": 64})
+    assert too_long.status_code == 413 and "exceed the model's context" in too_long.json()["error"]["message"]
+    assert httpx.post(f"{url}/v1/completions", json={"model": "nope", "prompt": "hi"}).status_code == 404
+
+
+@pytest.mark.slow
+def test_cli_serve_binds_loopback_and_answers(bert_runs, tiny_bert_dir, tmp_path):
+    port = free_port()
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "peftkit", "serve", "--base", str(tiny_bert_dir), "--adapter", f"sentiment={bert_runs['sentiment']}",
+         "--port", str(port)],
+        cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.time() + 600
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-2000:]
+                time.sleep(0.5)
+        assert health.json()["adapters"] == ["sentiment"]
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/predict", json={"inputs": [{"text": "great"}]}).json()
+        assert answer["predictions"][0]["label"] in {"positive", "negative"}
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
