@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--force-resume", action="store_true", help="resume even if the recipe changed since")
     train.set_defaults(handler=_train)
 
+    sweep = commands.add_parser("sweep", help="search recipe keys with optuna; one run folder per trial")
+    _add_recipe_arguments(sweep)
+    sweep.add_argument("--space", required=True, help="search space YAML: recipe key paths -> ranges or choices")
+    sweep.add_argument("--trials", type=int, default=10, help="number of trials (default 10)")
+    sweep.set_defaults(handler=_sweep)
+
     validate = commands.add_parser("validate", help="print the fully resolved recipe")
     _add_recipe_arguments(validate)
     validate.set_defaults(handler=_validate)
@@ -48,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     merge.set_defaults(handler=_merge)
 
-    predict = commands.add_parser("predict", help="run input rows through one base with one or more adapters")
+    predict = commands.add_parser(
+        "predict",
+        help="write predictions (JSONL) for an input file: RUN_DIR alone uses the run's task, base and adapter; "
+        "--adapter NAME=PATH (repeatable) attaches several adapters to one base",
+    )
     predict.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run folder (its adapter and base)")
     _add_base_and_adapter_arguments(predict)
     predict.add_argument("--input", required=True, help="rows to predict (.jsonl, .json, .csv, .tsv, .parquet)")
@@ -72,7 +82,32 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 24GiB or 80GB (default: the visible GPU's)")
     plan.add_argument("--fit", action="store_true", help="search recipe changes that fit, cheapest slowdown first")
     plan.set_defaults(handler=_plan)
+
+    evaluate = commands.add_parser("eval", help="re-evaluate a finished run on its own or other data")
+    evaluate.add_argument("run_dir", help="run folder written by `peftkit train`")
+    evaluate.add_argument("--data", help="data file or hub dataset to score (default: the run's own split)")
+    evaluate.add_argument("--split", help="the run's split (train, validation, test) or, with --data, the hub split")
+    evaluate.set_defaults(handler=_eval)
+
     return parser
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import json
+
+    from peftkit.evaluation.saved_run import evaluate_run
+
+    out, metrics = evaluate_run(args.run_dir, args.data, args.split)
+    headline = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
+    print(json.dumps(headline, indent=2))
+    print(f"evaluation folder: {out}")
+
+
+def _predict_run(args: argparse.Namespace) -> None:
+    from peftkit.evaluation.saved_run import predict_file
+
+    count = predict_file(args.run_dir, args.input, args.output)
+    print(f"wrote {count} predictions to {args.output}")
 
 
 def _add_base_and_adapter_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,11 +121,23 @@ def _add_base_and_adapter_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from peftkit.recipe.load import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)  # before the heavy imports: a bad recipe fails fast
     from peftkit.training.run import train
 
-    recipe = load_recipe(args.recipe, args.overrides)
     run_dir = train(recipe, resume=args.resume or args.force_resume, force_resume=args.force_resume)
     print(f"run folder: {run_dir}")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from peftkit.sweep import sweep
+
+    if args.trials < 1:
+        raise UserError("--trials must be at least 1")
+    sweep_dir = sweep(Path(args.recipe), Path(args.space), args.trials, args.overrides)
+    print(f"sweep folder: {sweep_dir} (results.md, results.csv, results.png, best_recipe.yaml)")
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -142,6 +189,8 @@ def _attached_model(args: argparse.Namespace, run_dir: str | None = None):
 
 
 def _predict(args: argparse.Namespace) -> None:
+    if args.run_dir and not (args.adapter or args.base or args.adapter_column):
+        return _predict_run(args)  # one finished run: every task type, through its saved recipe
     from peftkit.deploy.predict import predict_file
 
     attached = _attached_model(args, args.run_dir)
@@ -155,6 +204,7 @@ def _serve(args: argparse.Namespace) -> None:
     from peftkit.deploy.server import serve
 
     serve(_attached_model(args), args.host, args.port, args.batch_window_ms, args.max_batch_size)
+
 
 def parse_memory_size(text: str) -> int:
     """`24GiB`, `24G` (binary) or `80GB` (decimal) -> bytes."""

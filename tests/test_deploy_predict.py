@@ -28,8 +28,8 @@ def test_cli_predict_with_an_adapter_column(bert_runs, tiny_bert_dir, tmp_path):
         assert answer["label"] == attached.predict([{"text": row["text"]}], row["which"])[0]["label"]
 
     single = run_cli("predict", str(bert_runs["sentiment"]), "--input", str(source), "--output", str(tmp_path / "one.jsonl"))
-    assert single.returncode == 0, single.stderr  # the base comes from the adapter's record
-    assert {json.loads(line)["label"] for line in (tmp_path / "one.jsonl").read_text().splitlines()} <= {"positive", "negative"}
+    assert single.returncode == 0, single.stderr  # one run alone: the run's own task, base and adapter
+    assert {json.loads(line)["predicted"] for line in (tmp_path / "one.jsonl").read_text().splitlines()} <= {"positive", "negative"}
 
     bad = run_cli("predict", "--base", str(tiny_bert_dir), "--adapter", "nopath", "--input", str(source), "--output", str(tmp_path / "x"))
     assert bad.returncode == 2 and "expected NAME=PATH" in bad.stderr

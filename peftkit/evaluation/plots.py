@@ -24,7 +24,7 @@ def plot_losses(log_history: list[dict], path: Path) -> bool:
     axes.set_ylabel("loss")
     axes.legend()
     axes.grid(alpha=0.3)
-    _save(figure, path)
+    save_figure(figure, path)
     return True
 
 
@@ -42,10 +42,10 @@ def plot_confusion_matrix(matrix: list[list[int]], labels: list[str], path: Path
         for j, count in enumerate(row):
             axes.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
     figure.colorbar(image, ax=axes, fraction=0.046)
-    _save(figure, path)
+    save_figure(figure, path)
 
 
-def _save(figure, path: Path) -> None:
+def save_figure(figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from peftkit.errors import UserError
+from peftkit.models.gguf import converted_folder, is_gguf
 from peftkit.models.quantization import build_quantization_config, torch_dtype
 from peftkit.recipe.schema import ModelSection, Recipe
 from peftkit.references import resolve_reference
 
 
 def model_location(model: ModelSection) -> str:
-    return resolve_reference(model.name, "model.name")
+    """A local folder or hub id; a `.gguf` file is dequantized once into a cached folder (see `models.gguf`)."""
+    location = resolve_reference(model.name, "model.name")
+    return str(converted_folder(Path(location))) if is_gguf(location) else location
 
 
 def _hub_kwargs(model: ModelSection) -> dict[str, Any]:
@@ -30,6 +34,17 @@ def load_config(model: ModelSection) -> PretrainedConfig:
             f"model.name: cannot load a model config from `{model.name}` ({location}): "
             f"{str(exc).strip().splitlines()[0][:300]}. Give a local model folder, a hub id, or package:<module>/<dir>"
         ) from None
+
+
+def is_decoder_only(config: PretrainedConfig) -> bool:
+    """A causal-LM architecture with no masked-LM or encoder-decoder form (Llama, Mistral, GPT-2, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return (
+        not config.is_encoder_decoder
+        and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    )
 
 
 def load_tokenizer(model: ModelSection) -> PreTrainedTokenizerBase:

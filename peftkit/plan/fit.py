@@ -15,6 +15,7 @@ from peftkit.plan.memory import MemoryPlan, estimate
 from peftkit.plan.shapes import ParameterCounts, count_parameters, load_model_config
 from peftkit.recipe.load import set_key_path, validate_recipe
 from peftkit.recipe.schema import Recipe
+from peftkit.training.arguments import resolve_gradient_checkpointing
 
 # Expected step-time factor of each change, relative to the recipe as written.
 SLOWDOWN = {
@@ -59,7 +60,7 @@ def _options(recipe: Recipe, gpus: int) -> list[list[tuple[dict[str, Any], float
             quantization.append(({"quantization.bits": 8}, SLOWDOWN["quantization.bits=8"]))
         quantization.append(({"quantization.bits": 4}, SLOWDOWN["quantization.bits=4"]))
     checkpointing = [keep]
-    if not recipe.training.gradient_checkpointing:
+    if not resolve_gradient_checkpointing(recipe):
         checkpointing.append(({"training.gradient_checkpointing": True}, SLOWDOWN["training.gradient_checkpointing=True"]))
     optimizer = [keep]
     if recipe.training.optimizer in ("adamw_torch", "paged_adamw_32bit"):

@@ -12,6 +12,7 @@ import torch
 from peftkit.errors import UserError
 from peftkit.plan.shapes import ParameterCounts
 from peftkit.recipe.schema import Recipe
+from peftkit.training.arguments import resolve_gradient_checkpointing
 
 GiB = 2**30
 
@@ -224,7 +225,7 @@ def activations(recipe: Recipe, counts: ParameterCounts, precision: str) -> tupl
     if recipe.adapter.method != "none" and recipe.adapter.dropout > 0 and layers:
         per_token_layer += (element + 1) * counts.adapter_inputs // layers
     per_token_layer += element * counts.adapter_ranks // max(layers, 1)
-    if recipe.training.gradient_checkpointing:
+    if resolve_gradient_checkpointing(recipe):  # unset means on for a quantized base
         saved = tokens * (layers * element * h + 2 * per_token_layer)
         note = f"checkpointed, {attention} attention"
     else:

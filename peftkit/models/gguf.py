@@ -1,0 +1,59 @@
+"""Models shipped as GGUF files: dequantize once into a normal HF model folder in a cache, then load that.
+
+transformers can read GGUF but refuses `save_pretrained` on such a model, and dequantizing takes a while,
+so the first use builds a fresh model from the config, copies the weights in and saves it; later runs
+(and the adapter's `base_model_name_or_path`) use the cached folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+CACHE_ENV = "PEFTKIT_CACHE"
+COMPLETE_MARKER = ".converted"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "peftkit")
+
+
+def is_gguf(location: str) -> bool:
+    return location.lower().endswith(".gguf") and Path(location).is_file()
+
+
+def converted_folder(gguf_file: Path) -> Path:
+    """The cached HF folder for `gguf_file`, converting it on first use (keyed by path, size and mtime)."""
+    gguf_file = Path(gguf_file).resolve()
+    stat = gguf_file.stat()
+    key = hashlib.sha256(f"{gguf_file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    folder = cache_root() / "gguf" / f"{gguf_file.stem}-{key}"
+    if (folder / COMPLETE_MARKER).is_file():
+        return folder
+    _convert(gguf_file, folder)
+    return folder
+
+
+def _convert(gguf_file: Path, folder: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    staging.chmod(0o755)
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / COMPLETE_MARKER).write_text(str(gguf_file) + "\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
