@@ -33,6 +33,8 @@ ADAPTERS = 4
 
 def make_adapters(location: str, directory: Path) -> dict[str, str]:
     """LoRA r=16 on every linear layer plus the classifier head, random non-zero weights (latency does not need training)."""
+    # Laid out like run folders, whose task.json tells deployment the labels of a classification adapter.
+    (directory / "task.json").write_text(json.dumps({"type": "classification", "labels": ["negative", "positive"]}))
     paths = {}
     for i in range(ADAPTERS):
         torch.manual_seed(i)
