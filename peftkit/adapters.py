@@ -1,10 +1,110 @@
-"""Build the peft config from the recipe and inject the adapter: peft does the work, this is the glue."""
+"""Adapter methods from the recipe: build the peft config, inject it, and supply what a method needs around training.
+
+peft does the work; this module is the glue. Everything method-specific lives here so that the trainer stays
+generic: `attach_adapter` before training, `adapter_callbacks` during, `save_adapter` after.
+"""
 
 from __future__ import annotations
 
-from peft import LoraConfig, PeftConfig, get_peft_model
+import tempfile
+from pathlib import Path
 
-from peftkit.recipe.schema import Recipe
+import torch
+from peft import (
+    AdaLoraConfig,
+    IA3Config,
+    LoraConfig,
+    PeftConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    get_peft_model,
+    get_peft_model_state_dict,
+    prepare_model_for_kbit_training,
+    replace_lora_weights_loftq,
+)
+from safetensors.torch import load_file, save_file
+from transformers import PretrainedConfig, TrainerCallback
+
+from peftkit.errors import UserError
+from peftkit.models.load import is_decoder_only, model_location
+from peftkit.recipe.schema import AdapterSection, Recipe
+
+# peft names of the LoRA initializations; pissa/olora move the principal part of W into the adapter.
+LORA_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": True}
+BASE_REWRITING_INITS = ("pissa", "olora")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Attribute of the peft model holding the adapter as initialized, for saving base-rewriting inits as plain LoRA.
+_INITIAL_ADAPTER = "_peftkit_initial_adapter"
+
+
+def _low_rank_options(adapter: AdapterSection, task_type: str, modules_to_save: list[str] | None) -> dict:
+    """Options LoRA and AdaLoRA share."""
+    return {
+        "task_type": task_type,
+        "lora_alpha": adapter.alpha,
+        "lora_dropout": adapter.dropout,
+        "target_modules": adapter.target_modules,
+        "bias": adapter.bias,
+        "modules_to_save": modules_to_save,
+    }
+
+
+def _lora(adapter: AdapterSection, task_type: str, modules_to_save: list[str] | None) -> LoraConfig:
+    return LoraConfig(
+        r=adapter.r,
+        use_dora=adapter.use_dora,
+        use_rslora=adapter.use_rslora,
+        init_lora_weights=LORA_INIT[adapter.init],
+        **_low_rank_options(adapter, task_type, modules_to_save),
+    )
+
+
+def _adalora(adapter: AdapterSection, task_type: str, modules_to_save: list[str] | None) -> AdaLoraConfig:
+    # The schedule (total_step, tinit, tfinal) is set from the Trainer's real step count when training starts;
+    # these placeholders only satisfy peft's constructor checks.
+    return AdaLoraConfig(
+        target_r=adapter.r,
+        init_r=adapter.adalora_init_r,
+        deltaT=adapter.adalora_interval,
+        total_step=1,
+        tinit=0,
+        tfinal=0,
+        **_low_rank_options(adapter, task_type, modules_to_save),
+    )
+
+
+def _ia3(adapter: AdapterSection, task_type: str, modules_to_save: list[str] | None) -> IA3Config:
+    # `all-linear` means peft's per-architecture defaults (keys, values, feed-forward output); an explicit list
+    # scales every listed module's output.
+    explicit = adapter.target_modules != "all-linear"
+    return IA3Config(
+        task_type=task_type,
+        target_modules=adapter.target_modules if explicit else None,
+        feedforward_modules=[] if explicit else None,
+        modules_to_save=modules_to_save,
+    )
+
+
+def _virtual_tokens(config_class: type[PeftConfig]):
+    """Prompt tuning, prefix tuning and P-tuning differ only in where their learned virtual tokens enter the model."""
+
+    def build(adapter: AdapterSection, task_type: str, modules_to_save: list[str] | None) -> PeftConfig:
+        return config_class(
+            task_type=task_type, num_virtual_tokens=adapter.num_virtual_tokens, modules_to_save=modules_to_save
+        )
+
+    return build
+
+
+PEFT_CONFIG_BUILDERS = {
+    "lora": _lora,
+    "adalora": _adalora,
+    "ia3": _ia3,
+    "prompt_tuning": _virtual_tokens(PromptTuningConfig),
+    "prefix_tuning": _virtual_tokens(PrefixTuningConfig),
+    "p_tuning": _virtual_tokens(PromptEncoderConfig),
+}
 
 
 def build_peft_config(recipe: Recipe, task_type: str, head_modules: list[str] = ()) -> PeftConfig | None:
@@ -13,22 +113,94 @@ def build_peft_config(recipe: Recipe, task_type: str, head_modules: list[str] = 
     if adapter.method == "none":
         return None
     modules_to_save = sorted({*(adapter.modules_to_save or []), *head_modules}) or None
-    return LoraConfig(
-        task_type=task_type,
-        r=adapter.r,
-        lora_alpha=adapter.alpha,
-        lora_dropout=adapter.dropout,
-        target_modules=adapter.target_modules,
-        bias=adapter.bias,
-        modules_to_save=modules_to_save,
-    )
+    return PEFT_CONFIG_BUILDERS[adapter.method](adapter, task_type, modules_to_save)
+
+
+def check_adapter_fits_model(recipe: Recipe, config: PretrainedConfig, task_type: str) -> None:
+    """Method x model/hardware rules that need the model's config (checked before any weights or data load)."""
+    method = recipe.adapter.method
+    if recipe.adapter.init == "loftq" and not torch.cuda.is_available():
+        raise UserError(
+            "adapter.init: loftq is computed by peft on a CUDA GPU and none is available; "
+            "use init: default or gaussian with quantization"
+        )
+    if method in ("prompt_tuning", "p_tuning") and task_type == "SEQ_CLS" and is_decoder_only(config):
+        raise UserError(
+            f"adapter.method: {method} cannot classify with the decoder-only model `{recipe.model.name}` "
+            f"({config.model_type}): its head reads the last position, and peft passes only embeddings, so the model "
+            "cannot skip padding and the result changes with batch composition; use lora, adalora or ia3, "
+            "or an encoder model (BERT-like) for prompt methods"
+        )
 
 
 def attach_adapter(model, recipe: Recipe, task_type: str, head_modules: list[str] = ()):
+    """Prepare a quantized base for training, inject the adapter, and apply initializations that need the model."""
     config = build_peft_config(recipe, task_type, head_modules)
     if config is None:
         return model
-    return get_peft_model(model, config)
+    if recipe.quantization.bits:
+        # Freezes the base and upcasts the unquantized parameters (norms, embeddings, heads) to fp32 for stable
+        # training; gradient checkpointing is left to the Trainer (training.gradient_checkpointing).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, config)
+    if recipe.adapter.init == "loftq":
+        # LoftQ re-reads the unquantized weights from the checkpoint's safetensors (a local folder or the hub cache).
+        location = model_location(recipe.model)
+        replace_lora_weights_loftq(model, model_path=location if Path(location).is_dir() else None)
+    if recipe.adapter.init in BASE_REWRITING_INITS:
+        initial = {name: tensor.detach().clone() for name, tensor in get_peft_model_state_dict(model).items()}
+        setattr(model, _INITIAL_ADAPTER, initial)
+    return model
+
+
+class AdaLoraRankAllocation(TrainerCallback):
+    """Runs AdaLoRA's budget schedule: after each optimizer step (gradients still present), prune and re-allocate ranks.
+
+    peft leaves `update_and_allocate` to the training loop; without it AdaLoRA is plain LoRA with an SVD shape.
+    """
+
+    def __init__(self, adapter: AdapterSection):
+        self.adapter = adapter
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        config = model.peft_config[model.active_adapter]
+        config.total_step = state.max_steps
+        config.tinit = int(self.adapter.adalora_warmup * state.max_steps)
+        config.tfinal = int(self.adapter.adalora_final * state.max_steps)
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        model.base_model.update_and_allocate(state.global_step)
+
+
+def adapter_callbacks(recipe: Recipe) -> list[TrainerCallback]:
+    """Trainer callbacks the adapter method needs during training."""
+    if recipe.adapter.method == "adalora":
+        return [AdaLoraRankAllocation(recipe.adapter)]
+    return []
+
+
+def save_adapter(trainer, directory: Path) -> None:
+    """Save the trained adapter (or full model) so that plain `PeftModel.from_pretrained` on the original base works.
+
+    PiSSA/OLoRA rewrite the base weights at initialization; their adapter is saved as the equivalent plain LoRA
+    (rank 2r) relative to the unmodified base, using the initial adapter kept by `attach_adapter`.
+    """
+    trainer.save_model(str(directory))
+    initial = getattr(trainer.model, _INITIAL_ADAPTER, None)
+    if initial is None or not trainer.is_world_process_zero():
+        return
+    model = trainer.model
+    with tempfile.TemporaryDirectory() as initial_dir:
+        model.peft_config[model.active_adapter].save_pretrained(initial_dir)
+        save_file({name: tensor.contiguous() for name, tensor in initial.items()}, f"{initial_dir}/{ADAPTER_WEIGHTS}")
+        model.save_pretrained(str(directory), path_initial_model_for_weight_conversion=initial_dir)
+    # peft's conversion keeps only lora_A/lora_B; the trained task head and DoRA magnitudes carry over unchanged
+    # (W_res + BA equals W + the converted update, so the magnitudes' reference norm is the same).
+    converted = load_file(directory / ADAPTER_WEIGHTS)
+    trained = get_peft_model_state_dict(model)
+    carried = {name: tensor for name, tensor in trained.items() if name not in converted and ".lora_A." not in name
+               and ".lora_B." not in name}
+    save_file({**converted, **carried}, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
 
 
 def count_parameters(model) -> dict[str, int]:

@@ -33,13 +33,15 @@ def run_folder(recipe: Recipe, resume: bool, is_main_process: bool = True) -> It
     """Create (or reuse, when resuming) the run folder; remove it again if the run fails before any checkpoint."""
     run_dir = run_dir_for(recipe)
     created = False
+    # Every process refuses an occupied folder (the main process never deletes one then), so no process
+    # waits for a main process that stopped.
+    if not resume and not recipe.output.overwrite and _holds_files(run_dir):
+        raise UserError(
+            f"output.dir: run folder `{run_dir}` already exists; pass --resume to continue it, "
+            "set output.overwrite=true to replace it, or choose another output.dir"
+        )
     if is_main_process:
-        if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-            if not recipe.output.overwrite:
-                raise UserError(
-                    f"output.dir: run folder `{run_dir}` already exists; pass --resume to continue it, "
-                    "set output.overwrite=true to replace it, or choose another output.dir"
-                )
+        if not resume and _holds_files(run_dir):
             shutil.rmtree(run_dir)
         created = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -49,6 +51,10 @@ def run_folder(recipe: Recipe, resume: bool, is_main_process: bool = True) -> It
         if created and is_main_process and not list((run_dir / CHECKPOINTS).glob("checkpoint-*")):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+def _holds_files(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
 
 
 def write_text_atomic(path: Path, text: str) -> None:

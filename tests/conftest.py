@@ -12,11 +12,14 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+# Real data lives beside the project (`../shared/data`); PEFTKIT_SHARED_DATA points elsewhere (e.g. from a worktree).
+SHARED_DATA = Path(os.environ.get("PEFTKIT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models gain nothing from intra-op threads, and on a shared CPU they oversubscribe it (10x slower steps).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 POSITIVE_WORDS = ["great", "good", "excellent", "lovely", "superb", "wonderful", "fine", "happy"]
 NEGATIVE_WORDS = ["bad", "awful", "poor", "terrible", "boring", "sad", "broken", "ugly"]
@@ -136,3 +139,71 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict
         [sys.executable, "-m", "peftkit", *args], capture_output=True, text=True, cwd=cwd or REPO_ROOT,
         timeout=timeout, env=full_env,
     )
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_bert_dir, tmp_path_factory):
+    """A classification run trained on the sentiment data: (run folder, data files). Tests may add files to it."""
+    from peftkit.recipe.load import validate_recipe
+    from peftkit.training.run import train
+
+    data_dir = tmp_path_factory.mktemp("data")
+    files = {
+        "train": write_jsonl(data_dir / "train.jsonl", sentiment_rows(160, seed=1)),
+        "validation": write_jsonl(data_dir / "validation.jsonl", sentiment_rows(40, seed=2)),
+        "test": write_jsonl(data_dir / "test.jsonl", sentiment_rows(40, seed=3)),
+    }
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    recipe = validate_recipe(classification_recipe(tiny_bert_dir, files, run_dir, output={"tensorboard": True}))
+    return train(recipe), files
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory) -> Path:
+    """A 2+2-layer T5 encoder-decoder whose tokenizer ends every sequence with </s> (so generation can stop)."""
+    import torch
+    from tokenizers import processors
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    directory = tmp_path_factory.mktemp("tiny-t5")
+    tokenizer = _word_level_tokenizer(directory)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", tokenizer.eos_token_id)]
+    )
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    T5ForConditionalGeneration(config).save_pretrained(directory)
+    return directory
+
+
+def number_rows(count: int, seed: int) -> list[dict]:
+    """Source: 2-5 sentiment words; target: each word's fixed number (a word-by-word "translation")."""
+    rng = random.Random(seed)
+    vocabulary = POSITIVE_WORDS + NEGATIVE_WORDS
+    rows = []
+    for _ in range(count):
+        words = rng.sample(vocabulary, rng.randint(2, 5))
+        rows.append({"source": " ".join(words), "target": " ".join(str(vocabulary.index(w)) for w in words)})
+    return rows
+
+
+def qa_rows(count: int, seed: int) -> list[dict]:
+    """Flat SQuAD-style rows: filler contexts of 6-40 words holding one number, which is the answer."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        words = [rng.choice(FILLER_WORDS + POSITIVE_WORDS) for _ in range(rng.randint(6, 40))]
+        position = rng.randrange(len(words))
+        words.insert(position, str(rng.randrange(20)))
+        context = " ".join(words)
+        start = len(" ".join(words[:position])) + (1 if position else 0)
+        rows.append({
+            "id": f"q{seed}-{i}", "question": "which number", "context": context,
+            "answers": {"text": [words[position]], "answer_start": [start]},
+        })
+    return rows

@@ -119,5 +119,5 @@ def test_yaml_tags_that_run_code_are_refused(tmp_path):
 def test_shipped_recipes_validate():
     from tests.conftest import REPO_ROOT
 
-    for path in sorted((REPO_ROOT / "recipes").glob("*.yaml")):
+    for path in sorted((REPO_ROOT / "recipes").rglob("*.yaml")):
         load_recipe(path)

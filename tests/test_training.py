@@ -6,28 +6,12 @@ import json
 import shutil
 
 import numpy as np
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from peftkit.recipe.load import validate_recipe
 from peftkit.training.run import train
 from tests.conftest import classification_recipe
-
-
-@pytest.fixture(scope="module")
-def trained_run(tiny_bert_dir, tmp_path_factory):
-    from tests.conftest import sentiment_rows, write_jsonl
-
-    data_dir = tmp_path_factory.mktemp("data")
-    files = {
-        "train": write_jsonl(data_dir / "train.jsonl", sentiment_rows(160, seed=1)),
-        "validation": write_jsonl(data_dir / "validation.jsonl", sentiment_rows(40, seed=2)),
-        "test": write_jsonl(data_dir / "test.jsonl", sentiment_rows(40, seed=3)),
-    }
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    recipe = validate_recipe(classification_recipe(tiny_bert_dir, files, run_dir, output={"tensorboard": True}))
-    return train(recipe), files
 
 
 def test_accuracy_rises_well_above_chance(trained_run):
@@ -104,3 +88,22 @@ def test_resume_matches_uninterrupted_run(tiny_bert_dir, sentiment_files, tmp_pa
     # and the checkpoint at step 8 really differs from the end: resuming did train
     at_eight = load_file(interrupted / "checkpoints" / "checkpoint-8" / "adapter_model.safetensors")
     assert any(not torch.equal(at_eight[k], actual[k]) for k in at_eight)
+
+
+def test_gradient_accumulation_matches_one_larger_batch(tiny_llama_dir, sentiment_files, tmp_path):
+    """4 x 2 accumulated equals 8 at once: the Trainer must not treat the classification loss (a batch mean) as a
+    sum over a global item count (it would skip the division by accumulation steps; on N ranks multiply by N)."""
+
+    def losses(name, batch_size, accumulation):
+        recipe = validate_recipe(classification_recipe(
+            tiny_llama_dir, {"train": sentiment_files["train"]}, tmp_path / name,
+            training={"max_steps": 3, "batch_size": batch_size, "gradient_accumulation": accumulation,
+                      "logging_steps": 1, "eval_strategy": "no", "save_strategy": "no", "warmup_ratio": 0.0},
+            evaluation={"splits": []},
+        ))
+        history = json.loads((train(recipe) / "log_history.json").read_text())
+        return [entry[key] for entry in history if "loss" in entry for key in ("loss", "grad_norm")]
+
+    accumulated, whole = losses("accumulated", 4, 2), losses("whole", 8, 1)
+    assert len(whole) == 2 * 3
+    assert accumulated == pytest.approx(whole, rel=1e-4)

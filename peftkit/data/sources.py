@@ -9,6 +9,8 @@ from pathlib import Path
 
 import datasets
 
+from peftkit.data.parallel import read_parallel
+from peftkit.data.squad import read_nested_squad
 from peftkit.errors import UserError
 from peftkit.recipe.schema import DataSection, DataSource
 from peftkit.references import looks_like_local_path, resolve_reference
@@ -28,11 +30,13 @@ def load_splits(data: DataSection) -> dict[str, datasets.Dataset]:
 
 def load_source(source: DataSource, key_path: str) -> datasets.Dataset:
     location = resolve_reference(source.path, f"{key_path}.path")
-    data_format = _detect_format(source, location, key_path)
+    data_format = "parallel" if source.languages else _detect_format(source, location, key_path)
     datasets.disable_progress_bars()
     try:
         if data_format == "hub":
             dataset = datasets.load_dataset(location, source.subset, split=source.split or key_path.split(".")[-1])
+        elif data_format == "parallel":
+            dataset = datasets.Dataset.from_dict(read_parallel(location, source.languages, key_path))
         else:
             dataset = _load_file(location, data_format)
     except UserError:
@@ -46,6 +50,12 @@ def load_source(source: DataSource, key_path: str) -> datasets.Dataset:
     dataset = _rename(dataset, source, key_path)
     if len(dataset) == 0:
         raise UserError(f"{key_path}: `{location}` holds no rows; point it at a file with data")
+    if source.rows:
+        start, _, end = source.rows.partition(":")
+        selected = range(len(dataset))[slice(int(start) if start else None, int(end) if end else None)]
+        if not selected:
+            raise UserError(f"{key_path}.rows: `{source.rows}` selects none of the {len(dataset)} rows of `{location}`")
+        dataset = dataset.select(selected)
     if source.limit is not None and source.limit < len(dataset):
         dataset = dataset.shuffle(seed=source.seed).select(range(source.limit))
     return dataset
@@ -88,6 +98,10 @@ def _require_utf8(location: str) -> None:
 def _load_file(location: str, data_format: str) -> datasets.Dataset:
     if data_format != "parquet":
         _require_utf8(location)
+    if data_format == "json":
+        squad_rows = read_nested_squad(location)
+        if squad_rows is not None:
+            return datasets.Dataset.from_list(squad_rows)
     if data_format in ("json", "jsonl"):
         return datasets.load_dataset("json", data_files=location, split="train")
     if data_format == "csv":

@@ -36,6 +36,17 @@ def load_config(model: ModelSection) -> PretrainedConfig:
         ) from None
 
 
+def is_decoder_only(config: PretrainedConfig) -> bool:
+    """A causal-LM architecture with no masked-LM or encoder-decoder form (Llama, Mistral, GPT-2, ...)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return (
+        not config.is_encoder_decoder
+        and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    )
+
+
 def load_tokenizer(model: ModelSection) -> PreTrainedTokenizerBase:
     location = model_location(model)
     try:

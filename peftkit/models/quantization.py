@@ -8,6 +8,10 @@ from transformers import BitsAndBytesConfig
 from peftkit.recipe.schema import Recipe
 
 
+# Output layers of decoder LMs: quantizing them costs quality for little memory.
+ALWAYS_UNQUANTIZED = ("lm_head",)
+
+
 def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}[name]
 
@@ -17,13 +21,15 @@ def build_quantization_config(recipe: Recipe, keep_unquantized: list[str] = ()) 
     quant = recipe.quantization
     if quant.bits is None:
         return None
+    # transformers protects a decoder's output layer only when no skip list is given, so name it explicitly.
+    skip_modules = sorted({*keep_unquantized, *ALWAYS_UNQUANTIZED})
     if quant.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(keep_unquantized) or None)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
         bnb_4bit_quant_storage=torch_dtype(quant.storage_dtype),
-        llm_int8_skip_modules=list(keep_unquantized) or None,
+        llm_int8_skip_modules=skip_modules,
     )

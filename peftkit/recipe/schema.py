@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -47,6 +47,48 @@ class ClassificationTask(Section):
     labels: list[str] | None = Field(
         None,
         description="Label names in id order; unset sorts the labels found in the training data.",
+    )
+
+
+class ExtractiveQATask(Section):
+    type: Literal["extractive_qa"] = Field("extractive_qa", description="Extractive question answering (SQuAD style).")
+    question_column: str = Field("question", description="Column holding the question.")
+    context_column: str = Field("context", description="Column holding the passage the answer is a span of.")
+    answers_column: str = Field(
+        "answers",
+        description="Column holding the gold answers: `{text: [...], answer_start: [...]}`, a list of "
+        "`{text, answer_start}`, or plain answer text (located in the context).",
+    )
+    doc_stride: int = Field(
+        64, gt=0, description="Tokens shared by consecutive windows when a context is longer than data.max_length."
+    )
+    max_answer_tokens: int = Field(30, gt=0, description="Longest answer span, in tokens, considered at prediction.")
+    allow_unanswerable: bool = Field(
+        False, description="Questions may have no answer (SQuAD v2); the model then learns to predict the empty answer."
+    )
+    null_score_threshold: float = Field(
+        0.0, description="With allow_unanswerable: answer empty when the no-answer score beats the best span by this."
+    )
+
+
+class _Seq2SeqTask(Section):
+    source_prefix: str = Field("", description="Text put before every source (e.g. T5's `translate English to French: `).")
+    max_target_length: int = Field(128, gt=0, description="Maximum tokens of a training target; longer ones are truncated.")
+
+
+class TranslationTask(_Seq2SeqTask):
+    type: Literal["translation"] = Field("translation", description="Translation with an encoder-decoder model.")
+    source_column: str = Field("source", description="Column holding the source sentence (a language code for pair files).")
+    target_column: str = Field("target", description="Column holding the reference translation.")
+
+
+class SummarizationTask(_Seq2SeqTask):
+    type: Literal["summarization"] = Field("summarization", description="Summarization with an encoder-decoder model.")
+    source_column: str = Field(
+        "document", description="Column holding the document (a list of sentences is joined with spaces)."
+    )
+    target_column: str = Field(
+        "summary", description="Column holding the summary (a list means several references; training uses the first)."
     )
 
 
@@ -109,7 +151,10 @@ class CausalLMTask(Section):
         return self
 
 
-Task = Annotated[Union[ClassificationTask, FeaturesTask, CausalLMTask], Field(discriminator="type")]
+Task = Annotated[
+    Union[ClassificationTask, FeaturesTask, CausalLMTask, ExtractiveQATask, TranslationTask, SummarizationTask],
+    Field(discriminator="type"),
+]
 
 
 class DataSource(Section):
@@ -125,8 +170,25 @@ class DataSource(Section):
     rename: dict[str, str] = Field(
         default_factory=dict, description="Columns to rename after loading, `{old: new}`."
     )
+    languages: list[str] | None = Field(
+        None,
+        min_length=2,
+        description="Line-aligned language files: read `<path>.<lang>` (or `.gz`) for each language into a column "
+        "named by the language code (e.g. Multi30k's `train.en.gz`, `train.fr.gz` with path `.../train`).",
+    )
+    rows: str | None = Field(
+        None,
+        pattern=r"^\d*:\d*$",
+        description="Keep the row range `start:end` (Python slice, applied before `limit`), e.g. to split by article.",
+    )
     limit: int | None = Field(None, gt=0, description="Keep at most this many rows (after shuffling with `seed`).")
     seed: int = Field(0, description="Seed of the shuffle applied before `limit`.")
+
+    @model_validator(mode="after")
+    def _languages_are_files(self) -> DataSource:
+        if self.languages and self.format != "auto":
+            raise ValueError("languages reads line-aligned text files; remove format (it must stay `auto`)")
+        return self
 
 
 class DataSection(Section):
@@ -139,22 +201,89 @@ class DataSection(Section):
     max_length: int = Field(256, gt=0, description="Maximum tokens per example; longer inputs are truncated.")
 
 
+PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
+
+# Which adapter options each method reads; changing one the chosen method ignores is an error, not a no-op.
+ADAPTER_OPTION_METHODS: dict[str, tuple[str, ...]] = {
+    "r": ("lora", "adalora"),
+    "alpha": ("lora", "adalora"),
+    "dropout": ("lora", "adalora"),
+    "target_modules": ("lora", "adalora", "ia3"),
+    "bias": ("lora", "adalora"),
+    "modules_to_save": ("lora", "adalora", "ia3"),
+    "use_dora": ("lora",),
+    "use_rslora": ("lora",),
+    "init": ("lora",),
+    "adalora_init_r": ("adalora",),
+    "adalora_warmup": ("adalora",),
+    "adalora_final": ("adalora",),
+    "adalora_interval": ("adalora",),
+    "num_virtual_tokens": PROMPT_METHODS,
+}
+
+
 class AdapterSection(Section):
-    method: Literal["lora", "none"] = Field("lora", description="Adapter method; `none` is full fine-tuning.")
-    r: int = Field(8, gt=0, description="LoRA rank.")
-    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    method: Literal["lora", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "none"] = Field(
+        "lora",
+        description="Adapter method (all from peft): `lora`, `adalora` (LoRA whose ranks are re-allocated during "
+        "training), `ia3` (learned activation scaling), `prompt_tuning`, `prefix_tuning`, `p_tuning` (learned "
+        "virtual tokens), or `none` for full fine-tuning.",
+    )
+    r: int = Field(8, gt=0, description="LoRA rank; for AdaLoRA the average rank the budget is pruned down to.")
+    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: Literal["all-linear"] | list[str] = Field(
-        "all-linear", description="Modules that get adapters: `all-linear` or a list of module names."
+        "all-linear",
+        description="Modules that get adapters: `all-linear` or a list of module names. For IA3, `all-linear` means "
+        "peft's default attention + feed-forward modules of the architecture.",
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained.")
     modules_to_save: list[str] | None = Field(
         None, description="Extra modules trained fully and saved with the adapter (the task head is added for you)."
     )
+    use_dora: bool = Field(False, description="DoRA: split each update into magnitude and direction (LoRA only).")
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r), stabler at high ranks (LoRA only).")
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq"] = Field(
+        "default",
+        description="LoRA initialization: `default` (B = 0), `gaussian`, `pissa` (principal singular vectors), "
+        "`olora` (QR), `loftq` (compensates 4-bit quantization error; needs quantization.bits: 4).",
+    )
+    adalora_init_r: int = Field(12, gt=0, description="AdaLoRA: starting rank of every module before pruning to `r`.")
+    adalora_warmup: float = Field(
+        0.1, ge=0.0, lt=1.0, description="AdaLoRA: fraction of training steps before ranks start being pruned."
+    )
+    adalora_final: float = Field(
+        0.2, ge=0.0, lt=1.0, description="AdaLoRA: fraction of training steps at the end with ranks frozen."
+    )
+    adalora_interval: int = Field(1, gt=0, description="AdaLoRA: optimizer steps between two rank re-allocations.")
+    num_virtual_tokens: int = Field(
+        20, gt=0, description="Prompt tuning / prefix tuning / P-tuning: number of learned virtual tokens."
+    )
+
+    @model_validator(mode="after")
+    def _options_fit_method(self) -> AdapterSection:
+        for option, methods in ADAPTER_OPTION_METHODS.items():
+            # Compared with the default, not with what was set: a dumped recipe (run folder) lists every key.
+            if self.method not in methods and getattr(self, option) != type(self).model_fields[option].default:
+                raise ValueError(
+                    f"adapter.{option} applies to method {' / '.join(methods)}, not `{self.method}`; "
+                    f"remove it or choose one of those methods"
+                )
+        if self.method == "adalora":
+            if self.adalora_init_r < self.r:
+                raise ValueError(
+                    f"adapter.adalora_init_r ({self.adalora_init_r}) must be at least adapter.r ({self.r}): "
+                    "AdaLoRA starts at adalora_init_r and prunes down to r"
+                )
+            if self.adalora_warmup + self.adalora_final >= 1:
+                raise ValueError("adapter.adalora_warmup + adapter.adalora_final must be below 1 to leave steps for pruning")
+        return self
 
 
 class QuantizationSection(Section):
-    bits: Literal[4, 8] | None = Field(None, description="Quantize the frozen base to 4 or 8 bits; unset keeps it.")
+    bits: Literal[4, 8] | None = Field(
+        None, description="Quantize the frozen base to 4 or 8 bits with bitsandbytes; unset (or `none`) keeps it."
+    )
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
     double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too.")
     compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
@@ -164,14 +293,46 @@ class QuantizationSection(Section):
         "uint8", description="Dtype that stores packed 4-bit weights; ZeRO-3/FSDP need it equal to compute_dtype."
     )
 
+    @field_validator("bits", mode="before")
+    @classmethod
+    def _none_means_unquantized(cls, value):
+        return None if isinstance(value, str) and value.lower() == "none" else value
+
 
 class DistributedSection(Section):
     strategy: Literal["auto", "ddp", "deepspeed", "fsdp"] = Field(
-        "auto", description="Sharding: `auto` is DDP when launched on several processes, else one process."
+        "auto", description="Sharding: `auto` is DDP when launched on several processes, else one process. "
+        "The recipe decides the strategy; the launcher (torchrun / accelerate launch) only decides the processes."
     )
-    zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    zero_stage: Literal[1, 2, 3] = Field(
+        2, description="DeepSpeed ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also parameters."
+    )
     offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (DeepSpeed/FSDP).")
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (ZeRO-3/FSDP).")
+    fsdp_reshard_after_forward: bool = Field(
+        True, description="FSDP: free gathered parameters after forward (full shard); false keeps them (ZeRO-2-like)."
+    )
+
+    @model_validator(mode="after")
+    def _offload_fits_strategy(self) -> DistributedSection:
+        if self.offload_params and not (self.strategy == "fsdp" or (self.strategy == "deepspeed" and self.zero_stage == 3)):
+            raise ValueError(
+                "distributed.offload_params needs sharded parameters: set distributed.strategy: fsdp, or "
+                "distributed.strategy: deepspeed with distributed.zero_stage: 3"
+            )
+        if self.offload_optimizer and self.strategy not in ("deepspeed", "fsdp"):
+            raise ValueError("distributed.offload_optimizer needs distributed.strategy: deepspeed or fsdp")
+        if self.strategy == "fsdp" and self.offload_optimizer != self.offload_params:
+            raise ValueError(
+                "FSDP offloads parameters, gradients and optimizer states together: set distributed.offload_params "
+                "and distributed.offload_optimizer to the same value"
+            )
+        return self
+
+    @property
+    def shards_parameters(self) -> bool:
+        """ZeRO-3 and FSDP split every weight across ranks (quantized weights included)."""
+        return self.strategy == "fsdp" or (self.strategy == "deepspeed" and self.zero_stage == 3)
 
 
 class TrainingSection(Section):
@@ -191,7 +352,11 @@ class TrainingSection(Section):
         Field("adamw_torch", description="Optimizer (transformers names).")
     )
     seed: int = Field(42, description="Seed for model init, data order and dropout.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool | None = Field(
+        None,
+        description="Recompute activations in backward to save memory; unset turns it on for a quantized base "
+        "(the QLoRA recipe) and off otherwise.",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Mixed precision; `auto` is bf16 on GPUs that support it, else fp32."
     )
@@ -234,7 +399,9 @@ class GenerationSection(Section):
     num_beams: int = Field(1, gt=0, description="Beam size when generating at evaluation (1 is greedy).")
     max_new_tokens: int = Field(64, gt=0, description="Most tokens generated per example.")
     length_penalty: float = Field(
-        1.0, description="Beam-search length penalty: >1 favours longer outputs, <1 shorter ones."
+        1.0,
+        description="Beam search ranks by log-probability / length**length_penalty: larger favours longer outputs, "
+        "0 ignores length (no effect when num_beams is 1).",
     )
 
 
@@ -263,15 +430,27 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _combinations_are_possible(self) -> Recipe:
+        _check_adapter_fits(self.adapter, self.quantization, self.task.type)
         if self.task.type == "features" and self.adapter.method != "none":
             raise ValueError(
                 "task.type features keeps the model frozen and trains a logistic regression on its embeddings; "
                 "set adapter.method: none"
             )
-        if self.quantization.bits and self.adapter.method == "none":
+        if self.distributed.shards_parameters and self.quantization.bits == 8:
             raise ValueError(
-                "quantization.bits needs an adapter: a quantized base cannot be fully fine-tuned; "
-                "set adapter.method: lora (QLoRA) or remove quantization.bits"
+                "quantization.bits: 8 cannot be sharded by ZeRO-3/FSDP (int8 weights are not partitioned); "
+                "use quantization.bits: 4 with storage_dtype equal to compute_dtype, or distributed.zero_stage: 2"
+            )
+        if (
+            self.distributed.shards_parameters
+            and self.quantization.bits == 4
+            and self.quantization.storage_dtype != self.quantization.compute_dtype
+        ):
+            raise ValueError(
+                "quantization.storage_dtype must equal quantization.compute_dtype under ZeRO-3/FSDP so the packed "
+                "4-bit weights are partitioned across ranks instead of replicated on each "
+                f"(got storage_dtype={self.quantization.storage_dtype}, compute_dtype={self.quantization.compute_dtype}); "
+                f"set quantization.storage_dtype: {self.quantization.compute_dtype}"
             )
         if self.training.eval_strategy != "no" and self.data.validation is None and not self.data.validation_fraction:
             raise ValueError(
@@ -291,3 +470,34 @@ class Recipe(Section):
         if self.training.eval_strategy == "steps" and self.training.save_steps % self.training.eval_steps:
             raise ValueError("training.save_steps must be a multiple of training.eval_steps")
         return self
+
+
+# (method, task type) pairs that cannot work, with the reason and what does.
+UNSUPPORTED_METHOD_TASKS = {
+    ("prefix_tuning", "classification"): "transformers' sequence-classification models accept no past_key_values, "
+    "which prefix tuning injects; use prompt_tuning or p_tuning (virtual input tokens), or lora",
+}
+
+
+def _check_adapter_fits(adapter: AdapterSection, quantization: QuantizationSection, task_type: str) -> None:
+    """Method x quantization x task combinations that cannot work, each with what would."""
+    method, bits = adapter.method, quantization.bits
+    if bits and method == "none":
+        raise ValueError(
+            "quantization.bits needs an adapter: a quantized base cannot be fully fine-tuned; "
+            "set adapter.method: lora (QLoRA) or remove quantization.bits"
+        )
+    if adapter.init == "loftq" and bits != 4:
+        raise ValueError(
+            f"adapter.init: loftq initializes LoRA to cancel 4-bit quantization error and needs quantization.bits: 4 "
+            f"(got {bits or 'none'}); set quantization.bits: 4, or use init: default (any base) or pissa / olora "
+            "(unquantized base)"
+        )
+    if adapter.init in ("pissa", "olora") and bits:
+        raise ValueError(
+            f"adapter.init: {adapter.init} rewrites the base weights, which a {bits}-bit base cannot reproduce when the "
+            "adapter is reloaded; use init: loftq (4-bit) or default with quantization, or remove quantization.bits"
+        )
+    reason = UNSUPPORTED_METHOD_TASKS.get((method, task_type))
+    if reason:
+        raise ValueError(f"adapter.method: {method} does not work for task {task_type}: {reason}")

@@ -2,13 +2,22 @@
 
 A task module provides:
 - `PEFT_TASK_TYPE`, `DEFAULT_METRIC` (validation metric that picks the best checkpoint)
-- `prepare(recipe, splits, tokenizer) -> (tokenized splits, info)`: check columns/labels, tokenize
+- `LOSS_SUMS_OVER_ITEMS` (optional, default False): True only when the model's loss divides a sum by the Trainer's `num_items_in_batch`
+  (token-level LM losses); a per-batch mean (classification, QA) must say False or ranks and accumulation
+  steps would rescale it
+- `prepare(recipe, splits, tokenizer, info=None) -> (tokenized splits, info)`: check columns/labels, tokenize.
+  Row i of an evaluation split's tokenized data (or its example, for tasks that window long inputs) is row i
+  of the raw split. With `info` (a saved run's task.json, for `peftkit eval/predict`) nothing is derived from
+  training data and splits may lack the gold columns (then `predict` leaves gold and scores out).
 - `load_model(recipe, info)`: the base model with the task's head
 - `head_modules(model) -> list[str]`: modules trained fully and saved with the adapter
-- `collator(tokenizer, recipe)`, `compute_metrics(info)` (periodic evaluation inside the Trainer; may return None)
-- `predict(predictor, tokenized, raw, recipe, info) -> records`, `score(records, info) -> metrics`;
-  `predictor` is what the fit step returned (the HF Trainer unless the task brings its own `fit`)
-- `report(records, metrics, split, run_dir, worst) -> markdown`
+- `collator(tokenizer, recipe)`, `compute_metrics(info)` (periodic evaluation inside the Trainer)
+- `compute_metrics` may return None: periodic evaluation then reports the loss only (DEFAULT_METRIC "loss")
+- `predict(predictor, tokenized, raw, recipe, info) -> records` (JSON-able dicts; generating tasks decode with
+  `recipe.generation` through `predictor.model`), `score(records, info) -> metrics`; `predictor` is what the
+  fit step returned (the HF Trainer unless the task brings its own `fit`)
+- `report(records, metrics, split, run_dir, worst) -> markdown`: metrics plus error analysis
+  (`peftkit.evaluation.analysis`: score by input length, lowest-scoring examples)
 
 Optionally `fit(recipe, task, info, tokenized, tokenizer, run_dir, checkpoint, callbacks) -> FitResult`
 (`peftkit.training.result`) for tasks that do not train with the HF Trainer (feature extraction); such a task
@@ -19,9 +28,16 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from peftkit.tasks import causal_lm, classification, features
+from peftkit.tasks import causal_lm, classification, extractive_qa, features, summarization, translation
 
-TASKS: dict[str, ModuleType] = {"classification": classification, "features": features, "causal_lm": causal_lm}
+TASKS: dict[str, ModuleType] = {
+    "classification": classification,
+    "features": features,
+    "causal_lm": causal_lm,
+    "extractive_qa": extractive_qa,
+    "translation": translation,
+    "summarization": summarization,
+}
 
 
 def get_task(task_type: str) -> ModuleType:

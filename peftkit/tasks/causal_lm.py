@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, DataColla
 from peftkit.data.sources import require_columns, split_origin
 from peftkit.errors import UserError
 from peftkit.evaluation import text_metrics
+from peftkit.evaluation.analysis import markdown_cell
 from peftkit.models.load import load_base_model
 from peftkit.recipe.schema import Recipe
 from peftkit.tasks import classification
@@ -362,7 +363,7 @@ def report(records: list[dict], metrics: dict, split: str, run_dir: Path, worst:
         lines += ["| prompt | gold | generated | loss |", "|---|---|---|---|"]
         for record in hardest:
             lines.append(
-                f"| {classification.cell(record['prompt'])} | {classification.cell(record['gold'])} "
-                f"| {classification.cell(record['generated'])} | {record['loss']:.3f} |"
+                f"| {markdown_cell(record['prompt'])} | {markdown_cell(record['gold'])} "
+                f"| {markdown_cell(record['generated'])} | {record['loss']:.3f} |"
             )
     return "\n".join(lines)

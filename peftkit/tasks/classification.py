@@ -11,12 +11,14 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 
 from peftkit.data.sources import require_columns, split_origin
 from peftkit.errors import UserError
+from peftkit.evaluation.analysis import length_bucket_table, markdown_cell, word_count
 from peftkit.evaluation.plots import plot_confusion_matrix
 from peftkit.models.load import load_base_model
 from peftkit.recipe.schema import Recipe
 
 PEFT_TASK_TYPE = "SEQ_CLS"
 DEFAULT_METRIC = "f1_macro"
+LOSS_SUMS_OVER_ITEMS = False  # cross-entropy mean over the batch
 HEAD_NAMES = ("classifier", "score")
 
 
@@ -49,13 +51,19 @@ def _label_ids(values: list[Any], names: list[str], split: str, source: str, lab
     return ids
 
 
-def prepare(recipe: Recipe, splits: dict, tokenizer) -> tuple[dict, dict]:
-    """Check columns and labels of every split, then tokenize. Returns (tokenized splits, task info)."""
+def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -> tuple[dict, dict]:
+    """Check columns and labels of every split, then tokenize. Returns (tokenized splits, task info).
+
+    With `info` (a saved run's), its label names are used and splits without the label column are
+    tokenized unlabelled, for prediction.
+    """
     task = recipe.task
-    columns = [task.text_column, task.label_column] + ([task.text_pair_column] if task.text_pair_column else [])
+    inputs = [task.text_column] + ([task.text_pair_column] if task.text_pair_column else [])
     for split, dataset in splits.items():
+        labelled = info is None or task.label_column in dataset.column_names
+        columns = inputs + ([task.label_column] if labelled else [])
         require_columns(dataset, columns, split, split_origin(recipe.data, split), "task.text_column/task.label_column")
-    names = label_names(recipe, splits["train"])
+    names = info["labels"] if info else label_names(recipe, splits["train"])
     if len(names) < 2:
         raise UserError(f"data.train: column {task.label_column!r} has only the label {names}; classification needs two or more")
 
@@ -65,9 +73,11 @@ def prepare(recipe: Recipe, splits: dict, tokenizer) -> tuple[dict, dict]:
 
     tokenized = {}
     for split, dataset in splits.items():
-        ids = _label_ids(dataset[task.label_column], names, split, split_origin(recipe.data, split), task.label_column)
         encoded = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names)
-        tokenized[split] = encoded.add_column("labels", ids)
+        if task.label_column in dataset.column_names:
+            ids = _label_ids(dataset[task.label_column], names, split, split_origin(recipe.data, split), task.label_column)
+            encoded = encoded.add_column("labels", ids)
+        tokenized[split] = encoded
     return tokenized, {"labels": names}
 
 
@@ -109,24 +119,22 @@ def compute_metrics(info: dict):
 def predict(trainer, tokenized, raw, recipe: Recipe, info: dict) -> list[dict]:
     output = trainer.predict(tokenized)
     logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
-    return records_from_probabilities(_softmax(np.asarray(logits, dtype=np.float64)), tokenized["labels"], raw, recipe, info)
+    return records_from_probabilities(_softmax(np.asarray(logits, dtype=np.float64)), tokenized, raw, recipe, info)
 
 
-def records_from_probabilities(probabilities: np.ndarray, gold_ids, raw, recipe: Recipe, info: dict) -> list[dict]:
-    """One record per example: inputs, gold and predicted label, and the predicted label's probability."""
+def records_from_probabilities(probabilities: np.ndarray, tokenized, raw, recipe: Recipe, info: dict) -> list[dict]:
+    """One record per example: inputs, predicted label and its probability, and the gold label when known."""
     names = info["labels"]
+    gold_ids = tokenized["labels"] if "labels" in tokenized.column_names else [None] * len(tokenized)
     records = []
     for i, (gold, probs) in enumerate(zip(gold_ids, probabilities)):
         record = {"text": raw[i][recipe.task.text_column]}
         if recipe.task.text_pair_column:
             record["text_pair"] = raw[i][recipe.task.text_pair_column]
         predicted = int(probs.argmax())
-        record.update(
-            gold=names[gold],
-            predicted=names[predicted],
-            probability=round(float(probs[predicted]), 6),
-            gold_probability=round(float(probs[gold]), 6),
-        )
+        record.update(predicted=names[predicted], probability=round(float(probs[predicted]), 6))
+        if gold is not None:
+            record.update(gold=names[gold], gold_probability=round(float(probs[gold]), 6))
         records.append(record)
     return records
 
@@ -174,18 +182,17 @@ def report(records: list[dict], metrics: dict, split: str, run_dir: Path, worst:
     ]
     for name, row in metrics["per_class"].items():
         lines.append(f"| {name} | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1']:.4f} | {row['support']} |")
-    lines += ["", f"![confusion matrix]({picture.as_posix()})", ""]
+    lines += ["", f"![confusion matrix]({picture.as_posix()})", "", "Accuracy by text length:", ""]
+    lines += [length_bucket_table([_text_length(r) for r in records], [float(r["gold"] == r["predicted"]) for r in records], "accuracy"), ""]
     errors = sorted((r for r in records if r["gold"] != r["predicted"]), key=lambda r: r["gold_probability"])
     if errors and worst:
         lines += [f"Worst misclassified examples (lowest probability of the gold label), {min(worst, len(errors))} of {len(errors)}:", ""]
         lines += ["| text | gold | predicted | p(gold) |", "|---|---|---|---|"]
         for record in errors[:worst]:
             text = record["text"] + (f" ‖ {record['text_pair']}" if "text_pair" in record else "")
-            lines.append(f"| {cell(text)} | {record['gold']} | {cell(record['predicted'])} | {record['gold_probability']:.3f} |")
+            lines.append(f"| {markdown_cell(text)} | {record['gold']} | {record['predicted']} | {record['probability']:.3f} |")
     return "\n".join(lines)
 
 
-def cell(text: str, limit: int = 160) -> str:
-    """Text made safe and short for a Markdown table cell."""
-    text = str(text).replace("|", "\\|").replace("\n", " ")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+def _text_length(record: dict) -> int:
+    return word_count(record["text"]) + word_count(record.get("text_pair", ""))

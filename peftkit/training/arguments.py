@@ -1,4 +1,8 @@
-"""Translate the recipe's training section into `transformers.TrainingArguments` (pure, no model needed)."""
+"""Translate the recipe's training and distributed sections into `transformers.TrainingArguments` (pure, no model).
+
+Build them before loading the model: under ZeRO-3 the arguments register DeepSpeed's config, so that
+`from_pretrained` loads the weights already partitioned across ranks (quantized ones included).
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,38 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments
 
+from peftkit.distributed import build_deepspeed_config, build_fsdp_config, configure_cpu_deepspeed_processes
 from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import CHECKPOINTS
+from peftkit.training.precision import resolve_precision
 
 
-def resolve_precision(precision: str) -> str:
-    """`auto` means bf16 where the GPU supports it, else fp32 (CPUs gain nothing from fp16/bf16 autocast)."""
-    if precision != "auto":
-        return precision
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+def resolve_gradient_checkpointing(recipe: Recipe) -> bool:
+    """Unset means on for a quantized base: QLoRA trades recomputation for activation memory."""
+    if recipe.training.gradient_checkpointing is not None:
+        return recipe.training.gradient_checkpointing
+    return recipe.quantization.bits is not None
 
 
-def build_training_args(recipe: Recipe, run_dir: Path, best_metric: str) -> TrainingArguments:
+def training_setup(recipe: Recipe) -> dict:
+    """What the run applied beyond the recipe's literal keys (recorded in metrics.json and manifest.json)."""
+    return {
+        "adapter_method": recipe.adapter.method,
+        "quantization_bits": recipe.quantization.bits,
+        "kbit_preparation": recipe.quantization.bits is not None and recipe.adapter.method != "none",
+        "gradient_checkpointing": resolve_gradient_checkpointing(recipe),
+        "precision": resolve_precision(recipe.training.precision),
+    }
+
+
+def build_training_args(recipe: Recipe, run_dir: Path, best_metric: str, world_size: int = 1) -> TrainingArguments:
+    """`world_size` is the number of launched processes; DeepSpeed's batch sizes are computed from it."""
     training = recipe.training
+    deepspeed = build_deepspeed_config(recipe, world_size)
+    on_cpu = not torch.cuda.is_available()
+    several_cpu_ranks = deepspeed is not None and on_cpu and world_size > 1
+    accelerator_config = configure_cpu_deepspeed_processes() if several_cpu_ranks else None
+    fsdp_config = build_fsdp_config(recipe, world_size)
     precision = resolve_precision(training.precision)
     evaluating = training.eval_strategy != "no"
     return TrainingArguments(
@@ -37,10 +60,12 @@ def build_training_args(recipe: Recipe, run_dir: Path, best_metric: str) -> Trai
         optim=training.optimizer,
         seed=training.seed,
         data_seed=training.seed,
-        activation_checkpointing=training.gradient_checkpointing,
+        activation_checkpointing=resolve_gradient_checkpointing(recipe),
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        use_cpu=not torch.cuda.is_available(),
+        # DeepSpeed picks its own CPU accelerator; forcing use_cpu would skip its process-group setup.
+        use_cpu=on_cpu and deepspeed is None,
+        accelerator_config=accelerator_config,
         eval_strategy=training.eval_strategy,
         eval_steps=training.eval_steps,
         save_strategy=training.save_strategy,
@@ -56,4 +81,7 @@ def build_training_args(recipe: Recipe, run_dir: Path, best_metric: str) -> Trai
         report_to=[],
         remove_unused_columns=False,
         disable_tqdm=False,
+        deepspeed=deepspeed,
+        fsdp=fsdp_config is not None,
+        fsdp_config=fsdp_config,
     )

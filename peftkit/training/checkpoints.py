@@ -1,8 +1,14 @@
-"""Finding checkpoints in a run folder. A checkpoint is complete once its trainer state is written (last)."""
+"""Finding checkpoints in a run folder and checking what each save wrote.
+
+A checkpoint is complete once its trainer state is written (last).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from peftkit.run_folder import CHECKPOINTS
 
@@ -19,3 +25,33 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 def last_complete_checkpoint(run_dir: Path) -> Path | None:
     checkpoints = complete_checkpoints(run_dir)
     return checkpoints[-1] if checkpoints else None
+
+
+class EmptyWeightsError(RuntimeError):
+    """A save produced empty tensors: under ZeRO-3 that means partitions were written instead of gathered weights."""
+
+
+def check_saved_weights(folder: Path) -> None:
+    """Fail loudly unless `folder` holds safetensors weights and none of their tensors is empty."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise EmptyWeightsError(f"no *.safetensors weights were saved in {folder}")
+    for file in files:
+        with safe_open(str(file), framework="pt") as weights:
+            names = list(weights.keys())
+            empty = [name for name in names if 0 in weights.get_slice(name).get_shape()]
+        if not names or empty:
+            raise EmptyWeightsError(
+                f"{file} holds {'no tensors' if not names else f'empty tensors {empty[:5]}'}: the weights were not "
+                "gathered from their shards before saving (ZeRO-3 needs stage3_gather_16bit_weights_on_model_save)"
+            )
+
+
+class CheckSavedWeights(TrainerCallback):
+    """After every checkpoint save, check the weights it holds (on the process that wrote them)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            check_saved_weights(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")

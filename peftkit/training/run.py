@@ -1,28 +1,48 @@
 """`peftkit train`: one recipe, read top to bottom: check inputs -> model + adapter -> train -> evaluate -> write.
 
-Everything that can be wrong with the user's input (model path, data files, columns, labels) is checked
-before the run folder is created, so a bad recipe leaves nothing behind.
+Everything that can be wrong with the user's input (model path, data files, columns, labels, a launcher that
+contradicts the recipe) is checked before the run folder is created, so a bad recipe leaves nothing behind.
+
+Launched on several processes (`torchrun` / `accelerate launch -m peftkit train`), every process runs this same
+flow, so that collective calls (training steps, saves that gather ZeRO-3 shards, predict/evaluate) see all
+ranks; only the main process writes result files.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from pathlib import Path
 
 from accelerate import PartialState
 from transformers import EarlyStoppingCallback, set_seed
 from transformers.integrations import TensorBoardCallback
 
-from peftkit.adapters import attach_adapter, count_parameters
+from peftkit.adapters import (
+    adapter_callbacks,
+    attach_adapter,
+    check_adapter_fits_model,
+    count_parameters,
+    save_adapter,
+)
 from peftkit.data.sources import load_splits
+from peftkit.distributed import (
+    adopt_recipe_sharding,
+    check_launcher_agrees,
+    launched_world_size,
+    write_sharding_configs,
+)
 from peftkit.evaluation.plots import plot_losses
 from peftkit.evaluation.report import write_report
 from peftkit.models.load import load_config, load_tokenizer
+from peftkit.plan.preflight import warn_if_recipe_will_not_fit
 from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import (
     ADAPTER_DIR,
     check_resume_matches,
     manifest,
+    run_dir_for,
     recipe_as_yaml,
     run_folder,
     write_json,
@@ -30,8 +50,8 @@ from peftkit.run_folder import (
     write_text_atomic,
 )
 from peftkit.tasks import get_task
-from peftkit.training.arguments import build_training_args
-from peftkit.training.checkpoints import last_complete_checkpoint
+from peftkit.training.arguments import build_training_args, training_setup
+from peftkit.training.checkpoints import CheckSavedWeights, check_saved_weights, last_complete_checkpoint
 from peftkit.errors import Preempted
 from peftkit.training.result import FitResult
 from peftkit.training.trainer import GradientGuardCallback, PeftkitTrainer, PreemptionCallback
@@ -42,26 +62,38 @@ log = logging.getLogger("peftkit")
 def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, callbacks: list = ()) -> Path:
     """Run a recipe end to end and return the run folder. `callbacks` are extra `TrainerCallback`s (e.g. a
     sweep's pruner)."""
-    state = PartialState()
     task = get_task(recipe.task.type)
     resume = resume or recipe.training.resume
+    world_size = launched_world_size()
+    check_launcher_agrees(recipe, os.environ, world_size)
+    adopt_recipe_sharding()
+    best_metric = recipe.training.metric_for_best or task.DEFAULT_METRIC
+    # Built before the model is loaded: under ZeRO-3 this makes from_pretrained load partitioned weights.
+    args = build_training_args(recipe, run_dir_for(recipe), best_metric, world_size)
+    state = PartialState()
 
-    load_config(recipe.model)
+    check_adapter_fits_model(recipe, load_config(recipe.model), task.PEFT_TASK_TYPE)
+    warn_if_recipe_will_not_fit(recipe)
     tokenizer = load_tokenizer(recipe.model)
     raw_splits = load_splits(recipe.data)
     tokenized, info = task.prepare(recipe, raw_splits, tokenizer)
 
-    with run_folder(recipe, resume, state.is_main_process) as run_dir:
+    with run_folder(recipe, resume, state.is_main_process) as run_dir, PreemptionCallback() as preemption:
+        state.wait_for_everyone()
         checkpoint = last_complete_checkpoint(run_dir) if resume else None
         if resume:
             check_resume_matches(run_dir, recipe, force_resume)
             log.info("resuming from %s", checkpoint or "the start (no complete checkpoint yet)")
         if state.is_main_process:
             write_text_atomic(run_dir / "recipe.yaml", recipe_as_yaml(recipe))
+            write_sharding_configs(run_dir, recipe, world_size)
 
         set_seed(recipe.training.seed)
-        fit = getattr(task, "fit", fit_with_trainer)  # tasks that need no gradient steps bring their own
+        # Tasks that need no gradient steps (feature extraction) bring their own fit step.
+        fit = getattr(task, "fit", None) or functools.partial(fit_with_trainer, args, preemption)
         result = fit(recipe, task, info, tokenized, tokenizer, run_dir, checkpoint, list(callbacks))
+        if state.is_main_process:
+            check_saved_weights(run_dir / ADAPTER_DIR)
         split_results = {
             split: _evaluate_split(result.predictor, task, recipe, info, tokenized[split], raw_splits[split])
             for split in recipe.evaluation.splits
@@ -70,11 +102,13 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
         if state.is_main_process:
             summary = {
                 "parameters": result.parameters,
+                "setup": training_setup(recipe),
                 "examples": {split: len(dataset) for split, dataset in raw_splits.items()},
                 "train": result.train_metrics,
                 "best_checkpoint": result.best_checkpoint,
                 "best_metric_name": result.best_metric_name,
                 "best_metric": result.best_metric,
+                "world_size": world_size,
                 **result.summary,
             }
             _write_results(run_dir, recipe, task, info, summary, split_results, result.log_history)
@@ -82,7 +116,10 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
     return run_dir
 
 
-def fit_with_trainer(recipe: Recipe, task, info: dict, tokenized: dict, tokenizer, run_dir: Path, checkpoint, callbacks: list) -> FitResult:
+def fit_with_trainer(
+    args, preemption: PreemptionCallback, recipe: Recipe, task, info: dict, tokenized: dict, tokenizer, run_dir: Path,
+    checkpoint, callbacks: list,
+) -> FitResult:
     """Gradient training with the HF Trainer: the task's model + adapter, periodic evaluation, best checkpoint."""
     model = task.load_model(recipe, info)
     model = attach_adapter(model, recipe, task.PEFT_TASK_TYPE, task.head_modules(model))
@@ -92,30 +129,29 @@ def fit_with_trainer(recipe: Recipe, task, info: dict, tokenized: dict, tokenize
         f"{parameters['trainable']:,}", f"{parameters['total']:,}",
         100 * parameters["trainable"] / parameters["total"],
     )
-
-    best_metric = recipe.training.metric_for_best or task.DEFAULT_METRIC
-    preemption = PreemptionCallback()
     trainer = PeftkitTrainer(
         model=model,
-        args=build_training_args(recipe, run_dir, best_metric),
+        args=args,
         train_dataset=tokenized["train"],
         eval_dataset=tokenized.get("validation"),
         data_collator=task.collator(tokenizer, recipe),
         processing_class=tokenizer,
         compute_metrics=task.compute_metrics(info),
-        callbacks=[*_callbacks(recipe, run_dir), preemption, *callbacks],
+        callbacks=[*_callbacks(recipe, run_dir, args.should_save), preemption, *callbacks, *adapter_callbacks(recipe)],
         on_nonfinite=recipe.training.on_nonfinite,
         abort_grad_norm=recipe.training.abort_grad_norm,
     )
     trainer.add_callback(GradientGuardCallback(trainer))
+    # The Trainer rescales losses of models whose forward takes **kwargs as if they were sums over a global
+    # item count (x processes, no division by accumulation steps); a per-batch mean loss must not be rescaled.
+    trainer.model_accepts_loss_kwargs = trainer.model_accepts_loss_kwargs and getattr(task, "LOSS_SUMS_OVER_ITEMS", False)
     train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if preemption.received:
         raise Preempted(
             f"SIGTERM received: saved {last_complete_checkpoint(run_dir)} at step {trainer.state.global_step}; "
             "continue with `peftkit train RECIPE --resume`"
         )
-
-    trainer.save_model(str(run_dir / ADAPTER_DIR))
+    save_adapter(trainer, run_dir / ADAPTER_DIR)  # every rank: ZeRO-3/FSDP gather the shards here
     if trainer.is_world_process_zero():
         # The Trainer pickles its arguments next to the weights; a deployable folder holds safetensors only.
         (run_dir / ADAPTER_DIR / "training_args.bin").unlink(missing_ok=True)
@@ -124,16 +160,16 @@ def fit_with_trainer(recipe: Recipe, task, info: dict, tokenized: dict, tokenize
         parameters=parameters,
         train_metrics={**train_output.metrics, "global_step": trainer.state.global_step},
         best_checkpoint=trainer.state.best_model_checkpoint,
-        best_metric_name=best_metric,
+        best_metric_name=recipe.training.metric_for_best or task.DEFAULT_METRIC,
         best_metric=trainer.state.best_metric,
         log_history=trainer.state.log_history,
         summary={"skipped_steps": trainer.skipped_steps},
     )
 
 
-def _callbacks(recipe: Recipe, run_dir: Path) -> list:
-    callbacks = []
-    if recipe.output.tensorboard:
+def _callbacks(recipe: Recipe, run_dir: Path, is_main_process: bool) -> list:
+    callbacks = [CheckSavedWeights()]
+    if recipe.output.tensorboard and is_main_process:  # one event file, written by the main process
         from torch.utils.tensorboard import SummaryWriter
 
         callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard"))))
@@ -142,8 +178,8 @@ def _callbacks(recipe: Recipe, run_dir: Path) -> list:
     return callbacks
 
 
-def _evaluate_split(predictor, task, recipe: Recipe, info: dict, tokenized, raw) -> tuple[list[dict], dict]:
-    records = task.predict(predictor, tokenized, raw, recipe, info)
+def _evaluate_split(trainer, task, recipe: Recipe, info: dict, tokenized, raw) -> tuple[list[dict], dict]:
+    records = task.predict(trainer, tokenized, raw, recipe, info)
     return records, task.score(records, info)
 
 
@@ -161,4 +197,4 @@ def _write_results(run_dir: Path, recipe: Recipe, task, info: dict, summary: dic
         for split, (records, metrics) in split_results.items()
     }
     write_report(run_dir, recipe, summary, sections, has_loss_plot)
-    write_json(run_dir / "manifest.json", manifest(recipe, parameters=summary["parameters"]))
+    write_json(run_dir / "manifest.json", manifest(recipe, parameters=summary["parameters"], setup=summary["setup"]))

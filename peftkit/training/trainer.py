@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -99,6 +100,7 @@ class PeftkitTrainer(Trainer):
         if final.exists():  # re-saving the same step (e.g. SIGTERM right after a scheduled save)
             shutil.rmtree(final)
         os.replace(staged, final)
+        staged.parent.rmdir()
         rotate_checkpoints(
             output_dir=str(final.parent),
             save_total_limit=self.args.save_total_limit,
@@ -121,14 +123,24 @@ class GradientGuardCallback(TrainerCallback):
 
 
 class PreemptionCallback(TrainerCallback):
-    """On SIGTERM, save a checkpoint after the current step and stop training."""
+    """On SIGTERM, save a checkpoint after the current step and stop training.
+
+    Used as a context manager around the whole run, so a SIGTERM while the model loads is caught too
+    and the previous handler is restored afterwards.
+    """
 
     def __init__(self):
         self.received = False
         self._previous = None
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+    def __enter__(self) -> PreemptionCallback:
+        if threading.current_thread() is threading.main_thread():  # signals can only be handled there
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
     def _handle(self, signum, frame):
         self.received = True
@@ -148,7 +160,3 @@ class PreemptionCallback(TrainerCallback):
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         self.received = bool(flag.item())
         return self.received
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)

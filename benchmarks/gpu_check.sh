@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# GPU check, under 8 minutes on one H200: a random-init model with a real Llama shape trains a few steps with
+# LoRA (bf16), QLoRA (nf4 + double quant) and QLoRA + gradient checkpointing, through peftkit and through plain
+# transformers + peft; prints peak torch.cuda.max_memory_allocated, weights in memory, tokens/s and ratios.
+#
+#   bash benchmarks/gpu_check.sh                 # Llama-3.2-1B shape
+#   SHAPE=llama-3.1-8b STEPS=4 bash benchmarks/gpu_check.sh
+#   bash benchmarks/gpu_check.sh --dry-run       # tiny shape on CPU, seconds (what the test suite runs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+if [[ "${1:-}" == "--dry-run" ]]; then
+    exec "$PYTHON" -m benchmarks.gpu_check --dry-run
+fi
+SHAPE=${SHAPE:-llama-3.2-1b}
+STEPS=${STEPS:-10}
+SEQ=${SEQ:-1024}
+BATCH=${BATCH:-4}
+WORK=${WORK:-/tmp/peftkit-gpu-check}
+RESULTS="$WORK/results-$SHAPE.jsonl"
+mkdir -p "$WORK"
+: > "$RESULTS"
+"$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
+"$PYTHON" -m benchmarks.gpu_check --prepare --shape "$SHAPE" --dir "$WORK/$SHAPE"
+for setting in lora-bf16 qlora-nf4 qlora-nf4-gc; do
+    for stack in peftkit baseline; do
+        # One process per measurement, so that peak-memory counters and allocator caches start clean;
+        # a failing or slow measurement is reported and the others still run.
+        if ! timeout 120 "$PYTHON" -m benchmarks.gpu_check --shape "$SHAPE" --dir "$WORK/$SHAPE" \
+            --setting "$setting" --stack "$stack" --steps "$STEPS" --seq "$SEQ" --batch "$BATCH" \
+            > "$WORK/$setting-$stack.out" 2> "$WORK/$setting-$stack.err"; then
+            echo "FAILED: $setting / $stack (last lines of its stderr follow)"; tail -n 5 "$WORK/$setting-$stack.err"
+            continue
+        fi
+        tail -n 1 "$WORK/$setting-$stack.out" | tee -a "$RESULTS"
+    done
+done
+echo "shape $SHAPE, $STEPS steps of $BATCH x $SEQ tokens"
+"$PYTHON" -m benchmarks.gpu_check --summarize "$RESULTS"

@@ -1,0 +1,118 @@
+"""`peftkit eval` and `peftkit predict`: reload a finished run (its recipe, task info, tokenizer, base model and
+adapter) and score it on any data, or write its predictions for unlabelled inputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import yaml
+from transformers import Trainer
+
+from peftkit.data.sources import load_source, load_splits
+from peftkit.errors import UserError
+from peftkit.models.load import load_tokenizer
+from peftkit.recipe.load import validate_recipe
+from peftkit.recipe.schema import DataSource, Recipe
+from peftkit.run_folder import write_json, write_jsonl, write_text_atomic
+from peftkit.tasks import get_task
+from peftkit.training.arguments import build_training_args
+from peftkit.training.run import ADAPTER_DIR
+
+log = logging.getLogger("peftkit")
+
+EVALUATIONS = "evaluations"
+
+
+@dataclass
+class SavedRun:
+    run_dir: Path
+    recipe: Recipe
+    task: ModuleType
+    info: dict
+    trainer: Trainer  # a prediction-only Trainer around the reloaded model
+
+    def tokenize(self, split: str, dataset):
+        tokenized, _ = self.task.prepare(self.recipe, {split: dataset}, self.trainer.processing_class, self.info)
+        return tokenized[split]
+
+
+def load_run(run_dir: str | Path) -> SavedRun:
+    run_dir = Path(run_dir)
+    for name in ("recipe.yaml", "task.json", ADAPTER_DIR):
+        if not (run_dir / name).exists():
+            raise UserError(f"`{run_dir}` is not a finished run folder: it has no {name} (train it with `peftkit train`)")
+    recipe = validate_recipe(yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")))
+    info = json.loads((run_dir / "task.json").read_text(encoding="utf-8"))
+    info.pop("type", None)
+    task = get_task(recipe.task.type)
+    saved = run_dir / ADAPTER_DIR
+    tokenizer = load_tokenizer(recipe.model.model_copy(update={"name": str(saved), "revision": None}))
+    if recipe.adapter.method == "none":  # the folder holds the whole fine-tuned model
+        model = task.load_model(recipe.model_copy(update={"model": recipe.model.model_copy(update={"name": str(saved)})}), info)
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(task.load_model(recipe, info), str(saved))
+    # The recipe's batch size, precision and device, without its evaluation and checkpoint cadence.
+    predicting = recipe.training.model_copy(update={"eval_strategy": "no", "save_strategy": "no"})
+    trainer = Trainer(
+        model=model,
+        args=build_training_args(recipe.model_copy(update={"training": predicting}), run_dir, task.DEFAULT_METRIC),
+        data_collator=task.collator(tokenizer, recipe),
+        processing_class=tokenizer,
+    )
+    return SavedRun(run_dir, recipe, task, info, trainer)
+
+
+def _with_test_source(recipe: Recipe, path: str, split: str | None) -> Recipe:
+    """The recipe with `path` as its test data, so that messages and loaders treat it like any split."""
+    source = DataSource(path=path, split=split)
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"test": source})})
+
+
+def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None = None) -> tuple[Path, dict]:
+    """Score a saved run on its own split (default: test, else validation) or on `data`; returns (folder, metrics).
+
+    Results go to `<run>/evaluations/<name>/` (metrics.json, predictions.jsonl, report.md).
+    """
+    run = load_run(run_dir)
+    if data is not None:
+        run.recipe = _with_test_source(run.recipe, data, split)
+        key, name = "test", Path(data).stem + (f"-{split}" if split else "")
+        dataset = load_source(run.recipe.data.test, "data.test")
+    else:
+        key = split or next((s for s in ("test", "validation") if _has_split(run.recipe, s)), None)
+        if key is None or not _has_split(run.recipe, key):
+            raise UserError(f"--split: the run's recipe has no `{key}` data; pass --data PATH or another --split")
+        name = key
+        own = getattr(run.recipe.data, key)
+        dataset = load_source(own, f"data.{key}") if own else load_splits(run.recipe.data)[key]
+    records = run.task.predict(run.trainer, run.tokenize(key, dataset), dataset, run.recipe, run.info)
+    metrics = run.task.score(records, run.info)
+    out = run.run_dir / EVALUATIONS / name
+    write_json(out / "metrics.json", metrics)
+    write_jsonl(out / "predictions.jsonl", records)
+    section = run.task.report(records, metrics, name, out, run.recipe.evaluation.worst_examples)
+    header = f"# Evaluation of `{run.run_dir}` on {data or f'its {key} split'}\n\n- task: {run.recipe.task.type}\n"
+    write_text_atomic(out / "report.md", f"{header}\n{section}\n")
+    return out, metrics
+
+
+def _has_split(recipe: Recipe, split: str) -> bool:
+    if split == "validation" and recipe.data.validation_fraction:
+        return True
+    return getattr(recipe.data, split, None) is not None
+
+
+def predict_file(run_dir: str | Path, input_path: str, output_path: str | Path) -> int:
+    """Write one JSON line of prediction per input row (gold and scores too when the input has them)."""
+    run = load_run(run_dir)
+    run.recipe = _with_test_source(run.recipe, input_path, None)
+    dataset = load_source(run.recipe.data.test, "data.test")
+    records = run.task.predict(run.trainer, run.tokenize("test", dataset), dataset, run.recipe, run.info)
+    write_jsonl(Path(output_path), records)
+    return len(records)

@@ -1,0 +1,258 @@
+"""Per-GPU training memory of a recipe: exact tensor bytes from `shapes`, an analytic activation model, and
+a fixed runtime allowance. See docs/plan.md for the formulas, their sources and measured accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from peftkit.errors import UserError
+from peftkit.plan.shapes import ParameterCounts
+from peftkit.recipe.schema import Recipe
+from peftkit.training.arguments import resolve_gradient_checkpointing
+
+GiB = 2**30
+
+# What `torch.cuda.max_memory_allocated` never sees but the GPU still holds: the CUDA context, cuBLAS/cuDNN
+# workspaces and NCCL buffers (fixed), and allocator fragmentation (a share of what is allocated).
+RUNTIME_FIXED_BYTES = 1 * GiB
+FRAGMENTATION_SHARE = 0.05
+
+BNB_OPTIMIZER_BLOCK = 256  # elements per absmax of a blockwise 8-bit optimizer state
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps smaller tensors' states in float32
+BNB_QMAP_BYTES = 2 * 256 * 4  # the two float32 quantization maps, shared by all tensors of one optimizer
+ADAM_STEP_BYTES = 4  # torch AdamW's float32 `step` counter per tensor (kept on the host unless fused)
+
+
+@dataclass(frozen=True)
+class Row:
+    component: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """One GPU's predicted memory, component by component."""
+
+    rows: list[Row]
+    gpus: int
+    gpu_memory: int | None  # bytes per GPU, None when unknown
+    host_bytes: int = 0  # what offloading moves to CPU RAM (per process)
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(row.bytes for row in self.rows)
+
+    @property
+    def allocated(self) -> int:
+        """What torch's allocator holds at peak: the total without the runtime allowance."""
+        return sum(row.bytes for row in self.rows if row.component != RUNTIME_ROW)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.gpu_memory is None else self.total <= self.gpu_memory
+
+
+RUNTIME_ROW = "runtime + fragmentation"
+
+
+def optimizer_state_bytes(trainable: list[tuple[int, torch.dtype]], optimizer: str) -> int:
+    """Bytes of the state tensors `optimizer` (a transformers optimizer name) creates for these parameters."""
+    if optimizer == "sgd":
+        return 0  # transformers builds SGD without momentum: no state
+    if optimizer == "adafactor":
+        raise UserError("training.optimizer: `peftkit plan` does not model adafactor's factored states yet; "
+                        "plan with training.optimizer=adamw_torch for an upper bound")
+    if optimizer.endswith("8bit"):
+        total = 0
+        for numel, _ in trainable:
+            if numel < BNB_MIN_8BIT_SIZE:
+                total += 2 * numel * 4
+            else:
+                total += 2 * numel + 2 * math.ceil(numel / BNB_OPTIMIZER_BLOCK) * 4
+        return total + (BNB_QMAP_BYTES if any(n >= BNB_MIN_8BIT_SIZE for n, _ in trainable) else 0)
+    if optimizer == "paged_adamw_32bit":
+        return sum(2 * numel * 4 for numel, _ in trainable)
+    # adamw_torch: exp_avg and exp_avg_sq like the parameter, plus a float32 step counter per tensor
+    return sum(2 * numel * dtype.itemsize + ADAM_STEP_BYTES for numel, dtype in trainable)
+
+
+def planning_precision(recipe: Recipe) -> str:
+    """`auto` plans for a bf16-capable GPU, as training resolves it there."""
+    return "bf16" if recipe.training.precision == "auto" else recipe.training.precision
+
+
+def sharding(recipe: Recipe, gpus: int) -> str:
+    """`none` (one process or DDP replicas), `zero1`, `zero2`, `zero3` or `fsdp`."""
+    dist = recipe.distributed
+    if gpus <= 1 and dist.strategy in ("auto", "ddp"):
+        return "none"
+    if dist.strategy == "deepspeed":
+        return f"zero{dist.zero_stage}"
+    if dist.strategy == "fsdp":
+        return "fsdp"
+    return "ddp"
+
+
+def estimate(recipe: Recipe, counts: ParameterCounts, gpus: int = 1, gpu_memory: int | None = None) -> MemoryPlan:
+    """Predict one GPU's peak training memory for `recipe` on `gpus` GPUs."""
+    precision = planning_precision(recipe)
+    mixed = precision in ("bf16", "fp16")
+    mode = sharding(recipe, gpus)
+    world = max(gpus, 1)
+    dist = recipe.distributed
+    deepspeed = mode.startswith("zero")
+    params_sharded = mode in ("zero3", "fsdp")
+    grads_sharded = mode in ("zero2", "zero3", "fsdp")
+    optimizer_sharded = deepspeed or mode == "fsdp"
+    offload_params = dist.offload_params and params_sharded
+    offload_optimizer = (dist.offload_optimizer or (mode == "fsdp" and dist.offload_params)) and optimizer_sharded
+    rows: list[Row] = []
+    host = 0
+
+    # Frozen base: DeepSpeed casts float weights to the 16-bit training dtype; quantized ones keep their storage.
+    frozen_share = 1 / world if params_sharded else 1
+    for kind, size in sorted(counts.frozen_bytes.items()):
+        if deepspeed and mixed and kind in ("float32", "bfloat16", "float16"):
+            size = size * 2 // getattr(torch, kind).itemsize
+        size = int(size * frozen_share)
+        note = f"sharded 1/{world}" if params_sharded else ""
+        if offload_params:
+            host += size
+            size, note = 0, "offloaded to CPU"
+        rows.append(Row(f"base weights ({kind})", size, note))
+
+    trainable_numel = counts.trainable_numel
+    # ZeRO and FSDP split every tensor into `world` equal (rounded-up) pieces
+    partition_numel = sum(math.ceil(numel / world) for numel, _ in counts.trainable)
+    trainable_dtype_bytes = counts.trainable_bytes
+    if deepspeed and mixed:
+        trainable_dtype_bytes = trainable_numel * 2
+    element = trainable_dtype_bytes / max(trainable_numel, 1)
+    weights = int(partition_numel * element) if params_sharded else trainable_dtype_bytes
+    if offload_params:
+        host += weights
+        weights = 0
+    label = "trainable weights" if recipe.adapter.method == "none" else "adapter weights"
+    rows.append(Row(label, weights, f"{trainable_numel:,} parameters"))
+
+    grads = partition_numel * element if grads_sharded else trainable_dtype_bytes
+    grad_note = f"sharded 1/{world}" if grads_sharded else ""
+    if deepspeed:
+        fp32_partition = partition_numel * 4  # ZeRO's fp32 gradient partition fed to the optimizer
+        if offload_optimizer:
+            host += fp32_partition
+        else:
+            grads += fp32_partition
+        grad_note = (grad_note + "; " if grad_note else "") + "+ fp32 partition"
+    if mode == "ddp":
+        grads += trainable_dtype_bytes  # DDP's gradient buckets hold a second copy
+        grad_note = "+ DDP buckets"
+    if offload_params and mode == "fsdp":
+        host += int(grads)
+        grads, grad_note = 0, "offloaded to CPU"
+    rows.append(Row("gradients", int(grads), grad_note))
+
+    if deepspeed:
+        # DeepSpeed steps one flat float32 partition per rank and keeps it as the master copy
+        states = optimizer_state_bytes([(partition_numel, torch.float32)], recipe.training.optimizer)
+        states += partition_numel * 4
+    elif mode == "fsdp":
+        states = optimizer_state_bytes([(math.ceil(n / world), d) for n, d in counts.trainable], recipe.training.optimizer)
+    else:
+        states = optimizer_state_bytes(counts.trainable, recipe.training.optimizer)
+    optimizer_note = recipe.training.optimizer + (f", sharded 1/{world}" if optimizer_sharded else "")
+    if "paged" in recipe.training.optimizer:
+        optimizer_note += ", paged (evictable to CPU under pressure)"
+    if offload_optimizer:
+        host += int(states)
+        states, optimizer_note = 0, "offloaded to CPU"
+    rows.append(Row("optimizer states", int(states), optimizer_note))
+
+    if params_sharded:
+        rows.append(Row("gathered layers", 2 * counts.largest_layer_bytes, "current + prefetched layer, unsharded"))
+
+    tokens = recipe.training.batch_size * recipe.data.max_length
+    activation_bytes, activation_note = activations(recipe, counts, precision)
+    rows.append(Row("activations", activation_bytes, activation_note))
+    if counts.logits_width:
+        element = 2 if mixed else 4
+        rows.append(
+            Row("logits + loss", tokens * counts.logits_width * (2 * element + 12),
+                f"{tokens:,} tokens x {counts.logits_width:,} vocabulary")
+        )
+    allocated = sum(row.bytes for row in rows)
+    rows.append(
+        Row(RUNTIME_ROW, RUNTIME_FIXED_BYTES + int(FRAGMENTATION_SHARE * allocated),
+            f"{RUNTIME_FIXED_BYTES / GiB:.1f} GiB CUDA context/workspaces + {FRAGMENTATION_SHARE:.0%} of allocated")
+    )
+    return MemoryPlan(
+        rows=rows,
+        gpus=world,
+        gpu_memory=gpu_memory,
+        host_bytes=host,
+        settings={"precision": precision, "sharding": mode, "tokens_per_micro_batch": tokens},
+    )
+
+
+def activations(recipe: Recipe, counts: ParameterCounts, precision: str) -> tuple[int, str]:
+    """Saved activations at the start of backward plus one layer's backward working set.
+
+    Per token and layer (element size `a`, hidden `h`, key/value width `kv`, MLP width `i`): two RMS/LayerNorms
+    keep a float32 input and a normalized copy ((4+a)h each); attention keeps q, k, v, its output and the
+    o_proj input (3ah + 2a*kv) plus a float32 logsumexp per head (eager attention instead keeps the
+    heads x seq float32 probabilities and their cast); a gated MLP keeps gate, activation, up and product
+    (4ai; 2ai ungated). LoRA with dropout keeps a dropped-out copy of each adapted input (+1 byte mask).
+    Gradient checkpointing keeps only each layer's input (ah) and recomputes one layer at a time.
+    """
+    dims = counts.dims
+    element = 2 if precision in ("bf16", "fp16") else 4
+    h, kv, i, heads = dims["hidden"], dims["kv_heads"] * dims["head_dim"], dims["intermediate"], dims["heads"]
+    layers, seq = dims["layers"], recipe.data.max_length
+    tokens = recipe.training.batch_size * seq
+    per_token_layer = 2 * (4 + element) * h + 3 * element * h + 2 * element * kv
+    per_token_layer += (4 if dims["gated_mlp"] else 2) * element * i
+    attention = recipe.model.attn_implementation or "sdpa"
+    if attention == "eager":
+        per_token_layer += heads * seq * (4 + element)
+    else:
+        per_token_layer += 4 * heads
+    if recipe.adapter.method != "none" and recipe.adapter.dropout > 0 and layers:
+        per_token_layer += (element + 1) * counts.adapter_inputs // layers
+    per_token_layer += element * counts.adapter_ranks // max(layers, 1)
+    if resolve_gradient_checkpointing(recipe):  # unset means on for a quantized base
+        saved = tokens * (layers * element * h + 2 * per_token_layer)
+        note = f"checkpointed, {attention} attention"
+    else:
+        saved = tokens * (layers * per_token_layer + 2 * element * h)
+        note = f"{attention} attention"
+    return int(saved), f"{tokens:,} tokens/micro-batch, {note}"
+
+
+def format_bytes(size: float) -> str:
+    return f"{size / GiB:.2f} GiB"
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """The per-GPU breakdown as an aligned text table with the verdict underneath."""
+    settings = plan.settings
+    lines = [
+        f"per GPU ({plan.gpus} GPU{'s' if plan.gpus > 1 else ''}, {settings['precision']}, "
+        f"sharding: {settings['sharding']}, {settings['tokens_per_micro_batch']:,} tokens per micro-batch)",
+    ]
+    width = max(len(row.component) for row in plan.rows)
+    for row in plan.rows:
+        lines.append(f"  {row.component:<{width}}  {format_bytes(row.bytes):>11}  {row.note}".rstrip())
+    lines.append(f"  {'total':<{width}}  {format_bytes(plan.total):>11}")
+    if plan.host_bytes:
+        lines.append(f"  CPU RAM for offloaded tensors: {format_bytes(plan.host_bytes)} per process")
+    if plan.fits is not None:
+        verdict = "fits" if plan.fits else "does NOT fit"
+        lines.append(f"{verdict} in {format_bytes(plan.gpu_memory)} per GPU "
+                     f"({format_bytes(abs(plan.gpu_memory - plan.total))} {'spare' if plan.fits else 'over'})")
+    return "\n".join(lines)

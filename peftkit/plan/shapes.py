@@ -1,0 +1,248 @@
+"""Exact parameter counts of a recipe's model, built on the meta device: no weights are read or allocated.
+
+The model is instantiated from its config alone, quantized modules are swapped in by transformers' own
+bitsandbytes quantizer (so the modules that stay unquantized, embeddings, norms, heads, are exactly those
+`from_pretrained` would keep), and the adapter is attached by peft from the recipe's real peft config.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    PretrainedConfig,
+)
+
+from peftkit.adapters import attach_adapter
+from peftkit.errors import UserError
+from peftkit.models.load import load_config
+from peftkit.models.quantization import build_quantization_config, torch_dtype
+from peftkit.recipe.schema import ModelSection, Recipe
+from peftkit.tasks import get_task
+
+KNOWN_MODELS_FILE = Path(__file__).with_name("known_models.json")
+
+# The model class a task trains, keyed by the peft task type every task module declares.
+AUTO_CLASS_BY_PEFT_TASK = {
+    "SEQ_CLS": AutoModelForSequenceClassification,
+    "CAUSAL_LM": AutoModelForCausalLM,
+    "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM,
+    "QUESTION_ANS": AutoModelForQuestionAnswering,
+    "TOKEN_CLS": AutoModelForTokenClassification,
+    "FEATURE_EXTRACTION": AutoModel,
+}
+
+BNB_4BIT_BLOCK = 64  # elements per absmax of a 4-bit weight (bitsandbytes default)
+BNB_NESTED_BLOCK = 256  # absmax values per second-level constant under double quantization
+BNB_4BIT_CODE_BYTES = 16 * 4  # the 16-entry float32 lookup table of nf4/fp4
+BNB_NESTED_CODE_BYTES = 256 * 4  # the 256-entry float32 table of the quantized absmax
+
+
+def known_models() -> dict[str, dict]:
+    """Built-in configs of popular models, so that planning works offline."""
+    return json.loads(KNOWN_MODELS_FILE.read_text())
+
+
+def load_model_config(model: ModelSection) -> PretrainedConfig:
+    """A local `config.json` or model folder, else a built-in shape, else the hub (the config file only)."""
+    local = Path(model.name).expanduser()
+    if local.is_file() and local.suffix == ".json":
+        return AutoConfig.from_pretrained(str(local))
+    if not local.exists():
+        known = known_models()
+        by_lower_name = {name.lower(): name for name in known} | {
+            name.split("/")[-1].lower(): name for name in known
+        }
+        match = by_lower_name.get(model.name.lower())
+        if match:
+            return AutoConfig.for_model(**known[match])
+    try:
+        return load_config(model)
+    except UserError as error:
+        raise UserError(f"{error}; built-in model shapes: {', '.join(known_models())}") from None
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Bytes of every parameter of the model as it will be trained, grouped by how it is stored."""
+
+    frozen_bytes: dict[str, int]  # storage kind ("bfloat16", "4-bit nf4", "8-bit int8", ...) -> bytes
+    trainable: list[tuple[int, torch.dtype]]  # (elements, dtype) of each trainable tensor, in model order
+    largest_layer_bytes: int  # parameter bytes of the biggest repeated block (gathered whole under ZeRO-3/FSDP)
+    adapter_inputs: int  # summed input width of all adapted modules (each keeps its own dropout copy of the input)
+    adapter_ranks: int  # summed rank of all adapted modules (each keeps its low-rank activation)
+    logits_width: int  # vocabulary of a language-model head (its logits dominate peak memory); 0 for small heads
+    dims: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def trainable_numel(self) -> int:
+        return sum(numel for numel, _ in self.trainable)
+
+    @property
+    def trainable_bytes(self) -> int:
+        return sum(numel * dtype.itemsize for numel, dtype in self.trainable)
+
+    @property
+    def frozen_total_bytes(self) -> int:
+        return sum(self.frozen_bytes.values())
+
+
+def base_dtype(recipe: Recipe, config: PretrainedConfig) -> torch.dtype:
+    if recipe.model.dtype != "auto":
+        return torch_dtype(recipe.model.dtype)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return dtype or torch.float32
+
+
+def build_meta_model(recipe: Recipe, config: PretrainedConfig, peft_task_type: str | None = None):
+    """The model exactly as training builds it (task head, quantization, adapter), on the meta device.
+
+    `peft_task_type` overrides the recipe task's model kind (benchmarks plan causal LMs with any task).
+    """
+    task = get_task(recipe.task.type)
+    peft_task_type = peft_task_type or task.PEFT_TASK_TYPE
+    auto_class = AUTO_CLASS_BY_PEFT_TASK.get(peft_task_type, AutoModel)
+    dtype = base_dtype(recipe, config)
+    config = copy.deepcopy(config)
+    if auto_class is AutoModelForSequenceClassification:
+        config.num_labels = len(getattr(recipe.task, "labels", None) or []) or 2
+    with torch.device("meta"):
+        model = auto_class.from_config(config, dtype=dtype, trust_remote_code=recipe.model.trust_remote_code)
+    heads = task.head_modules(model) if hasattr(task, "head_modules") and peft_task_type == task.PEFT_TASK_TYPE else []
+    _quantize_on_meta(model, recipe, heads, dtype)
+    _keep_in_fp32(model, dtype)
+    with torch.device("meta"):
+        return attach_adapter(model, recipe, peft_task_type, heads)
+
+
+def _quantize_on_meta(model, recipe: Recipe, keep_unquantized: list[str], dtype: torch.dtype) -> None:
+    """Swap in bitsandbytes layers with the same quantizer `from_pretrained` uses (it touches no weights)."""
+    quantization_config = build_quantization_config(recipe, keep_unquantized)
+    if quantization_config is None:
+        return
+    from transformers.quantizers import AutoHfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(quantization_config, pre_quantized=False)
+    quantizer.preprocess_model(model=model, dtype=dtype, device_map=None, checkpoint_files=None, use_kernels=False)
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)  # marks the model as loaded in 4/8 bits, which peft's layer dispatch reads
+
+
+def _keep_in_fp32(model, dtype: torch.dtype) -> None:
+    """Apply the model's own `_keep_in_fp32_modules` upcast, as `from_pretrained` does when loading weights."""
+    plan = model._get_dtype_plan(dtype)
+    if not plan:
+        return
+    from transformers.core_model_loading import build_glob_alternation
+
+    pattern, group_to_key, _ = build_glob_alternation(list(plan))
+    for name, param in model.named_parameters():
+        match = pattern.search(name)
+        if match and param.is_floating_point():
+            param.data = param.data.to(plan[group_to_key[match.lastgroup]])
+
+
+def quantized_bytes(param) -> tuple[str, int] | None:
+    """(storage kind, bytes incl. quantization state) of a not yet quantized bitsandbytes parameter on the meta
+    device; None for plain tensors."""
+    kind = type(param).__name__
+    numel = param.numel()
+    if kind == "Params4bit":
+        storage = param.quant_storage
+        packed = (numel + 1) // (2 * storage.itemsize) * storage.itemsize
+        blocks = math.ceil(numel / param.blocksize)
+        if param.compress_statistics:
+            nested = math.ceil(blocks / BNB_NESTED_BLOCK) * 4 + BNB_NESTED_CODE_BYTES + 4  # absmax, code, offset
+            state = blocks + nested
+        else:
+            state = blocks * 4
+        return f"4-bit {param.quant_type}", packed + state + BNB_4BIT_CODE_BYTES
+    if kind == "Int8Params":
+        rows = param.shape[0]
+        return "8-bit int8", numel + rows * 4  # int8 weight + one float32 scale per output row
+    return None
+
+
+def count_parameters(
+    recipe: Recipe, config: PretrainedConfig | None = None, peft_task_type: str | None = None
+) -> ParameterCounts:
+    config = config or load_model_config(recipe.model)
+    model = build_meta_model(recipe, config, peft_task_type)
+    frozen: dict[str, int] = {}
+    trainable = []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            trainable.append((param.numel(), param.dtype))
+            continue
+        kind, size = quantized_bytes(param) or (str(param.dtype).removeprefix("torch."), param.numel() * param.itemsize)
+        frozen[kind] = frozen.get(kind, 0) + size
+    return ParameterCounts(
+        frozen_bytes=frozen,
+        trainable=trainable,
+        largest_layer_bytes=_largest_layer_bytes(model),
+        adapter_inputs=sum(module.in_features for module in _lora_layers(model)),
+        adapter_ranks=sum(sum(module.r.values()) for module in _lora_layers(model)),
+        logits_width=_logits_width(model),
+        dims=model_dims(config),
+    )
+
+
+def _lora_layers(model) -> list:
+    return [module for module in model.modules() if hasattr(module, "lora_A") and hasattr(module, "in_features")]
+
+
+def _logits_width(model) -> int:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    return getattr(head, "out_features", 0) if head is not None else 0
+
+
+def _largest_layer_bytes(model) -> int:
+    """Bytes of the biggest direct child of the model's repeated-layer list (what FSDP/ZeRO-3 gather at once)."""
+    largest = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1:
+            for layer in module:
+                size = sum(
+                    (quantized_bytes(p) or ("", p.numel() * p.itemsize))[1] for p in layer.parameters()
+                )
+                largest = max(largest, size)
+    return largest
+
+
+def model_dims(config: PretrainedConfig) -> dict[str, int]:
+    """The sizes activation memory depends on, read across architectures' differing config names."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = text.hidden_size
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    intermediate = (
+        getattr(text, "intermediate_size", None) or getattr(text, "d_ff", None) or getattr(text, "n_inner", None)
+        or 4 * hidden
+    )
+    layers = text.num_hidden_layers + (getattr(text, "num_decoder_layers", 0) if text.is_encoder_decoder else 0)
+    return {
+        "hidden": hidden,
+        "heads": heads,
+        "head_dim": head_dim,
+        "kv_heads": kv_heads,
+        "intermediate": intermediate,
+        "layers": layers,
+        "vocab": text.vocab_size,
+        "gated_mlp": int(getattr(text, "hidden_act", "") in ("silu", "swiglu") or "gated" in str(getattr(text, "feed_forward_proj", ""))),
+    }

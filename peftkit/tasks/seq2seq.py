@@ -1,0 +1,154 @@
+"""What translation and summarization share: an encoder-decoder model that learns source -> target and
+generates at evaluation (settings from the recipe's `generation` section). The two task modules add
+their metrics and reports on top.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq
+
+from peftkit.data.sources import require_columns, split_origin
+from peftkit.errors import UserError
+from peftkit.evaluation.analysis import length_bucket_table, lowest_scoring_table, word_count
+from peftkit.models.load import load_base_model
+from peftkit.recipe.schema import Recipe
+
+log = logging.getLogger("peftkit")
+
+# The half of the task contract both tasks take as is (`from peftkit.tasks.seq2seq import *`).
+__all__ = ["PEFT_TASK_TYPE", "DEFAULT_METRIC", "prepare", "load_model", "head_modules", "collator", "compute_metrics"]
+
+PEFT_TASK_TYPE = "SEQ_2_SEQ_LM"
+DEFAULT_METRIC = "loss"  # periodic evaluation is teacher-forced; the final evaluation generates
+
+
+def source_text(value: Any) -> str:
+    """A document given as a list of sentences (SciTLDR) reads as one text."""
+    return " ".join(map(str, value)) if isinstance(value, list) else ("" if value is None else str(value))
+
+
+def references(value: Any) -> list[str]:
+    """Every non-empty reference of a row; a list column holds several (SciTLDR's TLDRs)."""
+    values = value if isinstance(value, list) else [value]
+    return [str(v) for v in values if v is not None and str(v).strip()]
+
+
+def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -> tuple[dict, dict]:
+    """Tokenize sources (with the task's prefix) and first references.
+
+    Training rows with an empty source or reference are dropped; evaluation rows are kept (row i of the
+    tokenized split stays row i of the data) and those without a reference are left out of the scores.
+    Both are counted in a warning.
+    """
+    import datasets
+
+    task = recipe.task
+    tokenized = {}
+    for split, dataset in splits.items():
+        source = split_origin(recipe.data, split)
+        labelled = info is None or task.target_column in dataset.column_names
+        columns = [task.source_column] + ([task.target_column] if labelled else [])
+        require_columns(dataset, columns, split, source, "task.source_column/task.target_column")
+        sources = [source_text(v) for v in dataset[task.source_column]]
+        targets = [references(v) for v in dataset[task.target_column]] if labelled else None
+        empty = [i for i, text in enumerate(sources) if not text.strip() or (labelled and not targets[i])]
+        if empty:
+            log.warning(
+                "data.%s: %d of %d rows of `%s` have an empty %r or %r; they are %s",
+                split, len(empty), len(dataset), source, task.source_column, task.target_column,
+                "dropped" if split == "train" else "not scored",
+            )
+        if split == "train":
+            keep = sorted(set(range(len(dataset))) - set(empty))
+            if not keep:
+                raise UserError(f"data.train: every row of `{source}` has an empty source or reference")
+            sources, targets = [sources[i] for i in keep], [targets[i] for i in keep]
+        encoded = tokenizer(
+            [task.source_prefix + text for text in sources], truncation=True, max_length=recipe.data.max_length
+        )
+        columns = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        if labelled:
+            first = [refs[0] if refs else "" for refs in targets]
+            columns["labels"] = tokenizer(text_target=first, truncation=True, max_length=task.max_target_length)["input_ids"]
+        tokenized[split] = datasets.Dataset.from_dict(columns)
+    return tokenized, {}
+
+
+def load_model(recipe: Recipe, info: dict):
+    return load_base_model(recipe, AutoModelForSeq2SeqLM)
+
+
+def head_modules(model) -> list[str]:
+    return []  # the LM head is tied to the embeddings; nothing new to train fully
+
+
+def collator(tokenizer, recipe: Recipe):
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+
+
+def compute_metrics(info: dict):
+    return None
+
+
+def generate(trainer, tokenized, recipe: Recipe) -> list[str]:
+    """Decode every example with the recipe's generation settings, batch by batch, with a progress bar."""
+    model, tokenizer = trainer.model, trainer.processing_class
+    generation = recipe.generation
+    batch_size = trainer.args.per_device_eval_batch_size
+    model.eval()
+    outputs = []
+    inputs = tokenized.select_columns(["input_ids", "attention_mask"])
+    for start in tqdm(range(0, len(inputs), batch_size), desc="generating", unit="batch"):
+        batch = tokenizer.pad(inputs[start : start + batch_size], return_tensors="pt").to(trainer.args.device)
+        with torch.no_grad():
+            generated = model.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                num_beams=generation.num_beams,
+                max_new_tokens=generation.max_new_tokens,
+                length_penalty=generation.length_penalty,
+            )
+        outputs += [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+    return outputs
+
+
+def generate_records(trainer, tokenized, raw, recipe: Recipe, example_scores: Callable[[str, list[str]], dict]) -> list[dict]:
+    """One record per example: source, prediction, and (when the row has references) references and scores."""
+    task = recipe.task
+    labelled = task.target_column in raw.column_names
+    records = []
+    for row, predicted in zip(raw, generate(trainer, tokenized, recipe)):
+        record = {"source": source_text(row[task.source_column]), "predicted": predicted}
+        gold = references(row[task.target_column]) if labelled else []
+        if gold:
+            record["references"] = gold
+            record.update({name: round(value, 4) for name, value in example_scores(predicted, gold).items()})
+        records.append(record)
+    return records
+
+
+def error_analysis(records: list[dict], score_name: str, worst: int) -> str:
+    """Score by source length and the lowest-scoring generations (source, reference, prediction, score)."""
+    lines = [
+        f"Sentence-level {score_name} by source length:",
+        "",
+        length_bucket_table([word_count(r["source"]) for r in records], [r[score_name] for r in records], score_name),
+        "",
+        lowest_scoring_table(
+            records,
+            {
+                "source": lambda r: r["source"],
+                "reference": lambda r: r["references"],
+                "prediction": lambda r: r["predicted"],
+                score_name: lambda r: r[score_name],
+            },
+            score_name,
+            worst,
+        ),
+    ]
+    return "\n".join(lines)

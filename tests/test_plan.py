@@ -1,0 +1,164 @@
+"""`peftkit plan`: sharding/offload rules, activation model, --fit search, CLI, and the pre-training warning."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from peftkit.cli import parse_memory_size
+from peftkit.errors import UserError
+from peftkit.plan import fit, preflight
+from peftkit.plan.memory import GiB, estimate, optimizer_state_bytes
+from peftkit.plan.shapes import ParameterCounts, count_parameters
+from peftkit.recipe.load import validate_recipe
+from tests.conftest import REPO_ROOT, run_cli, write_recipe
+
+DIMS = {"hidden": 1024, "heads": 16, "head_dim": 64, "kv_heads": 4, "intermediate": 4096, "layers": 8,
+        "vocab": 32000, "gated_mlp": 1}
+COUNTS = ParameterCounts(
+    frozen_bytes={"bfloat16": 8 * GiB}, trainable=[(2**20, torch.float32)] * 8,
+    largest_layer_bytes=GiB // 2, adapter_inputs=0, adapter_ranks=0, logits_width=0, dims=DIMS,
+)
+
+
+def recipe(**sections):
+    base = {"model": {"name": "meta-llama/Llama-3.2-1B"}, "data": {"train": {"path": "x.jsonl"}, "max_length": 512},
+            "training": {"eval_strategy": "no", "batch_size": 4}}
+    for section, values in sections.items():
+        base[section] = {**base.get(section, {}), **values}
+    return validate_recipe(base)
+
+
+def rows(plan) -> dict[str, int]:
+    return {row.component: row.bytes for row in plan.rows}
+
+
+def test_parse_memory_size():
+    assert parse_memory_size("24GiB") == 24 * 2**30
+    assert parse_memory_size("24G") == 24 * 2**30
+    assert parse_memory_size("80GB") == 80 * 10**9
+    assert parse_memory_size("512 MiB") == 512 * 2**20
+    with pytest.raises(UserError, match="--gpu-memory"):
+        parse_memory_size("lots")
+
+
+def test_adamw_states_follow_parameter_dtype_plus_step_counter():
+    assert optimizer_state_bytes([(10, torch.float32), (6, torch.bfloat16)], "adamw_torch") == 80 + 4 + 24 + 4
+    assert optimizer_state_bytes([(10, torch.float32)], "sgd") == 0
+
+
+def test_zero3_shards_everything_and_offload_moves_it_to_cpu():
+    single = rows(estimate(recipe(), COUNTS, 1))
+    zero3 = rows(estimate(recipe(distributed={"strategy": "deepspeed", "zero_stage": 3}), COUNTS, 4))
+    assert zero3["base weights (bfloat16)"] == single["base weights (bfloat16)"] // 4
+    assert zero3["gathered layers"] == 2 * COUNTS.largest_layer_bytes
+    # ZeRO keeps 16-bit trainable weights, 16-bit gradients plus an fp32 partition, and fp32 master + Adam states
+    trainable = COUNTS.trainable_numel
+    assert zero3["adapter weights"] == trainable * 2 // 4
+    assert zero3["gradients"] == trainable * 2 // 4 + trainable * 4 // 4
+    assert zero3["optimizer states"] == trainable * 12 // 4 + 4  # one flat partition: one step counter
+    offloaded = estimate(
+        recipe(distributed={"strategy": "deepspeed", "zero_stage": 3, "offload_params": True, "offload_optimizer": True}),
+        COUNTS, 4,
+    )
+    assert rows(offloaded)["base weights (bfloat16)"] == 0
+    assert rows(offloaded)["optimizer states"] == 0
+    assert offloaded.host_bytes >= zero3["base weights (bfloat16)"] + zero3["optimizer states"]
+
+
+def test_ddp_keeps_gradient_buckets_and_zero2_shards_gradients():
+    ddp = rows(estimate(recipe(), COUNTS, 2))
+    zero2 = rows(estimate(recipe(distributed={"strategy": "deepspeed", "zero_stage": 2}), COUNTS, 2))
+    assert ddp["gradients"] == 2 * COUNTS.trainable_bytes
+    assert zero2["gradients"] == COUNTS.trainable_numel * 2 // 2 + COUNTS.trainable_numel * 4 // 2
+    assert zero2["base weights (bfloat16)"] == 8 * GiB  # ZeRO-2 leaves the weights whole on every GPU
+
+
+def test_activation_model_scales_with_tokens_and_shrinks_with_checkpointing():
+    plain = rows(estimate(recipe(), COUNTS))["activations"]
+    doubled = rows(estimate(recipe(training={"batch_size": 8, "eval_strategy": "no"}), COUNTS))["activations"]
+    checkpointed = rows(estimate(recipe(training={"gradient_checkpointing": True, "eval_strategy": "no"}), COUNTS))
+    eager = rows(estimate(recipe(model={"name": "x", "attn_implementation": "eager"}), COUNTS))["activations"]
+    assert doubled == 2 * plain
+    assert checkpointed["activations"] < plain / 2
+    assert eager > plain
+    with_logits = rows(estimate(recipe(), replace(COUNTS, logits_width=32000)))
+    assert with_logits["logits + loss"] == 4 * 512 * 32000 * (2 * 2 + 12)
+
+
+def test_fit_finds_cheapest_changes_that_really_fit():
+    original = recipe(model={"name": "meta-llama/Llama-3.2-1B", "dtype": "bfloat16"},
+                      training={"batch_size": 8, "eval_strategy": "no"}, data={"train": {"path": "x.jsonl"}, "max_length": 2048})
+    budget = 8 * GiB
+    assert not fit.plan_recipe(original, 1, budget).fits
+    candidates = fit.search(original, 1, budget)
+    assert candidates, "some change must fit 8 GiB for a 1B model"
+    assert [c.slowdown for c in candidates] == sorted(c.slowdown for c in candidates)
+    for candidate in candidates:
+        changed = validate_recipe(_apply(original, candidate.overrides))
+        assert fit.plan_recipe(changed, 1, budget).total == candidate.plan.total <= budget
+        batch = changed.training.batch_size * changed.training.gradient_accumulation
+        assert batch == 8, "micro-batch changes keep the global batch"
+
+
+def _apply(recipe_, overrides):
+    from peftkit.recipe.load import set_key_path
+
+    data = recipe_.model_dump()
+    for key, value in overrides.items():
+        set_key_path(data, key.split("."), value)
+    return data
+
+
+@pytest.mark.slow
+def test_cli_plan_prints_breakdown_verdict_and_errors(tmp_path, tiny_llama_dir):
+    path = write_recipe(tmp_path / "tiny.yaml", {
+        "model": {"name": str(tiny_llama_dir)}, "data": {"train": {"path": "x.jsonl"}, "max_length": 64},
+        "training": {"batch_size": 4, "eval_strategy": "no"},
+    })
+    fits = run_cli("plan", str(path), "--gpu-memory", "24GiB", "--fit")
+    assert fits.returncode == 0, fits.stderr
+    assert "base weights (float32)" in fits.stdout and "adapter weights" in fits.stdout
+    assert "fits in 24.00 GiB" in fits.stdout and "the recipe fits as written" in fits.stdout
+    # the fixed runtime allowance alone exceeds half a GiB: nothing can fit, and --fit says what to do instead
+    too_small = run_cli("plan", str(path), "--gpu-memory", "0.5GiB", "--fit")
+    assert too_small.returncode == 2
+    assert "does NOT fit in 0.50 GiB" in too_small.stdout and "use more GPUs" in too_small.stderr
+    bad = run_cli("plan", str(path), "--gpu-memory", "a lot")
+    assert bad.returncode == 2 and "--gpu-memory" in bad.stderr
+
+
+def test_preflight_is_silent_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(preflight, "plan_recipe", lambda *a, **k: pytest.fail("planned without CUDA"))
+    preflight.warn_if_recipe_will_not_fit(recipe())
+
+
+def test_preflight_warns_when_the_visible_gpu_is_too_small(monkeypatch, caplog):
+    class Properties:
+        total_memory = 2 * GiB
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Properties())
+    monkeypatch.setattr(preflight, "plan_recipe", lambda r, gpus, memory: estimate(r, COUNTS, gpus, memory))
+    with caplog.at_level(logging.WARNING, logger="peftkit"):
+        preflight.warn_if_recipe_will_not_fit(recipe())
+    assert "will likely run out of memory" in caplog.text
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_mode_runs_on_cpu():
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "plan_vs_measured.py"), "--smoke"],
+        capture_output=True, text=True, timeout=600, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin",
+                                                        "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows_ = [line for line in result.stdout.splitlines() if line.startswith("| tiny-llama")]
+    assert len(rows_) == 2 and all("GiB" in line for line in rows_)

@@ -1,0 +1,41 @@
+"""Quantization of the frozen base: which layers bitsandbytes replaces and which stay in full precision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftkit.recipe.load import validate_recipe
+
+
+def recipe_for(model_dir, **quantization):
+    return validate_recipe({"model": {"name": str(model_dir)}, "data": {"train": {"path": "t.jsonl"}},
+                            "training": {"eval_strategy": "no"}, "quantization": quantization})
+
+
+@pytest.mark.parametrize("bits,layer_class", [(4, "Linear4bit"), (8, "Linear8bitLt")])
+def test_heads_and_lm_head_stay_unquantized(bits, layer_class, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from peftkit.models.load import load_base_model
+
+    classifier = load_base_model(recipe_for(tiny_llama_dir, bits=bits), AutoModelForSequenceClassification,
+                                 keep_unquantized=["score"], num_labels=3)
+    assert type(classifier.model.layers[0].self_attn.q_proj).__name__ == layer_class
+    assert type(classifier.score) is torch.nn.Linear and classifier.score.weight.dtype == torch.float32
+    # A task that names its own head must not lose transformers' protection of the LM output layer.
+    decoder = load_base_model(recipe_for(tiny_llama_dir, bits=bits), AutoModelForCausalLM, keep_unquantized=["score"])
+    assert type(decoder.lm_head) is torch.nn.Linear
+    assert type(decoder.model.layers[1].mlp.down_proj).__name__ == layer_class
+
+
+def test_four_bit_settings_reach_bitsandbytes(tiny_llama_dir):
+    from peftkit.models.quantization import build_quantization_config
+
+    config = build_quantization_config(
+        recipe_for(tiny_llama_dir, bits=4, quant_type="fp4", double_quant=False, compute_dtype="bfloat16"), ["score"]
+    )
+    assert (config.bnb_4bit_quant_type, config.bnb_4bit_use_double_quant) == ("fp4", False)
+    assert config.bnb_4bit_compute_dtype == torch.bfloat16 and config.load_in_4bit
+    assert config.llm_int8_skip_modules == ["lm_head", "score"]
+    assert build_quantization_config(recipe_for(tiny_llama_dir)) is None

@@ -1,0 +1,62 @@
+"""`peftkit eval` / `peftkit predict` on a finished classification run (through the CLI entry point), and their errors.
+
+The commands run in-process through `peftkit.cli.main` (a subprocess per command costs a minute of imports
+on a busy machine); exit codes and messages are the same as from the console script.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import sentiment_rows, write_jsonl
+from peftkit.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_eval_reproduces_the_run_scores_and_scores_other_data(trained_run, capfd):
+    run_dir, files = trained_run
+    folder = files["train"].parent
+    trained = json.loads((run_dir / "metrics.json").read_text())["validation"]
+    assert main(["eval", str(run_dir), "--split", "validation"]) == 0
+    printed = capfd.readouterr().out
+    evaluation = json.loads((run_dir / "evaluations" / "validation" / "metrics.json").read_text())
+    assert evaluation["accuracy"] == pytest.approx(trained["accuracy"])
+    assert evaluation["confusion_matrix"] == trained["confusion_matrix"]
+    assert f'"accuracy": {evaluation["accuracy"]}' in printed
+
+    other = write_jsonl(folder / "other.jsonl", sentiment_rows(10, seed=9))
+    assert main(["eval", str(run_dir), "--data", str(other)]) == 0
+    report = (run_dir / "evaluations" / "other" / "report.md").read_text()
+    assert "| accuracy |" in report and "Accuracy by text length" in report
+    assert len((run_dir / "evaluations" / "other" / "predictions.jsonl").read_text().splitlines()) == 10
+
+
+def test_predict_writes_jsonl_for_unlabelled_inputs(trained_run, capfd):
+    run_dir, files = trained_run
+    folder = files["train"].parent
+    rows = sentiment_rows(6, seed=4)
+    inputs = write_jsonl(folder / "inputs.jsonl", [{"text": row["text"]} for row in rows])
+    output = folder / "predictions.jsonl"
+    assert main(["predict", str(run_dir), "--input", str(inputs), "--output", str(output)]) == 0
+    printed = capfd.readouterr()
+    assert "wrote 6 predictions" in printed.out
+    assert "100%" in printed.err  # progress bar
+    predictions = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [p["text"] for p in predictions] == [row["text"] for row in rows]
+    assert {p["predicted"] for p in predictions} <= {"positive", "negative"}
+    assert all(0.5 <= p["probability"] <= 1 and "gold" not in p for p in predictions)
+
+
+def test_user_errors_exit_2_with_a_message(trained_run, tmp_path, capfd):
+    run_dir, files = trained_run
+    folder = files["train"].parent
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "not a finished run folder" in capfd.readouterr().err
+    assert main(["eval", str(run_dir), "--split", "dev"]) == 2
+    assert "no `dev` data" in capfd.readouterr().err
+    wrong = write_jsonl(folder / "wrong.jsonl", [{"sentence": "good"}])
+    assert main(["predict", str(run_dir), "--input", str(wrong), "--output", str(tmp_path / "x.jsonl")]) == 2
+    assert "no column 'text'" in capfd.readouterr().err

@@ -1,0 +1,129 @@
+"""Translation and summarization on a tiny random T5: data checks, generation settings, metrics and reports."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import sacrebleu
+from datasets import Dataset
+from transformers import AutoTokenizer
+
+from tests.conftest import SHARED_DATA, classification_recipe, number_rows, write_jsonl
+from peftkit.errors import UserError
+from peftkit.recipe.load import validate_recipe
+from peftkit.tasks import seq2seq
+
+
+def _recipe(model_dir, files, run_dir, task, **sections):
+    recipe = classification_recipe(
+        model_dir, files, run_dir,
+        training={"max_steps": 3, "eval_strategy": "no", "save_strategy": "no", "batch_size": 8},
+        generation={"max_new_tokens": 3, "num_beams": 2, "length_penalty": 1.0},
+        **sections,
+    )
+    recipe["task"] = task
+    return validate_recipe(recipe)
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_translation_run_scores_generations_with_sacrebleu(tiny_t5_dir, tmp_path):
+    from peftkit.evaluation.saved_run import predict_file
+    from peftkit.training.run import train
+
+    files = {
+        "train": write_jsonl(tmp_path / "train.jsonl", number_rows(32, seed=1)),
+        "test": write_jsonl(tmp_path / "test.jsonl", number_rows(12, seed=2)),
+    }
+    run_dir = train(_recipe(tiny_t5_dir, files, tmp_path / "run", {"type": "translation"}))
+    metrics = json.loads((run_dir / "metrics.json").read_text())["test"]
+    records = _records(run_dir)
+    assert len(records) == metrics["examples"] == 12
+    predictions = [r["predicted"] for r in records]
+    assert any(predictions) and all(len(p.split()) <= 3 for p in predictions)  # generation.max_new_tokens
+    references = [[r["references"][0] for r in records]]
+    assert metrics["bleu"] == pytest.approx(sacrebleu.corpus_bleu(predictions, references).score)
+    assert metrics["chrf"] == pytest.approx(sacrebleu.corpus_chrf(predictions, references).score)
+    report = (run_dir / "report.md").read_text()
+    assert "| BLEU | chrF | examples |" in report and "chrf by source length" in report
+    assert "Lowest-scoring examples (chrf)" in report
+
+    # predict on sources only: predictions without references or scores, same generations as the test split
+    inputs = write_jsonl(tmp_path / "inputs.jsonl", [{"source": row["source"]} for row in number_rows(12, seed=2)])
+    assert predict_file(run_dir, str(inputs), tmp_path / "out.jsonl") == 12
+    predicted = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [p["predicted"] for p in predicted] == predictions
+    assert all(set(p) == {"source", "predicted"} for p in predicted)
+
+
+@pytest.mark.slow
+def test_summarization_run_reports_rouge(tiny_t5_dir, tmp_path):
+    from rouge_score import rouge_scorer
+
+    from peftkit.training.run import train
+
+    rows = [{"document": r["source"].split(), "summary": [r["target"], r["source"]]} for r in number_rows(32, seed=3)]
+    files = {
+        "train": write_jsonl(tmp_path / "train.jsonl", rows[:24]),
+        "validation": write_jsonl(tmp_path / "validation.jsonl", rows[24:]),
+    }
+    run_dir = train(_recipe(tiny_t5_dir, files, tmp_path / "run", {"type": "summarization"}))
+    metrics = json.loads((run_dir / "metrics.json").read_text())["validation"]
+    records = _records(run_dir)
+    assert records[0]["source"] == " ".join(rows[24]["document"])  # a list of sentences reads as one document
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2"], use_stemmer=True)
+    for name in ("rouge1", "rouge2"):
+        best = [max(scorer.score(ref, r["predicted"])[name].fmeasure for ref in r["references"]) for r in records]
+        assert metrics[name] == pytest.approx(100 * sum(best) / len(best), abs=1e-3)
+    report = (run_dir / "report.md").read_text()
+    assert "| ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum |" in report and "Lowest-scoring examples (rougeL)" in report
+
+
+def test_empty_references_are_dropped_from_training_and_unscored_in_evaluation(tiny_t5_dir, tmp_path, caplog):
+    rows = number_rows(6, seed=4)
+    rows[1]["target"] = "  "
+    rows[2]["source"] = ""
+    recipe = _recipe(tiny_t5_dir, {"train": tmp_path / "t.jsonl"}, tmp_path / "run", {"type": "translation"})
+    tokenizer = AutoTokenizer.from_pretrained(tiny_t5_dir)
+    with caplog.at_level(logging.WARNING, logger="peftkit"):
+        tokenized, _ = seq2seq.prepare(recipe, {"train": Dataset.from_list(rows), "test": Dataset.from_list(rows)}, tokenizer)
+    assert len(tokenized["train"]) == 4 and len(tokenized["test"]) == 6
+    assert "2 of 6 rows" in caplog.text and "dropped" in caplog.text and "not scored" in caplog.text
+    rows = [{"source": "good", "target": ""}]
+    with pytest.raises(UserError, match="every row"):
+        seq2seq.prepare(recipe, {"train": Dataset.from_list(rows)}, tokenizer)
+
+
+def test_missing_target_column_names_the_key(tiny_t5_dir, tmp_path):
+    recipe = _recipe(tiny_t5_dir, {"train": tmp_path / "t.jsonl"}, tmp_path / "run", {"type": "translation", "target_column": "fr"})
+    with pytest.raises(UserError, match="no column 'fr'.*task.source_column/task.target_column"):
+        seq2seq.prepare(recipe, {"train": Dataset.from_list(number_rows(3, 1))}, AutoTokenizer.from_pretrained(tiny_t5_dir))
+
+
+def test_source_prefix_and_target_truncation(tiny_t5_dir, tmp_path):
+    task = {"type": "translation", "source_prefix": "translate good to bad : ", "max_target_length": 3}
+    recipe = _recipe(tiny_t5_dir, {"train": tmp_path / "t.jsonl"}, tmp_path / "run", task)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_t5_dir)
+    rows = [{"source": "fine", "target": "1 2 3 4 5"}]
+    tokenized, _ = seq2seq.prepare(recipe, {"train": Dataset.from_list(rows)}, tokenizer)
+    assert tokenizer.decode(tokenized["train"][0]["input_ids"], skip_special_tokens=True) == "good bad fine"
+    assert len(tokenized["train"][0]["labels"]) == 3
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "summarization" / "scitldr").is_dir(), reason="shared data absent")
+def test_scitldr_lists_become_documents_and_reference_sets(tiny_t5_dir, tmp_path):
+    from peftkit.data.sources import load_splits
+
+    recipe = _recipe(
+        tiny_t5_dir, {"train": SHARED_DATA / "summarization" / "scitldr" / "dev.jsonl"}, tmp_path / "run",
+        {"type": "summarization", "source_column": "source", "target_column": "target"},
+    )
+    splits = load_splits(recipe.data)
+    tokenized, _ = seq2seq.prepare(recipe, splits, AutoTokenizer.from_pretrained(tiny_t5_dir))
+    assert len(tokenized["train"]) == len(splits["train"]) > 600  # no SciTLDR row has an empty side
+    assert max(len(seq2seq.references(v)) for v in splits["train"]["target"]) > 1
