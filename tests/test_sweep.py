@@ -44,7 +44,7 @@ def test_sweep_three_trials(tiny_bert_dir, sentiment_files, tmp_path):
         for row in complete if float(row["f1_macro"]) == top
     )
     assert (sweep_dir / "results.png").stat().st_size > 1000
-    assert "| trial | training.learning_rate | adapter.r | f1_macro | state |" in (sweep_dir / "results.md").read_text()
+    assert "| trial | adapter.r | training.learning_rate | f1_macro | state |" in (sweep_dir / "results.md").read_text()
 
 
 class _Trial:
