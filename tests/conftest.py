@@ -122,6 +122,8 @@ def classification_recipe(model_dir: Path, files: dict[str, Path], run_dir: Path
         },
         "output": {"dir": str(run_dir), "tensorboard": False},
     }
+    if sections.get("adapter", {}).get("method", "lora") != "lora":
+        del recipe["adapter"]  # LoRA's options are errors for other methods
     return deep_merge(recipe, sections)
 
 

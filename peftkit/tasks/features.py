@@ -178,4 +178,4 @@ def _save_classifier(pipeline: Pipeline, pooling: str, info: dict, folder: Path)
 
 
 def predict(predictor: FittedClassifier, tokenized, raw, recipe: Recipe, info: dict) -> list[dict]:
-    return classification.records_from_probabilities(predictor.probabilities(tokenized), tokenized["labels"], raw, recipe, info)
+    return classification.records_from_probabilities(predictor.probabilities(tokenized), tokenized, raw, recipe, info)
