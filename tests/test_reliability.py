@@ -55,6 +55,14 @@ def uninterrupted(tiny_bert_dir, tmp_path_factory):
     return run_dir, files
 
 
+def _resume_matches(recipe_path: Path, uninterrupted_run: Path, run_dir: Path) -> None:
+    """An interrupted run left no adapter; `--resume` finishes it with the uninterrupted run's adapter."""
+    assert not (run_dir / "adapter").exists()
+    result = run_cli("train", str(recipe_path), "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_adapter(uninterrupted_run, run_dir)
+
+
 def _start_training(recipe_path: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.Popen(
@@ -81,10 +89,7 @@ def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(uninterrupted
     _wait_for(checkpoint.is_dir, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not (tmp_path / "run" / "adapter").exists()
-    result = run_cli("train", str(recipe_path), "--resume")
-    assert result.returncode == 0, result.stderr[-3000:]
-    _assert_same_adapter(full, tmp_path / "run")
+    _resume_matches(recipe_path, full, tmp_path / "run")
 
 
 def test_kill_during_a_save_resumes_from_the_previous_checkpoint(uninterrupted, tiny_bert_dir, tmp_path):
@@ -124,10 +129,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(uninterrupted, tiny_bert_d
     assert "SIGTERM received" in stderr and "Traceback" not in stderr
     saved = list((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
     assert len(saved) == 1 and (saved[0] / "trainer_state.json").is_file()
-    assert not (tmp_path / "run" / "adapter").exists()
-    result = run_cli("train", str(recipe_path), "--resume")
-    assert result.returncode == 0, result.stderr[-3000:]
-    _assert_same_adapter(full, tmp_path / "run")
+    _resume_matches(recipe_path, full, tmp_path / "run")
 
 
 def test_resume_with_a_changed_recipe_is_refused_unless_forced(uninterrupted, tiny_bert_dir, tmp_path):
