@@ -30,6 +30,8 @@ def sft_recipe(model_dir, files, run_dir, **sections) -> dict:
     }
     if "validation" not in files:
         recipe["training"].update(eval_strategy="no", save_strategy="no")
+    if sections.get("adapter", {}).get("method", "lora") != "lora":
+        del recipe["adapter"]  # LoRA's options are errors for other methods
     return deep_merge(recipe, sections)
 
 

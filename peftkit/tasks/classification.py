@@ -190,7 +190,10 @@ def report(records: list[dict], metrics: dict, split: str, run_dir: Path, worst:
         lines += ["| text | gold | predicted | p(gold) |", "|---|---|---|---|"]
         for record in errors[:worst]:
             text = record["text"] + (f" ‖ {record['text_pair']}" if "text_pair" in record else "")
-            lines.append(f"| {markdown_cell(text)} | {record['gold']} | {record['predicted']} | {record['probability']:.3f} |")
+            lines.append(
+                f"| {markdown_cell(text)} | {record['gold']} | {markdown_cell(record['predicted'])} "
+                f"| {record['gold_probability']:.3f} |"
+            )
     return "\n".join(lines)
 
 
