@@ -124,3 +124,8 @@ def test_shipped_recipes_validate():
     assert len(recipes) > 10
     for path in sorted(recipes):
         load_recipe(path)
+
+
+def test_yaml_no_means_the_strategy_no():
+    recipe = validate_recipe({**MINIMAL, **yaml.safe_load("training: {eval_strategy: no, save_strategy: no}")})
+    assert recipe.training.eval_strategy == "no" and recipe.training.save_strategy == "no"

@@ -380,6 +380,12 @@ class TrainingSection(Section):
         None, gt=0, description="Treat a gradient norm above this as divergence (handled like on_nonfinite)."
     )
 
+    @field_validator("eval_strategy", "save_strategy", mode="before")
+    @classmethod
+    def _yaml_no_is_a_strategy(cls, value):
+        # YAML 1.1 reads a bare `no` as false; `eval_strategy: no` means the strategy "no".
+        return "no" if value is False else value
+
     @model_validator(mode="after")
     def _cadence_fits(self) -> TrainingSection:
         if self.early_stopping_patience and self.eval_strategy == "no":
