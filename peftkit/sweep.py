@@ -30,7 +30,7 @@ from peftkit.errors import UserError
 from peftkit.recipe.load import load_recipe, set_key_path, validate_recipe
 from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import recipe_as_yaml, run_dir_for, write_text_atomic
-from peftkit.tasks import get_task
+from peftkit.tasks import best_metric_name
 
 log = logging.getLogger("peftkit")
 
@@ -111,7 +111,7 @@ class PruningCallback(TrainerCallback):
 
 
 def objective_metric(recipe: Recipe, space: SearchSpace) -> tuple[str, str]:
-    metric = space.metric or recipe.training.metric_for_best or get_task(recipe.task.type).DEFAULT_METRIC
+    metric = space.metric or best_metric_name(recipe)
     direction = space.direction or ("minimize" if metric.endswith(("loss", "perplexity")) else "maximize")
     return metric, direction
 

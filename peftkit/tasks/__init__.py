@@ -55,3 +55,8 @@ def get_task(task_type: str) -> ModuleType:
 def task_for_peft_type(peft_task_type: str | None) -> str | None:
     """The task that deploys adapters of a peft task type (for adapters trained outside peftkit)."""
     return next((name for name, module in TASKS.items() if module.PEFT_TASK_TYPE == peft_task_type), None)
+
+
+def best_metric_name(recipe) -> str:
+    """The validation metric that picks the best checkpoint: the recipe's choice, else the task's default."""
+    return recipe.training.metric_for_best or get_task(recipe.task.type).DEFAULT_METRIC

@@ -51,7 +51,7 @@ from peftkit.run_folder import (
     write_jsonl,
     write_text_atomic,
 )
-from peftkit.tasks import get_task
+from peftkit.tasks import best_metric_name, get_task
 from peftkit.training.arguments import build_training_args, training_setup
 from peftkit.training.checkpoints import CheckSavedWeights, check_saved_weights, last_complete_checkpoint
 from peftkit.errors import Preempted
@@ -69,7 +69,7 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
     world_size = launched_world_size()
     check_launcher_agrees(recipe, os.environ, world_size)
     adopt_recipe_sharding()
-    best_metric = recipe.training.metric_for_best or task.DEFAULT_METRIC
+    best_metric = best_metric_name(recipe)
     # Built before the model is loaded: under ZeRO-3 this makes from_pretrained load partitioned weights.
     args = build_training_args(recipe, run_dir_for(recipe), best_metric, world_size)
     state = PartialState()
@@ -164,7 +164,7 @@ def fit_with_trainer(
         parameters=parameters,
         train_metrics={**train_output.metrics, "global_step": trainer.state.global_step},
         best_checkpoint=trainer.state.best_model_checkpoint,
-        best_metric_name=recipe.training.metric_for_best or task.DEFAULT_METRIC,
+        best_metric_name=best_metric_name(recipe),
         best_metric=trainer.state.best_metric,
         log_history=trainer.state.log_history,
         summary={"skipped_steps": trainer.skipped_steps},
