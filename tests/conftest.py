@@ -263,3 +263,40 @@ def llama_adapters(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
         model.save_pretrained(root / name)
         adapters[name] = root / name
     return adapters
+
+
+def train_tiny_qa_run(model_dir: Path, directory: Path, seed: int = 7, **sections) -> Path:
+    """A short LoRA extractive-QA run on the tiny BERT: 32-token windows with stride 8, so contexts need several."""
+    from peftkit.recipe.load import deep_merge, validate_recipe
+    from peftkit.training.run import train
+
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {
+        "train": write_jsonl(directory / "train.jsonl", qa_rows(48, seed=seed)),
+        "test": write_jsonl(directory / "test.jsonl", qa_rows(12, seed=seed + 1)),
+    }
+    recipe = classification_recipe(
+        model_dir, files, directory / "run", data={"max_length": 32},
+        training={"max_steps": 12, "eval_strategy": "no", "save_strategy": "no", "seed": seed, "logging_steps": 4},
+        evaluation={"splits": ["test"], "worst_examples": 0},
+    )
+    recipe["task"] = {"type": "extractive_qa", "doc_stride": 8}
+    return train(validate_recipe(deep_merge(recipe, sections)))
+
+
+@pytest.fixture(scope="session")
+def qa_adapters(tiny_bert_dir, tmp_path_factory) -> dict[str, Path]:
+    """A trained extractive-QA run (`first`) and a copy of its adapter with perturbed weights (`second`)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("qa-runs")
+    run = train_tiny_qa_run(tiny_bert_dir, root / "first")
+    second = root / "second"
+    shutil.copytree(run / "adapter", second)
+    weights = load_file(second / "adapter_model.safetensors")
+    torch.manual_seed(3)
+    save_file({k: v + 0.5 * torch.randn_like(v) for k, v in weights.items()}, second / "adapter_model.safetensors")
+    return {"first": run, "second": second}

@@ -131,3 +131,23 @@ def test_causal_generation_mixed_batch_equals_each_row_alone(llama_adapters, tin
     logits_mixed = attached.logits(rows, names)
     for row, name, got in zip(rows, names, logits_mixed):
         assert torch.allclose(got, attached.logits([row], name)[0], atol=1e-5)
+
+
+def test_qa_spans_equal_the_runs_predictions_and_mixed_batches_equal_rows_alone(qa_adapters, tiny_bert_dir):
+    run = qa_adapters["first"]
+    attached = AttachedModel(str(tiny_bert_dir), {name: str(path) for name, path in qa_adapters.items()})
+    expected = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    rows = [{"question": record["question"], "context": record["context"]} for record in expected]
+    assert max(len(row["context"].split()) for row in rows) > 32  # some contexts need several 32-token windows
+    answers = attached.predict(rows, "first")
+    assert [answer["answer"] for answer in answers] == [record["predicted"] for record in expected]
+    for row, answer in zip(rows, answers):
+        assert row["context"][answer["start"]:answer["end"]] == answer["answer"] != ""
+    names = ["first", "second", BASE_ADAPTER, "second", "first", "second"]
+    mixed = attached.predict(rows[:6], names)
+    for row, name, got in zip(rows, names, mixed):
+        alone = attached.predict([row], name)[0]
+        assert (got["answer"], got["start"], got["end"]) == (alone["answer"], alone["start"], alone["end"])
+        assert got["score"] == pytest.approx(alone["score"], abs=1e-4)
+    assert [a["answer"] for a in attached.predict(rows, "second")] != [a["answer"] for a in answers]  # adapters differ
+    attached.check_rows([{"question": "which number", "context": "good " * 300}])  # long contexts are windowed

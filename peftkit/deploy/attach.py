@@ -123,7 +123,7 @@ class AttachedModel:
         if self.task_type is None:
             raise UserError("no adapter is attached; load one first")
         fields = self.task.INPUT_FIELDS
-        limit = getattr(self.config, "max_position_embeddings", None)
+        limit = None if getattr(self.task, "WINDOWS_LONG_INPUTS", False) else getattr(self.config, "max_position_embeddings", None)
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise UserError(f"input {i}: expected an object with fields {sorted(fields)}")
@@ -152,13 +152,16 @@ class AttachedModel:
         """Task answers for `rows`; `adapters` is None (active), a name, or one name per row (mixed batch)."""
         with self._lock:
             names = self.resolve(len(rows), adapters)
-            infos = [self.adapters[name].info if name != BASE_ADAPTER else self.adapters[self.active].info for name in names]
-            return self.task.infer(self.model, self.tokenizer, rows, infos, self._adapter_names(names), **generation)
+            return self.task.infer(self.model, self.tokenizer, rows, self._infos(names), self._adapter_names(names), **generation)
 
     def logits(self, rows: list[dict], adapters: str | list[str] | None = None) -> list[torch.Tensor]:
         with self._lock:
             names = self.resolve(len(rows), adapters)
-            return self.task.forward_logits(self.model, self.tokenizer, rows, self._adapter_names(names))
+            return self.task.forward_logits(self.model, self.tokenizer, rows, self._adapter_names(names), self._infos(names))
+
+    def _infos(self, names: list[str]) -> list[dict]:
+        """Task info per row; rows without an adapter decode with the active adapter's (its labels, its windows)."""
+        return [self.adapters[name if name != BASE_ADAPTER else self.active].info for name in names]
 
     def _adapter_names(self, names: list[str]) -> list[str] | None:
         """peft names per row; None when every row uses the active adapter (the plain forward is faster)."""

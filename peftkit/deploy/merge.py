@@ -80,11 +80,12 @@ def merge_run(
     tokenizer = AutoTokenizer.from_pretrained(adapter.path)
     rows = _verification_rows(recipe, task, samples)
     attached = PeftModel.from_pretrained(full_precision_base(recipe, task, adapter, onto), str(adapter.path)).eval()
-    reference = task.forward_logits(attached, tokenizer, rows)
-    trained = task.forward_logits(trained_model(recipe, task, adapter), tokenizer, rows) if recipe.quantization.bits else None
+    infos = [adapter.info] * len(rows)
+    reference = task.forward_logits(attached, tokenizer, rows, infos=infos)
+    trained = task.forward_logits(trained_model(recipe, task, adapter), tokenizer, rows, infos=infos) if recipe.quantization.bits else None
 
     merged = attached.merge_and_unload().to(torch_dtype(dtype_name)).eval()
-    merged_outputs = task.forward_logits(merged, tokenizer, rows)
+    merged_outputs = task.forward_logits(merged, tokenizer, rows, infos=infos)
     result = MergeResult(
         out_dir, dtype_name, onto, compare_outputs(reference, merged_outputs),
         compare_outputs(trained, merged_outputs) if trained is not None else None, tolerance,

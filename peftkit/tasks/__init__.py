@@ -26,8 +26,12 @@ needs no `load_model`/`head_modules`/`collator`/`compute_metrics`.
 and, for deployment (`peftkit.deploy`: merge, multi-adapter inference, the HTTP server):
 - `AUTO_CLASS`, `model_kwargs(info)`: how to load the base with the task's head (`load_model` uses both)
 - `INPUT_FIELDS`: `{field: required}` of one inference input row, e.g. `{"text": True, "text_pair": False}`
+- `WINDOWS_LONG_INPUTS` (optional, default False): True when inputs longer than the model's context are split into
+  windows (extractive QA), so deployment does not refuse them
+- `GENERATES` (optional, default False): True when `infer` generates text and takes `max_new_tokens` (one per row)
 - `inference_rows(recipe, dataset) -> rows`: a data split as inference rows (merge verification)
-- `forward_logits(model, tokenizer, rows, adapter_names) -> [tensor per row]`: raw outputs to compare models
+- `forward_logits(model, tokenizer, rows, adapter_names, infos) -> [tensor per row]`: raw outputs to compare models
+  (argmax over the last dimension is a prediction)
 - `infer(model, tokenizer, rows, infos, adapter_names, **generation) -> [answer dict per row]`; `infos[i]` is the
   task info of row i's adapter and `adapter_names[i]` its peft adapter name (peft mixed-adapter batches)
 """

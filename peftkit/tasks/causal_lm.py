@@ -372,6 +372,7 @@ def report(records: list[dict], metrics: dict, split: str, run_dir: Path, worst:
 # --- inference for deployment (peftkit.deploy): attach adapters, generate, compare logits ---
 
 AUTO_CLASS = AutoModelForCausalLM
+GENERATES = True
 INPUT_FIELDS = {"prompt": True}
 DEFAULT_MAX_NEW_TOKENS = 32
 
@@ -380,7 +381,8 @@ def model_kwargs(info: dict) -> dict:
     return {}
 
 
-def forward_logits(model, tokenizer, rows: list[dict], adapter_names: list[str] | None = None) -> list[torch.Tensor]:
+def forward_logits(model, tokenizer, rows: list[dict], adapter_names: list[str] | None = None,
+                   infos: list[dict] | None = None) -> list[torch.Tensor]:
     """Next-token logits at every prompt position, one `[tokens, vocab]` tensor per row.
 
     Right padding keeps each row's positions identical to running it alone.

@@ -210,7 +210,8 @@ def inference_rows(recipe: Recipe, dataset) -> list[dict]:
     return rows
 
 
-def forward_logits(model, tokenizer, rows: list[dict], adapter_names: list[str] | None = None) -> list[torch.Tensor]:
+def forward_logits(model, tokenizer, rows: list[dict], adapter_names: list[str] | None = None,
+                   infos: list[dict] | None = None) -> list[torch.Tensor]:
     """Class logits, one tensor per row; `adapter_names` picks a peft adapter per row (mixed batch)."""
     pairs = [row.get("text_pair") for row in rows]
     inputs = tokenizer(

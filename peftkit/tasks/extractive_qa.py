@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from transformers import AutoModelForQuestionAnswering, DataCollatorWithPadding
 
 from peftkit.data.sources import require_columns, split_origin
@@ -20,7 +21,7 @@ from peftkit.errors import UserError
 from peftkit.evaluation.analysis import length_bucket_table, lowest_scoring_table, word_count
 from peftkit.evaluation.text_metrics import exact_match, token_f1
 from peftkit.models.load import load_base_model
-from peftkit.recipe.schema import Recipe
+from peftkit.recipe.schema import DataSection, ExtractiveQATask, Recipe
 
 log = logging.getLogger("peftkit")
 
@@ -30,6 +31,8 @@ HEAD_NAMES = ("qa_outputs",)
 N_BEST = 20
 # Columns a feature carries for mapping predictions back to text; the collator drops them.
 _FEATURE_METADATA = ("example_index", "offset_mapping")
+# Recipe settings that windowing and span decoding need at inference; the task info carries them to deployment.
+_DECODING_KEYS = ("doc_stride", "max_answer_tokens", "allow_unanswerable", "null_score_threshold")
 
 
 def normalize_answers(value: Any, context: str) -> tuple[list[str], list[int | None]]:
@@ -80,7 +83,7 @@ def _examples(dataset, task, split: str, source: str, labelled: bool) -> list[di
         context, question = row[task.context_column], row[task.question_column]
         if not isinstance(context, str) or not context.strip() or not isinstance(question, str) or not question.strip():
             raise UserError(f"data.{split}: `{source}` row {index} has an empty question or context")
-        example = {"question": question.lstrip(), "context": context, "answer_start": None, "trainable": True}
+        example = {"question": question, "context": context, "answer_start": None, "trainable": True}
         if labelled:
             texts, starts = normalize_answers(row[task.answers_column], context)
             located = [locate_answer(text, start, context) for text, start in zip(texts, starts)]
@@ -129,30 +132,52 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
                 raise UserError(f"data.train: no answer in `{source}` occurs in its context; check the answers column")
         # Evaluation windows keep their example index and offsets so that predict() can map spans back to text.
         tokenized[split] = _windows(examples, tokenizer, recipe, keep_metadata=split != "train")
-    return tokenized, {}
+    return tokenized, decoding_settings(recipe)
+
+
+def decoding_settings(recipe: Recipe) -> dict:
+    """Window size, stride and span rules of a run: its task info, so that deployment decodes as evaluation did."""
+    return {"max_length": recipe.data.max_length, **recipe.task.model_dump(include=set(_DECODING_KEYS))}
+
+
+def _settings(info: dict) -> dict:
+    """An adapter's decoding settings; schema defaults fill in what adapters trained elsewhere do not record."""
+    defaults = {"max_length": DataSection.model_fields["max_length"].default}
+    defaults.update({key: ExtractiveQATask.model_fields[key].default for key in _DECODING_KEYS})
+    return {**defaults, **{key: info[key] for key in defaults if key in info}}
+
+
+def _tokenize_windows(tokenizer, questions: list[str], contexts: list[str], max_length: int, stride: int):
+    """Overlapping windows of each (question, context), and per window the context character span of every token.
+
+    Offsets of question and special tokens are blanked ([-1, -1]) so that spans can only come from the context.
+    """
+    try:
+        encoded = tokenizer(
+            [question.lstrip() for question in questions], contexts, truncation="only_second", max_length=max_length,
+            stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True,
+        )
+    except Exception as exc:  # the tokenizer refuses a question that leaves no room for the context
+        raise UserError(f"a question does not fit a window of {max_length} tokens with its context: {str(exc)[:200]}") from None
+    offsets = []
+    for feature, mapping in enumerate(encoded["offset_mapping"]):
+        sequence_ids = encoded.sequence_ids(feature)
+        offsets.append([list(span) if sequence_ids[i] == 1 else [-1, -1] for i, span in enumerate(mapping)])
+    return encoded, offsets
 
 
 def _windows(examples: list[dict], tokenizer, recipe: Recipe, keep_metadata: bool):
     import datasets
 
-    encoded = tokenizer(
-        [e["question"] for e in examples],
-        [e["context"] for e in examples],
-        truncation="only_second",
-        max_length=recipe.data.max_length,
-        stride=recipe.task.doc_stride,
-        return_overflowing_tokens=True,
-        return_offsets_mapping=True,
+    encoded, offsets = _tokenize_windows(
+        tokenizer, [e["question"] for e in examples], [e["context"] for e in examples], recipe.data.max_length,
+        recipe.task.doc_stride,
     )
-    starts, ends, offsets = [], [], []
+    starts, ends = [], []
     for feature, example_index in enumerate(encoded["overflow_to_sample_mapping"]):
-        sequence_ids = encoded.sequence_ids(feature)
-        mapping = encoded["offset_mapping"][feature]
-        start, end = _answer_tokens(examples[example_index], mapping, sequence_ids)
+        start, end = _answer_tokens(examples[example_index], encoded["offset_mapping"][feature], encoded.sequence_ids(feature))
         starts.append(start)
         ends.append(end)
-        # Offsets of question and special tokens are blanked so that spans can only come from the context.
-        offsets.append([list(span) if sequence_ids[i] == 1 else [-1, -1] for i, span in enumerate(mapping)])
     columns = {name: encoded[name] for name in ("input_ids", "attention_mask", "token_type_ids") if name in encoded}
     columns.update(start_positions=starts, end_positions=ends)
     if keep_metadata:
@@ -210,16 +235,13 @@ def predict(trainer, tokenized, raw, recipe: Recipe, info: dict) -> list[dict]:
         by_example.setdefault(example_index, []).append(feature)
     offsets = tokenized["offset_mapping"]
     task = recipe.task
+    settings = decoding_settings(recipe)
     labelled = task.answers_column in raw.column_names
     records = []
     for example_index, row in enumerate(raw):
         context = row[task.context_column]
         features = by_example.get(example_index, [])
-        answer, null_score = _best_span(features, start_logits, end_logits, offsets, context, task.max_answer_tokens)
-        if task.allow_unanswerable and (answer is None or null_score > answer[1] + task.null_score_threshold):
-            predicted = ""
-        else:
-            predicted = answer[0] if answer else ""
+        predicted = _answer(features, start_logits, end_logits, offsets, context, settings)["answer"]
         record = {"id": row["id"]} if "id" in row else {}
         record.update(question=row[task.question_column], context=context, predicted=predicted)
         gold = normalize_answers(row[task.answers_column], context)[0] if labelled else []
@@ -231,8 +253,18 @@ def predict(trainer, tokenized, raw, recipe: Recipe, info: dict) -> list[dict]:
     return records
 
 
-def _best_span(features, start_logits, end_logits, offsets, context: str, max_tokens: int):
-    """((text, score) of the best valid span, or None; the lowest no-answer score over windows)."""
+def _answer(features, start_logits, end_logits, offsets, context: str, settings: dict) -> dict:
+    """The best span over a question's windows as answer text, character start/end and score (start + end logit);
+    empty (start/end None) when no span is valid, or when unanswerable questions are allowed and no-answer wins."""
+    best, null_score = _best_span(features, start_logits, end_logits, offsets, settings["max_answer_tokens"])
+    if best is None or (settings["allow_unanswerable"] and null_score > best[2] + settings["null_score_threshold"]):
+        return {"answer": "", "start": None, "end": None, "score": round(null_score, 6) if features else None}
+    start, end, score = best
+    return {"answer": context[start:end], "start": start, "end": end, "score": round(score, 6)}
+
+
+def _best_span(features, start_logits, end_logits, offsets, max_tokens: int):
+    """((start char, end char, score) of the best valid span, or None; the lowest no-answer score over windows)."""
     best, null_score = None, float("inf")
     for feature in features:
         starts, ends, mapping = start_logits[feature], end_logits[feature], offsets[feature]
@@ -246,8 +278,8 @@ def _best_span(features, start_logits, end_logits, offsets, context: str, max_to
                 if end < start or end - start + 1 > max_tokens:
                     continue
                 score = float(starts[start] + ends[end])
-                if best is None or score > best[1]:
-                    best = (context[mapping[start][0] : mapping[end][1]], score)
+                if best is None or score > best[2]:
+                    best = (mapping[start][0], mapping[end][1], score)
     return best, null_score
 
 
@@ -303,3 +335,60 @@ def report(records: list[dict], metrics: dict, split: str, run_dir: Path, worst:
         )
     )
     return "\n".join(lines)
+
+
+# --- inference for deployment (peftkit.deploy): windows of every row in one forward pass, spans per row ---
+
+AUTO_CLASS = AutoModelForQuestionAnswering
+INPUT_FIELDS = {"question": True, "context": True}
+WINDOWS_LONG_INPUTS = True  # a context longer than the model's window is split, not refused
+
+
+def model_kwargs(info: dict) -> dict:
+    return {}
+
+
+def inference_rows(recipe: Recipe, dataset) -> list[dict]:
+    task = recipe.task
+    return [{"question": row[task.question_column], "context": row[task.context_column]} for row in dataset]
+
+
+def _window_logits(model, tokenizer, rows: list[dict], infos: list[dict], adapter_names: list[str] | None):
+    """Per row: its windows' context offsets and start/end logits ([windows, tokens] each, padding cut off).
+
+    Each row is windowed with its own adapter's settings; all windows run as one batch, each with its row's adapter.
+    """
+    windows, owners = [], []
+    for i, (row, info) in enumerate(zip(rows, infos)):
+        settings = _settings(info)
+        encoded, offsets = _tokenize_windows(tokenizer, [row["question"]], [row["context"]], settings["max_length"], settings["doc_stride"])
+        for feature, mapping in enumerate(offsets):
+            windows.append({key: encoded[key][feature] for key in ("input_ids", "attention_mask", "token_type_ids") if key in encoded})
+            owners.append((i, mapping))
+    inputs = tokenizer.pad(windows, return_tensors="pt").to(model.device)
+    names = {"adapter_names": [adapter_names[i] for i, _ in owners]} if adapter_names else {}
+    with torch.inference_mode():
+        output = model(**inputs, **names)
+    per_row = [([], [], []) for _ in rows]
+    for feature, (i, mapping) in enumerate(owners):
+        offsets, starts, ends = per_row[i]
+        offsets.append(mapping)
+        starts.append(output.start_logits[feature, : len(mapping)].float().cpu())
+        ends.append(output.end_logits[feature, : len(mapping)].float().cpu())
+    return per_row
+
+
+def forward_logits(model, tokenizer, rows: list[dict], adapter_names: list[str] | None = None,
+                   infos: list[dict] | None = None) -> list[torch.Tensor]:
+    """Start and end logits of every token of every window, one `[2, tokens]` tensor per row (argmax: best start/end)."""
+    per_row = _window_logits(model, tokenizer, rows, infos or [{}] * len(rows), adapter_names)
+    return [torch.stack([torch.cat(starts), torch.cat(ends)]) for _, starts, ends in per_row]
+
+
+def infer(model, tokenizer, rows: list[dict], infos: list[dict], adapter_names: list[str] | None = None, **_generation) -> list[dict]:
+    """The answer span of each row: text, character start/end in the context (end exclusive) and score."""
+    answers = []
+    for row, info, (offsets, starts, ends) in zip(rows, infos, _window_logits(model, tokenizer, rows, infos, adapter_names)):
+        starts, ends = [s.numpy() for s in starts], [e.numpy() for e in ends]
+        answers.append(_answer(range(len(offsets)), starts, ends, offsets, row["context"], _settings(info)))
+    return answers
