@@ -82,3 +82,27 @@ def test_qlora_merge_onto_dequantized_weights_reproduces_the_trained_model(tiny_
     assert "4-bit (nf4) base" in (tmp_path / "dequantized" / "README.md").read_text()
     with pytest.raises(UserError, match="needs a run trained on a quantized base"):
         merge_run(train_tiny_run(tiny_bert_dir, tmp_path / "plain"), tmp_path / "x", onto="dequantized")
+
+
+def test_qa_merge_verifies_and_plain_transformers_gives_the_same_spans(qa_adapters, tiny_bert_dir, tmp_path):
+    from transformers import AutoModelForQuestionAnswering
+
+    from peftkit.cli import main
+    from peftkit.tasks import extractive_qa
+
+    run = qa_adapters["first"]
+    assert main(["merge", str(run), "--out", str(tmp_path / "merged")]) == 0
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "AutoModelForQuestionAnswering" in card and "predictions agree on 100.00%" in card
+    records = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    rows = [{"question": record["question"], "context": record["context"]} for record in records]
+    info = json.loads((run / "task.json").read_text())
+    plain = AutoModelForQuestionAnswering.from_pretrained(tmp_path / "merged").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    merged = extractive_qa.infer(plain, tokenizer, rows, [info] * len(rows))
+    attached = AttachedModel(str(tiny_bert_dir), {"first": str(run)})
+    alone = attached.predict(rows)
+    assert [(a["answer"], a["start"], a["end"]) for a in merged] == [(a["answer"], a["start"], a["end"]) for a in alone]
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(merged, alone)) < 1e-5
+    for got, expected in zip(extractive_qa.forward_logits(plain, tokenizer, rows, infos=[info] * len(rows)), attached.logits(rows)):
+        assert torch.allclose(got, expected, atol=1e-5)

@@ -38,3 +38,24 @@ def test_cli_predict_with_an_adapter_column(bert_runs, tiny_bert_dir, tmp_path):
         "--output", str(tmp_path / "x"), "--adapter-column", "which",
     )
     assert unknown.returncode == 2 and "unknown adapter 'quality'" in unknown.stderr
+
+
+def test_predict_qa_spans_with_two_adapters(qa_adapters, tiny_bert_dir, tmp_path):
+    from peftkit.cli import main
+
+    records = [json.loads(line) for line in (qa_adapters["first"] / "predictions.jsonl").read_text().splitlines()][:4]
+    rows = [{"question": r["question"], "context": r["context"], "which": w} for r, w in zip(records, ["first", "second"] * 2)]
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    code = main([
+        "predict", "--base", str(tiny_bert_dir), "--adapter", f"first={qa_adapters['first']}",
+        "--adapter", f"second={qa_adapters['second']}", "--input", str(source), "--output", str(tmp_path / "out.jsonl"),
+        "--adapter-column", "which",
+    ])
+    assert code == 0
+    answers = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    attached = AttachedModel(str(tiny_bert_dir), {name: str(path) for name, path in qa_adapters.items()})
+    for row, answer in zip(rows, answers):
+        expected = attached.predict([{"question": row["question"], "context": row["context"]}], row["which"])[0]
+        assert answer["adapter"] == row["which"] and answer["answer"] == expected["answer"]
+        assert row["context"][answer["start"]:answer["end"]] == answer["answer"]
+    assert answers[0]["answer"] == records[0]["predicted"]  # the run's own adapter gives the run's own span

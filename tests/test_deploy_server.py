@@ -147,3 +147,19 @@ def test_cli_serve_binds_loopback_and_answers(bert_runs, tiny_bert_dir, tmp_path
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_qa_server_answers_spans(qa_adapters, tiny_bert_dir, start_server):
+    attached = AttachedModel(str(tiny_bert_dir), {name: str(path) for name, path in qa_adapters.items()})
+    url = start_server(attached, window_ms=200)
+    context = "the movie was good and 7 lovely people " * 6  # longer than one 32-token window
+    bodies = [{"adapter": name, "inputs": [{"question": "which number", "context": context}]} for name in ("first", "second")]
+    responses = asyncio.run(_post_together(f"{url}/v1/predict", bodies))
+    for body, response in zip(bodies, responses):
+        assert response.status_code == 200, response.text
+        answer = response.json()["predictions"][0]
+        assert set(answer) == {"answer", "start", "end", "score"} and context[answer["start"]:answer["end"]] == answer["answer"]
+        alone = attached.predict(body["inputs"], body["adapter"])[0]
+        assert answer == {**alone, "score": pytest.approx(alone["score"], abs=1e-4)}
+    missing = httpx.post(f"{url}/v1/predict", json={"inputs": [{"question": "which number"}]})
+    assert missing.status_code == 400 and "context" in missing.json()["error"]["message"]
