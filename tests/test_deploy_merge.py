@@ -8,11 +8,12 @@ import sys
 
 import pytest
 import torch
+from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from tests.conftest import run_cli, train_tiny_run
-from peftkit.deploy.attach import AttachedModel
-from peftkit.deploy.merge import merge_run
+from peftkit.deploy.attach import BASE_ADAPTER, AttachedModel
+from peftkit.deploy.merge import merge_run, read_recipe
 from peftkit.errors import UserError
 
 TEXTS = ["the movie was great", "awful service and sad food", "a lovely place", "boring it was", "really fine"]
@@ -106,3 +107,52 @@ def test_qa_merge_verifies_and_plain_transformers_gives_the_same_spans(qa_adapte
     assert max(abs(a["score"] - b["score"]) for a, b in zip(merged, alone)) < 1e-5
     for got, expected in zip(extractive_qa.forward_logits(plain, tokenizer, rows, infos=[info] * len(rows)), attached.logits(rows)):
         assert torch.allclose(got, expected, atol=1e-5)
+
+
+def _generative_run(model_dir, directory, task: dict, rows: list[dict]):
+    """A 3-step LoRA run of a generating task (translation on T5, SFT on Llama) with 6 test rows."""
+    from tests.conftest import classification_recipe, write_jsonl
+    from peftkit.recipe.load import validate_recipe
+    from peftkit.training.run import train
+
+    directory.mkdir()
+    files = {"train": write_jsonl(directory / "train.jsonl", rows[:24]), "test": write_jsonl(directory / "test.jsonl", rows[24:30])}
+    recipe = classification_recipe(
+        model_dir, files, directory / "run", adapter={"r": 4, "alpha": 32, "target_modules": "all-linear"},
+        training={"max_steps": 3, "eval_strategy": "no", "save_strategy": "no", "batch_size": 8, "learning_rate": 5e-2},
+        generation={"max_new_tokens": 3}, evaluation={"splits": ["test"], "worst_examples": 0},
+    )
+    return train(validate_recipe({**recipe, "task": task}))
+
+
+@pytest.mark.parametrize("kind", ["translation", "causal_lm"])
+def test_generative_merges_equal_the_attached_adapter(kind, tiny_t5_dir, tiny_llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from tests.conftest import number_rows, sentiment_rows
+    from peftkit.tasks import get_task
+
+    if kind == "translation":
+        base, auto_class, rows = tiny_t5_dir, AutoModelForSeq2SeqLM, number_rows(30, seed=1)
+        task = {"type": "translation", "source_prefix": "translate: "}
+    else:
+        base, auto_class, rows = tiny_llama_dir, AutoModelForCausalLM, sentiment_rows(30, seed=1)
+        task = {"type": "causal_lm", "prompt": "{text}", "response": "{label}", "chat_template": "plain"}
+    run = _generative_run(base, tmp_path / kind, task, rows)
+    result = merge_run(run, tmp_path / "merged")
+    assert result.verification.max_abs_diff < 1e-5 and result.verification.agreement == 1.0
+    assert (tmp_path / "merged" / "generation_config.json").exists()
+
+    module = get_task(kind)
+    info = json.loads((run / "task.json").read_text())
+    verification_rows = module.inference_rows(read_recipe(run), Dataset.from_list(rows[24:30]))
+    attached = AttachedModel(str(base), {"run": str(run)})
+    plain = auto_class.from_pretrained(tmp_path / "merged").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    merged = module.forward_logits(plain, tokenizer, verification_rows, infos=[info] * len(verification_rows))
+    for got, expected, base_logits in zip(merged, attached.logits(verification_rows), attached.logits(verification_rows, BASE_ADAPTER)):
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert not torch.allclose(got, base_logits, atol=1e-3)  # the adapter changed the model
+    inputs = [{field: row[field] for field in module.INPUT_FIELDS} for row in verification_rows]
+    generated = module.infer(plain, tokenizer, inputs, [info] * len(inputs), max_new_tokens=4)
+    assert generated == attached.predict(inputs, max_new_tokens=4)

@@ -381,6 +381,13 @@ def model_kwargs(info: dict) -> dict:
     return {}
 
 
+def inference_rows(recipe: Recipe, dataset) -> list[dict]:
+    """Each row's conversation as plain text (message contents, one per line): prompt and response, so that merge
+    verification compares the logits on the response tokens the adapter learned."""
+    names = recipe.task.labels
+    return [{"prompt": "\n".join(m["content"] for m in conversation(row, recipe, names))} for row in dataset]
+
+
 def forward_logits(model, tokenizer, rows: list[dict], adapter_names: list[str] | None = None,
                    infos: list[dict] | None = None) -> list[torch.Tensor]:
     """Next-token logits at every prompt position, one `[tokens, vocab]` tensor per row.
@@ -411,10 +418,15 @@ def infer(
             **inputs, max_new_tokens=max(limits), pad_token_id=tokenizer.pad_token_id,
             **sampling, **({"adapter_names": adapter_names} if adapter_names else {}),
         )
+    return generated_answers(model, tokenizer, output[:, inputs["input_ids"].shape[1]:].tolist(), limits)
+
+
+def generated_answers(model, tokenizer, generated: list[list[int]], limits: list[int]) -> list[dict]:
+    """Text, token count and finish reason of each row's new tokens, cut at its own limit and first end token."""
     answers = []
     eos = {tokenizer.eos_token_id, *(_as_list(model.generation_config.eos_token_id))} - {None}
-    for generated, limit in zip(output[:, inputs["input_ids"].shape[1]:].tolist(), limits):
-        tokens = generated[:limit]
+    for tokens, limit in zip(generated, limits):
+        tokens = tokens[:limit]
         stop = next((i for i, token in enumerate(tokens) if token in eos), None)
         finish_reason = "stop" if stop is not None else "length"
         tokens = tokens[:stop] if stop is not None else tokens  # padding only ever follows an end-of-sequence token

@@ -17,11 +17,15 @@ from peftkit.errors import UserError
 from peftkit.evaluation.analysis import length_bucket_table, lowest_scoring_table, word_count
 from peftkit.models.load import load_base_model
 from peftkit.recipe.schema import Recipe
+from peftkit.tasks.causal_lm import DEFAULT_MAX_NEW_TOKENS, generated_answers
 
 log = logging.getLogger("peftkit")
 
 # The half of the task contract both tasks take as is (`from peftkit.tasks.seq2seq import *`).
-__all__ = ["PEFT_TASK_TYPE", "DEFAULT_METRIC", "prepare", "load_model", "head_modules", "collator", "compute_metrics"]
+__all__ = [
+    "PEFT_TASK_TYPE", "DEFAULT_METRIC", "prepare", "load_model", "head_modules", "collator", "compute_metrics",
+    "AUTO_CLASS", "GENERATES", "INPUT_FIELDS", "model_kwargs", "inference_rows", "forward_logits", "infer",
+]
 
 PEFT_TASK_TYPE = "SEQ_2_SEQ_LM"
 DEFAULT_METRIC = "loss"  # periodic evaluation is teacher-forced; the final evaluation generates
@@ -76,7 +80,8 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
             first = [refs[0] if refs else "" for refs in targets]
             columns["labels"] = tokenizer(text_target=first, truncation=True, max_length=task.max_target_length)["input_ids"]
         tokenized[split] = datasets.Dataset.from_dict(columns)
-    return tokenized, {}
+    # Deployment encodes sources as training did: same prefix, same truncation.
+    return tokenized, {"source_prefix": task.source_prefix, "max_length": recipe.data.max_length}
 
 
 def load_model(recipe: Recipe, info: dict):
@@ -152,3 +157,65 @@ def error_analysis(records: list[dict], score_name: str, worst: int) -> str:
         ),
     ]
     return "\n".join(lines)
+
+
+# --- inference for deployment (peftkit.deploy): attach adapters, generate, compare logits ---
+
+AUTO_CLASS = AutoModelForSeq2SeqLM
+GENERATES = True
+INPUT_FIELDS = {"text": True}
+
+
+def model_kwargs(info: dict) -> dict:
+    return {}
+
+
+def inference_rows(recipe: Recipe, dataset) -> list[dict]:
+    """Sources as inference inputs, with the first reference as `target` (merge verification teacher-forces it)."""
+    task = recipe.task
+    rows = []
+    for row in dataset:
+        gold = references(row[task.target_column]) if task.target_column in row else []
+        rows.append({"text": source_text(row[task.source_column]), **({"target": gold[0]} if gold else {})})
+    return rows
+
+
+def _sources(tokenizer, rows: list[dict], infos: list[dict], device):
+    """Each source with its adapter's prefix and truncation, padded into one batch."""
+    encoded = [
+        tokenizer(info.get("source_prefix", "") + row["text"], truncation=True, max_length=info.get("max_length"))
+        for row, info in zip(rows, infos)
+    ]
+    return tokenizer.pad(encoded, return_tensors="pt").to(device)
+
+
+def forward_logits(model, tokenizer, rows: list[dict], adapter_names: list[str] | None = None,
+                   infos: list[dict] | None = None) -> list[torch.Tensor]:
+    """Decoder logits teacher-forced on the row's `target` (else its source text), one `[target tokens, vocab]` per row.
+
+    The decoder is causal and padded on the right, so each row's logits do not depend on the batch.
+    """
+    inputs = _sources(tokenizer, rows, infos or [{}] * len(rows), model.device)
+    targets = tokenizer(text_target=[row.get("target", row["text"]) for row in rows], padding=True, return_tensors="pt")
+    decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=targets["input_ids"]).to(model.device)
+    with torch.inference_mode():
+        logits = model(
+            **inputs, decoder_input_ids=decoder_input_ids, **({"adapter_names": adapter_names} if adapter_names else {})
+        ).logits
+    lengths = targets["attention_mask"].sum(dim=1).tolist()
+    return [row_logits[:length].float().cpu() for row_logits, length in zip(logits, lengths)]
+
+
+def infer(
+    model, tokenizer, rows: list[dict], infos: list[dict], adapter_names: list[str] | None = None,
+    max_new_tokens: list[int] | int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0, top_p: float = 1.0,
+) -> list[dict]:
+    """Greedy (temperature 0) or sampled output text of each source; `max_new_tokens` may differ per row."""
+    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(rows)
+    inputs = _sources(tokenizer, rows, infos, model.device)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    with torch.inference_mode():
+        output = model.generate(
+            **inputs, max_new_tokens=max(limits), **sampling, **({"adapter_names": adapter_names} if adapter_names else {}),
+        )
+    return generated_answers(model, tokenizer, output[:, 1:].tolist(), limits)  # after the decoder start token
