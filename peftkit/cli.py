@@ -117,6 +117,11 @@ def _add_base_and_adapter_arguments(parser: argparse.ArgumentParser) -> None:
         help="attach the adapter (run folder or adapter folder) at PATH as NAME; repeatable",
     )
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="dtype of the base")
+    parser.add_argument(
+        "--full-precision-base", action="store_true",
+        help="load the base unquantized even when the adapters were trained on a 4/8-bit base (default: quantize "
+        "it as in training, which reproduces the trained model)",
+    )
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -185,7 +190,7 @@ def _attached_model(args: argparse.Namespace, run_dir: str | None = None):
         if first.base is None:
             raise UserError(f"adapter {first.name!r} does not record its base model; pass --base")
         base = first.base["name"]
-    return AttachedModel(base, adapters, dtype=args.dtype)
+    return AttachedModel(base, adapters, dtype=args.dtype, full_precision_base=args.full_precision_base)
 
 
 def _predict(args: argparse.Namespace) -> None:

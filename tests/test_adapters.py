@@ -89,7 +89,7 @@ def reloaded_probabilities(run_dir, model_dir, recipe) -> torch.Tensor:
     if recipe.adapter.method == "none":
         model = AutoModelForSequenceClassification.from_pretrained(adapter_dir)
     else:
-        quantization = build_quantization_config(recipe, list(HEAD_NAMES))
+        quantization = build_quantization_config(recipe.quantization, list(HEAD_NAMES))
         base = AutoModelForSequenceClassification.from_pretrained(
             model_dir, num_labels=2, dtype=torch.float32, quantization_config=quantization
         )

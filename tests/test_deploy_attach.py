@@ -151,3 +151,23 @@ def test_qa_spans_equal_the_runs_predictions_and_mixed_batches_equal_rows_alone(
         assert got["score"] == pytest.approx(alone["score"], abs=1e-4)
     assert [a["answer"] for a in attached.predict(rows, "second")] != [a["answer"] for a in answers]  # adapters differ
     attached.check_rows([{"question": "which number", "context": "good " * 300}])  # long contexts are windowed
+
+
+def test_qlora_adapter_attaches_to_a_base_quantized_as_in_training(tiny_bert_dir, tmp_path):
+    from bitsandbytes.nn import Linear4bit
+
+    from tests.conftest import train_tiny_run
+
+    run = train_tiny_run(tiny_bert_dir, tmp_path / "qlora", quantization={"bits": 4})
+    expected = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    rows = [{"text": record["text"]} for record in expected]
+    attached = AttachedModel(str(tiny_bert_dir), {"qlora": str(run)})
+    assert attached.quantization.bits == 4 and any(isinstance(m, Linear4bit) for m in attached.model.modules())
+    answers = attached.predict(rows)
+    assert [a["label"] for a in answers] == [r["predicted"] for r in expected]
+    assert max(abs(a["probability"] - r["probability"]) for a, r in zip(answers, expected)) < 1e-5
+    full = AttachedModel(str(tiny_bert_dir), {"qlora": str(run)}, full_precision_base=True)
+    assert full.quantization.bits is None and not any(isinstance(m, Linear4bit) for m in full.model.modules())
+    assert max(abs(a["probability"] - b["probability"]) for a, b in zip(full.predict(rows), answers)) > 1e-4
+    with pytest.warns(UserWarning, match="trained on a base quantized as full precision.*loaded as 4-bit"):
+        attached.load("plain", str(train_tiny_run(tiny_bert_dir, tmp_path / "plain")))

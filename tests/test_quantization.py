@@ -33,9 +33,9 @@ def test_four_bit_settings_reach_bitsandbytes(tiny_llama_dir):
     from peftkit.models.quantization import build_quantization_config
 
     config = build_quantization_config(
-        recipe_for(tiny_llama_dir, bits=4, quant_type="fp4", double_quant=False, compute_dtype="bfloat16"), ["score"]
+        recipe_for(tiny_llama_dir, bits=4, quant_type="fp4", double_quant=False, compute_dtype="bfloat16").quantization, ["score"]
     )
     assert (config.bnb_4bit_quant_type, config.bnb_4bit_use_double_quant) == ("fp4", False)
     assert config.bnb_4bit_compute_dtype == torch.bfloat16 and config.load_in_4bit
     assert config.llm_int8_skip_modules == ["lm_head", "score"]
-    assert build_quantization_config(recipe_for(tiny_llama_dir)) is None
+    assert build_quantization_config(recipe_for(tiny_llama_dir).quantization) is None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from peft import PeftConfig
@@ -17,6 +17,7 @@ from transformers import PretrainedConfig
 from peftkit.adapters import ADAPTER_RECORD
 from peftkit.errors import UserError
 from peftkit.models.fingerprint import architecture, fingerprint
+from peftkit.recipe.schema import QuantizationSection
 from peftkit.tasks import TASKS, task_for_peft_type
 from peftkit.training.run import ADAPTER_DIR
 
@@ -28,6 +29,7 @@ class AdapterSource:
     task: str
     info: dict  # task info (e.g. label names) without the type
     base: dict | None  # the base record written at train time, None for adapters trained outside peftkit
+    quantization: QuantizationSection = field(default_factory=QuantizationSection)  # of the base it was trained on
 
 
 def find_adapter(name: str, reference: str) -> AdapterSource:
@@ -43,7 +45,8 @@ def find_adapter(name: str, reference: str) -> AdapterSource:
     if record_file.exists():
         record = json.loads(record_file.read_text())
         task = dict(record["task"])
-        return AdapterSource(name, path, task.pop("type"), task, record["base"])
+        quantization = QuantizationSection(**record.get("quantization", {}))
+        return AdapterSource(name, path, task.pop("type"), task, record["base"], quantization)
     peft_task_type = PeftConfig.from_pretrained(str(path)).task_type
     task_type = task_for_peft_type(peft_task_type)
     if task_type is None:

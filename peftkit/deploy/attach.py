@@ -1,6 +1,7 @@
 """One base model in memory, many named adapters: attach, switch, hot-swap, unload, and mixed-adapter batches.
 
-The base is loaded once, with the head of the first adapter's task; every later adapter must be of the
+The base is loaded once, with the head of the first adapter's task and, by default, quantized as that adapter's
+base was in training (a QLoRA adapter learned to correct the 4-bit weights); every later adapter must be of the
 same task (and head shape). peft does the work (`load_adapter`, `delete_adapter`, per-row `adapter_names`);
 this class keeps the adapters' task info, checks bases and inputs, and serialises access with a lock.
 """
@@ -8,16 +9,17 @@ this class keeps the adapters' task info, checks bases and inputs, and serialise
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Any
 
 import torch
-from peft import PeftModel
+from peft import PeftConfig, PeftModel
 
 from peftkit.deploy.adapter_folder import AdapterSource, check_base, find_adapter
 from peftkit.errors import UserError
 from peftkit.models.load import load_config, load_tokenizer, model_location
-from peftkit.models.quantization import torch_dtype
-from peftkit.recipe.schema import ModelSection
+from peftkit.models.quantization import build_quantization_config, torch_dtype
+from peftkit.recipe.schema import ModelSection, QuantizationSection
 from peftkit.tasks import get_task
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
@@ -30,8 +32,10 @@ class AttachedModel:
     """
 
     def __init__(self, base: str, adapters: dict[str, str] | None = None, dtype: str = "float32",
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, full_precision_base: bool = False):
         self.base = base
+        self.full_precision_base = full_precision_base  # True: never quantize, whatever the adapters trained on
+        self.quantization: QuantizationSection | None = None  # how the base is loaded (set with the first adapter)
         self._model_section = ModelSection(name=base, dtype=dtype, trust_remote_code=trust_remote_code)
         self.location = model_location(self._model_section)
         self.config = load_config(self._model_section)
@@ -68,6 +72,12 @@ class AttachedModel:
                     f"adapter {name!r} is a {source.task} adapter but this base serves {self.task_type}; "
                     f"load it onto its own base instance"
                 )
+            if self.quantization is not None and not self.full_precision_base and source.quantization != self.quantization:
+                warnings.warn(
+                    f"adapter {name!r} was trained on a base quantized as {_describe(source.quantization)}, but this "
+                    f"base is loaded as {_describe(self.quantization)}; its outputs will differ from training",
+                    stacklevel=2,
+                )
             self._loads += 1
             peft_name = f"adapter_{self._loads}"
             try:
@@ -90,12 +100,17 @@ class AttachedModel:
 
     def _load_base(self, source: AdapterSource, peft_name: str) -> None:
         task = get_task(source.task)
+        quantization = QuantizationSection() if self.full_precision_base else source.quantization
+        # Modules the adapter trains fully (task heads) hold full-precision weights: they must not be quantized.
+        full_modules = PeftConfig.from_pretrained(str(source.path)).modules_to_save or []
+        quantization_config = build_quantization_config(quantization, full_modules)
         base_model = task.AUTO_CLASS.from_pretrained(
             self.location, dtype=torch_dtype(self._model_section.dtype), use_safetensors=True,
             trust_remote_code=self._model_section.trust_remote_code, **task.model_kwargs(source.info),
+            **({"quantization_config": quantization_config} if quantization_config else {}),
         )
         self.model = PeftModel.from_pretrained(base_model, str(source.path), adapter_name=peft_name).eval()
-        self.task_type = source.task
+        self.task_type, self.quantization = source.task, quantization
 
     def unload(self, name: str) -> None:
         with self._lock:
@@ -176,6 +191,10 @@ class UnknownAdapter(UserError):
 
 class InputTooLong(UserError):
     """An input does not fit the model's context (HTTP 413)."""
+
+
+def _describe(quantization: QuantizationSection) -> str:
+    return f"{quantization.bits}-bit ({quantization.quant_type})" if quantization.bits else "full precision"
 
 
 def _first_line(exc: Exception) -> str:

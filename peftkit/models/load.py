@@ -70,7 +70,7 @@ def load_base_model(recipe: Recipe, auto_class: type, keep_unquantized: list[str
         kwargs["dtype"] = "auto"
     if model.attn_implementation:
         kwargs["attn_implementation"] = model.attn_implementation
-    quantization_config = build_quantization_config(recipe, keep_unquantized)
+    quantization_config = build_quantization_config(recipe.quantization, keep_unquantized)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     try:

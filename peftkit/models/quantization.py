@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import BitsAndBytesConfig
 
-from peftkit.recipe.schema import Recipe
+from peftkit.recipe.schema import QuantizationSection
 
 
 # Output layers of decoder LMs: quantizing them costs quality for little memory.
@@ -16,9 +16,11 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}[name]
 
 
-def build_quantization_config(recipe: Recipe, keep_unquantized: list[str] = ()) -> BitsAndBytesConfig | None:
-    """None when the base stays in full precision; task heads listed in `keep_unquantized` stay unquantized."""
-    quant = recipe.quantization
+def build_quantization_config(quant: QuantizationSection, keep_unquantized: list[str] = ()) -> BitsAndBytesConfig | None:
+    """None when the base stays in full precision; task heads listed in `keep_unquantized` stay unquantized.
+
+    Takes the recipe's quantization section (training) or an adapter's record of it (attaching at inference).
+    """
     if quant.bits is None:
         return None
     # transformers protects a decoder's output layer only when no skip list is given, so name it explicitly.

@@ -131,7 +131,7 @@ def build_meta_model(recipe: Recipe, config: PretrainedConfig, peft_task_type: s
 
 def _quantize_on_meta(model, recipe: Recipe, keep_unquantized: list[str], dtype: torch.dtype) -> None:
     """Swap in bitsandbytes layers with the same quantizer `from_pretrained` uses (it touches no weights)."""
-    quantization_config = build_quantization_config(recipe, keep_unquantized)
+    quantization_config = build_quantization_config(recipe.quantization, keep_unquantized)
     if quantization_config is None:
         return
     from transformers.quantizers import AutoHfQuantizer
