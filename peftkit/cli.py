@@ -74,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--batch-window-ms", type=float, default=5.0, help="how long to collect requests into one batch")
     serve.add_argument("--max-batch-size", type=int, default=32, help="most rows in one batch")
+    serve.add_argument(
+        "--token", help="require `Authorization: Bearer TOKEN` on every request (default: $PEFTKIT_SERVE_TOKEN; "
+        "prefer the variable, a command line is visible to other users)",
+    )
+    serve.add_argument(
+        "--adapter-root", action="append", default=[], metavar="DIR",
+        help="allow POST /v1/adapters to load adapters from inside DIR (repeatable); without it runtime loading is off",
+    )
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
+    serve.add_argument("--max-input-tokens", type=int, default=4096, help="most tokens per input (422 above)")
+    serve.add_argument("--max-new-tokens", type=int, default=512, help="most tokens a request may generate (422 above)")
     serve.set_defaults(handler=_serve)
 
     plan = commands.add_parser("plan", help="predict per-GPU training memory; --fit finds recipe changes that fit")
@@ -206,9 +217,11 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from peftkit.deploy.server import serve
+    from peftkit.deploy.server import TOKEN_ENV, Limits, serve
 
-    serve(_attached_model(args), args.host, args.port, args.batch_window_ms, args.max_batch_size)
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    limits = Limits(args.max_body_bytes, args.max_input_tokens, args.max_new_tokens)
+    serve(_attached_model(args), args.host, args.port, args.batch_window_ms, args.max_batch_size, limits, token, args.adapter_root)
 
 
 def parse_memory_size(text: str) -> int:

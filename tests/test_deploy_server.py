@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -57,7 +58,7 @@ async def _post_together(url: str, bodies: list[dict]) -> list[httpx.Response]:
 
 def test_classification_server(bert_runs, tiny_bert_dir, start_server):
     attached = AttachedModel(str(tiny_bert_dir), {"sentiment": str(bert_runs["sentiment"])})
-    url = start_server(attached, window_ms=300)
+    url = start_server(attached, window_ms=300, adapter_roots=[str(bert_runs["quality"].parent)])
     health = httpx.get(f"{url}/health").json()
     assert health["status"] == "ok" and health["adapters"] == ["sentiment"] and health["task"] == "classification"
 
@@ -85,9 +86,9 @@ def test_classification_server(bert_runs, tiny_bert_dir, start_server):
         "unknown adapter": (httpx.post(f"{url}/v1/predict", json={"adapter": "nope", "inputs": [{"text": "good"}]}), 404),
         "malformed json": (httpx.post(f"{url}/v1/predict", content=b"{not json", headers={"content-type": "application/json"}), 400),
         "missing field": (httpx.post(f"{url}/v1/predict", json={"inputs": [{"txt": "good"}]}), 400),
-        "over-long input": (httpx.post(f"{url}/v1/predict", json={"inputs": [{"text": "good " * 500}]}), 413),
+        "over-long input": (httpx.post(f"{url}/v1/predict", json={"inputs": [{"text": "good " * 500}]}), 422),
         "generation on a classifier": (httpx.post(f"{url}/v1/completions", json={"model": "quality", "prompt": "hi"}), 400),
-        "bad adapter path": (httpx.post(f"{url}/v1/adapters", json={"name": "x", "path": "/nonexistent"}), 400),
+        "bad adapter path": (httpx.post(f"{url}/v1/adapters", json={"name": "x", "path": "nonexistent"}), 400),
     }
     for case, (response, status) in errors.items():
         assert response.status_code == status, (case, response.text)
@@ -119,7 +120,9 @@ def test_openai_compatible_generation(llama_adapters, tiny_llama_dir, start_serv
     }, timeout=60)
     assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["role"] == "assistant"
     too_long = httpx.post(f"{url}/v1/completions", json={"model": "poet", "prompt": "good " * 100, "max_tokens": 64})
-    assert too_long.status_code == 413 and "exceed the model's context" in too_long.json()["error"]["message"]
+    assert too_long.status_code == 422 and "exceed the model's context" in too_long.json()["error"]["message"]
+    over_limit = httpx.post(f"{url}/v1/completions", json={"model": "poet", "prompt": "hi", "max_tokens": 600})
+    assert over_limit.status_code == 422 and "limit of 512 generated tokens" in over_limit.json()["error"]["message"]
     assert httpx.post(f"{url}/v1/completions", json={"model": "nope", "prompt": "hi"}).status_code == 404
 
 
@@ -163,3 +166,51 @@ def test_qa_server_answers_spans(qa_adapters, tiny_bert_dir, start_server):
         assert answer == {**alone, "score": pytest.approx(alone["score"], abs=1e-4)}
     missing = httpx.post(f"{url}/v1/predict", json={"inputs": [{"question": "which number"}]})
     assert missing.status_code == 400 and "context" in missing.json()["error"]["message"]
+
+
+def test_token_limits_and_adapter_roots(bert_runs, tiny_bert_dir, tmp_path, start_server):
+    from peftkit.deploy.server import Limits
+
+    root = tmp_path / "allowed"
+    root.mkdir()
+    shutil.copytree(bert_runs["quality"], root / "quality")
+    (root / "escape").symlink_to(bert_runs["sentiment"])  # inside the root by name, outside once resolved
+    attached = AttachedModel(str(tiny_bert_dir), {"sentiment": str(bert_runs["sentiment"])})
+    url = start_server(attached, token="s3cret", limits=Limits(body_bytes=2000, input_tokens=8), adapter_roots=[str(root)])
+    auth = {"Authorization": "Bearer s3cret"}
+    good = {"inputs": [{"text": "a lovely place"}]}
+
+    def post(path: str, **kwargs) -> httpx.Response:
+        return httpx.post(f"{url}{path}", timeout=60, **kwargs)
+
+    cases = {
+        "no token": (post("/v1/predict", json=good), 401),
+        "wrong token": (post("/v1/predict", json=good, headers={"Authorization": "Bearer s3creT"}), 401),
+        "health without token": (httpx.get(f"{url}/health"), 401),
+        "body too large": (post("/v1/predict", json={"inputs": [{"text": "good " * 500}]}, headers=auth), 413),
+        "chunked body too large": (post("/v1/predict", content=iter([b'{"inputs": [', b" " * 3000, b"]}"]),
+                                        headers={**auth, "content-type": "application/json"}), 413),
+        "too many input tokens": (post("/v1/predict", json={"inputs": [{"text": "good " * 9}]}, headers=auth), 422),
+        "parent traversal": (post("/v1/adapters", json={"name": "x", "path": "../" + bert_runs["quality"].parent.name + "/quality"}, headers=auth), 403),
+        "absolute outside": (post("/v1/adapters", json={"name": "x", "path": str(bert_runs["quality"])}, headers=auth), 403),
+        "symlink escaping": (post("/v1/adapters", json={"name": "x", "path": "escape"}, headers=auth), 403),
+    }
+    for case, (response, status) in cases.items():
+        assert response.status_code == status, (case, response.text)
+        assert response.json()["error"]["code"] == status and response.json()["error"]["message"], case
+    assert cases["no token"][0].headers["www-authenticate"] == "Bearer"
+    assert "limit of 8 per input" in cases["too many input tokens"][0].json()["error"]["message"]
+    assert "x" not in attached.adapters
+
+    loaded = post("/v1/adapters", json={"name": "quality", "path": "quality"}, headers=auth)  # relative to the root
+    assert loaded.status_code == 200, loaded.text
+    assert attached.adapters["quality"].path == (root / "quality" / "adapter").resolve()
+    answer = post("/v1/predict", json={**good, "adapter": "quality"}, headers=auth)  # still serving after the refusals
+    assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] in {"good", "bad"}
+
+
+def test_runtime_loading_is_off_without_adapter_roots(bert_runs, tiny_bert_dir, start_server):
+    url = start_server(AttachedModel(str(tiny_bert_dir), {"sentiment": str(bert_runs["sentiment"])}))
+    refused = httpx.post(f"{url}/v1/adapters", json={"name": "quality", "path": str(bert_runs["quality"])})
+    assert refused.status_code == 403 and "--adapter-root" in refused.json()["error"]["message"]
+    assert httpx.get(f"{url}/health").json()["adapters"] == ["sentiment"]

@@ -133,8 +133,9 @@ class AttachedModel:
         if name not in self.adapters:
             raise UnknownAdapter(f"unknown adapter {name!r}; attached: {sorted(self.adapters)}")
 
-    def check_rows(self, rows: list[dict], reserve_tokens: int = 0) -> None:
-        """Each row has the task's input fields as strings and fits the model's context; raises UserError."""
+    def check_rows(self, rows: list[dict], reserve_tokens: int = 0, max_input_tokens: int | None = None) -> None:
+        """Each row has the task's input fields as strings, fits the model's context and has at most
+        `max_input_tokens` tokens (a server's limit); raises UserError."""
         if self.task_type is None:
             raise UserError("no adapter is attached; load one first")
         fields = self.task.INPUT_FIELDS
@@ -145,9 +146,11 @@ class AttachedModel:
             missing = [field for field, required in fields.items() if required and not isinstance(row.get(field), str)]
             if missing:
                 raise UserError(f"input {i}: field(s) {missing} must be strings ({self.task_type} inputs: {sorted(fields)})")
-            if limit:
+            if limit or max_input_tokens:
                 length = sum(len(self.tokenizer(row[field])["input_ids"]) for field in fields if isinstance(row.get(field), str))
-                if length + reserve_tokens > limit:
+                if max_input_tokens and length > max_input_tokens:
+                    raise InputTooLong(f"input {i}: {length} tokens exceed this server's limit of {max_input_tokens} per input")
+                if limit and length + reserve_tokens > limit:
                     raise InputTooLong(
                         f"input {i}: {length} tokens{f' + {reserve_tokens} to generate' if reserve_tokens else ''} "
                         f"exceed the model's context of {limit}"
@@ -190,7 +193,7 @@ class UnknownAdapter(UserError):
 
 
 class InputTooLong(UserError):
-    """An input does not fit the model's context (HTTP 413)."""
+    """An input does not fit the model's context or a server's token limit (HTTP 422)."""
 
 
 def _describe(quantization: QuantizationSection) -> str:
