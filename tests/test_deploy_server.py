@@ -164,6 +164,12 @@ def test_qa_server_answers_spans(qa_adapters, tiny_bert_dir, start_server):
         assert set(answer) == {"answer", "start", "end", "score"} and context[answer["start"]:answer["end"]] == answer["answer"]
         alone = attached.predict(body["inputs"], body["adapter"])[0]
         assert answer == {**alone, "score": pytest.approx(alone["score"], abs=1e-4)}
+    # a question too long for any window, batched together with a good request, fails alone
+    bad = {"adapter": "first", "inputs": [{"question": "which number " * 40, "context": context}]}
+    bad_response, good_response = asyncio.run(_post_together(f"{url}/v1/predict", [bad, bodies[0]]))
+    assert bad_response.status_code == 400 and "question" in bad_response.json()["error"]["message"]
+    good, earlier = good_response.json()["predictions"][0], responses[0].json()["predictions"][0]
+    assert good == {**earlier, "score": pytest.approx(earlier["score"], abs=1e-4)}
     missing = httpx.post(f"{url}/v1/predict", json={"inputs": [{"question": "which number"}]})
     assert missing.status_code == 400 and "context" in missing.json()["error"]["message"]
 

@@ -84,10 +84,12 @@ class MicroBatcher:
             options["max_new_tokens"] = [limit for request in group for limit in request.max_new_tokens]
         try:
             answers = await asyncio.to_thread(self.attached.predict, rows, adapters, **options)
-        except Exception as exc:  # the error belongs to these requests; the worker keeps serving
-            for request in group:
-                if not request.answer.done():
-                    request.answer.set_exception(exc)
+        except Exception as exc:  # the worker keeps serving; only the request that caused the error gets it
+            if len(group) > 1:  # one bad request must not fail the others it was batched with
+                for request in group:
+                    await self._run_group([request])
+            elif not group[0].answer.done():
+                group[0].answer.set_exception(exc)
             return
         self.stats.record(group)
         start = 0
