@@ -21,7 +21,8 @@ A task module provides, for training:
 
 Optionally `fit(recipe, task, info, tokenized, tokenizer, run_dir, checkpoint, callbacks) -> FitResult`
 (`peftkit.training.result`) for tasks that do not train with the HF Trainer (feature extraction); such a task
-needs no `load_model`/`head_modules`/`collator`/`compute_metrics`.
+needs no `load_model`/`head_modules`/`collator`/`compute_metrics`, and brings
+`load_predictor(recipe, info, run_dir, tokenizer)`: the fitted predictor back from a run folder (`peftkit eval/predict`).
 
 and, for deployment (`peftkit.deploy`: merge, multi-adapter inference, the HTTP server):
 - `AUTO_CLASS`, `model_kwargs(info)`: how to load the base with the task's head (`load_model` uses both)
