@@ -36,12 +36,10 @@ class SavedRun:
     tokenizer: object
     predictor: object  # what the task's `predict` takes: a prediction-only Trainer, or the task's own predictor
 
-    def tokenize(self, split: str, dataset):
-        tokenized, _ = self.task.prepare(self.recipe, {split: dataset}, self.tokenizer, self.info)
-        return tokenized[split]
-
     def predict(self, split: str, dataset) -> list[dict]:
-        return self.task.predict(self.predictor, self.tokenize(split, dataset), dataset, self.recipe, self.info)
+        splits = {split: dataset}  # prepare may drop bad rows from it (data.skip_bad_rows)
+        tokenized, _ = self.task.prepare(self.recipe, splits, self.tokenizer, self.info)
+        return self.task.predict(self.predictor, tokenized[split], splits[split], self.recipe, self.info)
 
 
 def load_run(run_dir: str | Path) -> SavedRun:

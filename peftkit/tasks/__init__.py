@@ -8,7 +8,8 @@ A task module provides, for training:
 - `prepare(recipe, splits, tokenizer, info=None) -> (tokenized splits, info)`: check columns/labels, tokenize.
   Row i of an evaluation split's tokenized data (or its example, for tasks that window long inputs) is row i
   of the raw split. With `info` (a saved run's task.json, for `peftkit eval/predict`) nothing is derived from
-  training data and splits may lack the gold columns (then `predict` leaves gold and scores out).
+  training data and splits may lack the gold columns (then `predict` leaves gold and scores out). Rows it
+  may skip (`data.skip_bad_rows`) it drops from `splits[name]` too, so raw and tokenized rows stay aligned.
 - `load_model(recipe, info)`: the base model with the task's head
 - `head_modules(model) -> list[str]`: modules trained fully and saved with the adapter
 - `collator(tokenizer, recipe)`, `compute_metrics(info)` (periodic evaluation inside the Trainer)
