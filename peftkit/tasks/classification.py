@@ -23,7 +23,7 @@ log = logging.getLogger("peftkit")
 PEFT_TASK_TYPE = "SEQ_CLS"
 DEFAULT_METRIC = "f1_macro"
 LOSS_SUMS_OVER_ITEMS = False  # cross-entropy mean over the batch
-HEAD_NAMES = ("classifier", "score")
+HEAD_NAMES = ("classifier", "score", "classification_head")  # BERT-likes, decoders, T5/BART
 AUTO_CLASS = AutoModelForSequenceClassification
 INPUT_FIELDS = {"text": True, "text_pair": False}
 
