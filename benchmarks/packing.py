@@ -1,15 +1,18 @@
 """Padding-free (packed) vs naive padded batching for causal SFT: effective (non-padding) tokens per second.
 
-Same model (SmolLM2-135M-Instruct, LoRA r16 on all linear layers), same rows (Self-Instruct, human-written
-instructions, variable length), same batches in the same order; only the collator differs. Each mode runs
-one warm-up step, then `--steps` timed optimizer steps (forward + backward + AdamW).
+Same model object (SmolLM2-135M-Instruct, LoRA r16 on all linear layers), same rows (Self-Instruct,
+human-written instructions, variable length), same batches; only the collator differs. The padded baseline
+pads each batch to its longest row (dynamic padding, not to max_length). The two modes alternate within each
+repeat (and which goes first alternates between repeats), so load from other processes on a shared machine
+hits both alike; the figures are medians over repeats. One untimed warm-up step per mode comes first.
 
-    python benchmarks/packing.py [--data ../shared/data] [--batch-size 8] [--steps 6] [--max-length 512]
+    python benchmarks/packing.py [--data ../shared/data] [--batch-size 8] [--steps 3] [--repeats 3] [--max-length 512]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,56 +42,81 @@ def build_recipe(data: Path, batch_size: int, max_length: int, packing: bool):
     })
 
 
-def measure(model, batches: list[dict], steps: int) -> tuple[float, int, int]:
-    """Seconds for `steps` optimizer steps after one warm-up step; real and computed token counts."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    model.train()
-    seconds, real, computed = 0.0, 0, 0
-    for index, batch in enumerate(batches[: steps + 1]):
-        started = time.perf_counter()
+def real_and_computed_tokens(batch: dict) -> tuple[int, int]:
+    mask = batch.get("attention_mask")
+    real = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    return real, batch["input_ids"].numel()
+
+
+def timed_steps(model, optimizer, batches: list[dict]) -> float:
+    """Seconds for one optimizer step (forward + backward + AdamW) per batch."""
+    started = time.perf_counter()
+    for batch in batches:
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        if index:  # step 0 warms up kernels and allocator
-            seconds += time.perf_counter() - started
-            mask = batch.get("attention_mask")
-            real += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-            computed += batch["input_ids"].numel()
-    return seconds, real, computed
+    return time.perf_counter() - started
+
+
+def padding_fraction(lengths: list[int], batch_size: int) -> float:
+    """Share of padded-batch positions that are padding, for consecutive batches of `lengths`."""
+    batches = [lengths[i : i + batch_size] for i in range(0, len(lengths) - batch_size + 1, batch_size)]
+    return 1 - sum(map(sum, batches)) / sum(max(b) * len(b) for b in batches)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per mode per repeat")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-length", type=int, default=512)
     args = parser.parse_args()
+
+    recipes = {mode: build_recipe(args.data, args.batch_size, args.max_length, mode == "packed") for mode in ("padded", "packed")}
+    tokenizer = load_tokenizer(recipes["padded"].model)
+    tokenized, info = causal_lm.prepare(recipes["padded"], load_splits(recipes["padded"].data), tokenizer)
+    rows = tokenized["train"].shuffle(seed=0)
+    examples = [rows[i] for i in range(args.batch_size * (args.steps + 1))]
+    chunks = [examples[i : i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
+    batches = {mode: [causal_lm.collator(tokenizer, recipe)(chunk) for chunk in chunks] for mode, recipe in recipes.items()}
+    tokens = {mode: [sum(t) for t in zip(*map(real_and_computed_tokens, b[1:]))] for mode, b in batches.items()}
+    assert tokens["padded"][0] == tokens["packed"][0], "both modes must train on the same real tokens"
+
     torch.manual_seed(0)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = attach_adapter(causal_lm.load_model(recipes["padded"], info), recipes["padded"], causal_lm.PEFT_TASK_TYPE)
+    model.config.use_cache = False  # no KV cache in training, in either mode (packed batches also say so)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    for mode in batches:  # warm-up: kernels, allocator, optimizer state
+        timed_steps(model, optimizer, batches[mode][:1])
+    seconds: dict[str, list[float]] = {"padded": [], "packed": []}
+    for repeat in range(args.repeats):
+        for mode in (("padded", "packed") if repeat % 2 == 0 else ("packed", "padded")):
+            seconds[mode].append(timed_steps(model, optimizer, batches[mode][1:]))
+            print(f"repeat {repeat + 1} {mode}: {seconds[mode][-1]:.1f} s", flush=True)
 
-    results = {}
-    for packing in (False, True):
-        recipe = build_recipe(args.data, args.batch_size, args.max_length, packing)
-        tokenizer = load_tokenizer(recipe.model)
-        tokenized, info = causal_lm.prepare(recipe, load_splits(recipe.data), tokenizer)
-        rows = tokenized["train"].shuffle(seed=0)
-        examples = [rows[i] for i in range(args.batch_size * (args.steps + 1))]
-        collate = causal_lm.collator(tokenizer, recipe)
-        batches = [collate(examples[i : i + args.batch_size]) for i in range(0, len(examples), args.batch_size)]
-        torch.manual_seed(0)
-        model = attach_adapter(causal_lm.load_model(recipe, info), recipe, causal_lm.PEFT_TASK_TYPE)
-        results["packed" if packing else "padded"] = measure(model, batches, args.steps)
-        del model
-
-    print(f"SmolLM2-135M + LoRA r16, Self-Instruct user-oriented rows, batch {args.batch_size}, "
-          f"{args.steps} timed steps, max_length {args.max_length}")
-    print("| batching | seconds | real tokens | computed tokens (incl. padding) | real tokens/s |")
+    real = tokens["padded"][0]
+    ratios = [padded / packed for padded, packed in zip(seconds["padded"], seconds["packed"])]
+    lengths = [len(ids) for ids in rows["input_ids"]]
+    print(f"\nSmolLM2-135M + LoRA r16, Self-Instruct user-oriented rows, batch {args.batch_size}, max_length "
+          f"{args.max_length}, {args.steps} timed steps x {args.repeats} interleaved repeats, "
+          f"{torch.get_num_threads()} CPU thread(s)")
+    print("| batching | median seconds | real tokens | computed tokens (incl. padding) | real tokens/s (median) |")
     print("|---|---|---|---|---|")
-    for name, (seconds, real, computed) in results.items():
-        print(f"| {name} | {seconds:.1f} | {real:,} | {computed:,} | {real / seconds:.0f} |")
-    (ps, pr, _), (ks, kr, _) = results["padded"], results["packed"]
-    print(f"packed ÷ padded effective tokens/s: {(kr / ks) / (pr / ps):.2f}x")
+    for mode in ("padded", "packed"):
+        median = statistics.median(seconds[mode])
+        print(f"| {mode} | {median:.1f} | {real:,} | {tokens[mode][1]:,} | {real / median:.0f} |")
+    print(f"packed ÷ padded effective tokens/s: median {statistics.median(ratios):.2f}x "
+          f"(per repeat {', '.join(f'{r:.2f}' for r in ratios)})")
+    print(f"padding fraction of the timed padded batches: {1 - real / tokens['padded'][1]:.1%} "
+          f"(bound on the ratio if cost were linear in tokens: {tokens['padded'][1] / real:.2f}x); "
+          f"of all {len(lengths)} rows in batches of {args.batch_size}: {padding_fraction(lengths, args.batch_size):.1%}")
+    # Without a varlen attention kernel (FlashAttention-2, GPU) a packed batch is one long row whose block-diagonal
+    # mask still has every query-key pair computed: attention grows with (sum of lengths)^2.
+    scores = {mode: sum(b["input_ids"].shape[0] * b["input_ids"].shape[1] ** 2 for b in batches[mode][1:]) for mode in batches}
+    print(f"attention scores computed per layer and head: padded {scores['padded']:,}, packed {scores['packed']:,} "
+          f"({model.config._attn_implementation} attention)")
 
 
 if __name__ == "__main__":

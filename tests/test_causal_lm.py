@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import run_cli, sentiment_rows, write_jsonl, write_recipe
 from peftkit.errors import UserError
+from peftkit.evaluation.saved_run import load_run
 from peftkit.recipe.load import deep_merge, validate_recipe
 from peftkit.tasks import causal_lm
 
@@ -257,3 +258,32 @@ def test_generative_scores_on_known_outputs():
     rouge = causal_lm.score([record("the cat sat on the mat", "the cat sat on the mat"), record("the cat sat", "dogs bark")],
                             {"response_metric": "rouge"})
     assert rouge["rouge1"] == pytest.approx(50) and rouge["rougeL"] == pytest.approx(50)
+
+
+def test_predict_on_prompt_only_rows_writes_generations_without_scores(tiny_llama_dir, sft_files, tmp_path):
+    """`peftkit predict` on rows without the response column: the run's own generations, no gold or loss."""
+    from peftkit.cli import main
+    from peftkit.training.run import train
+
+    recipe = validate_recipe(sft_recipe(
+        tiny_llama_dir, {"train": sft_files["train"], "test": sft_files["validation"]}, tmp_path / "run",
+        task={"response_metric": "classification"}, generation={"max_new_tokens": 3}, training={"max_steps": 4},
+    ))
+    run_dir = train(recipe)
+    trained = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in sft_files["validation"].read_text().splitlines()]
+    inputs = write_jsonl(tmp_path / "prompts.jsonl", [{"text": row["text"]} for row in rows])
+    output = tmp_path / "out.jsonl"
+    assert main(["predict", str(run_dir), "--input", str(inputs), "--output", str(output)]) == 0
+    predicted = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [p["prompt"] for p in predicted] == [row["text"] for row in rows]
+    assert [p["generated"] for p in predicted] == [t["generated"] for t in trained]
+    assert len({p["generated"] for p in predicted}) > 1  # real generations, not one empty string
+    assert [p["predicted"] for p in predicted] == [t["predicted"] for t in trained]
+    assert not any({"gold", "loss", "tokens", "gold_probability"} & set(p) for p in predicted)
+    # Mixed input: rows with an empty response are generated for and left out of the scores.
+    for row in rows[:4]:
+        row["label"] = ""
+    mixed = causal_lm.predict(load_run(run_dir).predictor, None, rows, recipe, {"response_metric": "qa"})
+    assert [("gold" in r) for r in mixed] == [False] * 4 + [True] * 8
+    assert causal_lm.score(mixed, {"response_metric": "qa"})["examples"] == 8

@@ -1,13 +1,19 @@
-"""Loading local files of every format, hub-style dataset folders, limits and renames."""
+"""Loading local files of every format, hub-style dataset folders, limits and renames; bad files, fuzzed."""
 
 from __future__ import annotations
 
 import json
+import logging
+import tempfile
+from pathlib import Path
 
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from peftkit.data.sources import load_source, load_splits
+from tests.conftest import classification_recipe, sentiment_rows, write_jsonl
+from peftkit.data.sources import MAX_CELL_CHARS, load_source, load_splits
 from peftkit.errors import UserError
 from peftkit.recipe.schema import DataSection, DataSource
 
@@ -98,6 +104,14 @@ def test_broken_json_lines_name_the_file(tmp_path):
         ("list.jsonl", b'{"text": "ok", "label": 1}\n[1, 2]\n', "line 2 is a JSON list"),
         ("latin1.jsonl", '{"text": "ok", "label": 1}\n{"text": "caf\u00e9", "label": 0}\n'.encode("latin-1"), "line 2 is not UTF-8"),
         ("ragged.csv", b"text,label\nok,1\ntoo,many,fields\n", "line 3 has 3 fields but the header has 2"),
+        ("ragged.tsv", b"text\tlabel\nok\t1\nshort\n", "line 3 has 1 fields but the header has 2"),
+        # datasets would keep such a column as JSON and turn the string "1" into the number 1
+        ("mixed.jsonl", b'{"text": "a", "label": 1}\n{"text": "b", "label": "1"}\n{"text": "c", "label": 0}\n',
+         "column 'label' mixes value types: number at lines [1, 3] (e.g. 1); string at lines [2] (e.g. '1')"),
+        ("mixed.json", b'[{"text": "a", "label": "pos"}, {"text": "b", "label": 2}]',
+         "column 'label' mixes value types: string at rows [1] (e.g. 'pos'); number at rows [2] (e.g. 2)"),
+        ("huge.jsonl", b'{"text": "ok"}\n{"text": "' + b"x" * (MAX_CELL_CHARS + 1) + b'"}\n',
+         f"row 2 has a 'text' of {MAX_CELL_CHARS + 1:,} characters"),
     ],
 )
 def test_bad_files_name_the_line(tmp_path, name, content, message):
@@ -106,3 +120,50 @@ def test_bad_files_name_the_line(tmp_path, name, content, message):
     with pytest.raises(UserError) as caught:
         load_source(DataSource(path=str(path)), "data.train")
     assert message in str(caught.value) and name in str(caught.value)
+
+
+def test_empty_texts_are_an_error_naming_rows_or_skipped_and_counted(tiny_bert_dir, tmp_path, caplog):
+    from transformers import AutoTokenizer
+
+    from peftkit.recipe.load import validate_recipe
+    from peftkit.tasks import classification
+
+    rows = sentiment_rows(10, seed=1)
+    rows[2]["text"], rows[5]["text"] = "  ", None
+    files = {"train": write_jsonl(tmp_path / "train.jsonl", rows)}
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    recipe = classification_recipe(tiny_bert_dir, files, tmp_path / "run", training={"eval_strategy": "no", "save_strategy": "no"})
+    with pytest.raises(UserError, match=r"data.train: `.*train.jsonl` column 'text' is empty at row\(s\) \[3, 6\] \(2 of 10\); "
+                       r".*data.skip_bad_rows: true"):
+        classification.prepare(validate_recipe(recipe), load_splits(validate_recipe(recipe).data), tokenizer)
+
+    skipping = validate_recipe({**recipe, "data": {**recipe["data"], "skip_bad_rows": True}})
+    splits = load_splits(skipping.data)
+    with caplog.at_level(logging.WARNING, logger="peftkit"):
+        tokenized, info = classification.prepare(skipping, splits, tokenizer)
+    assert "data.train: skipped row(s) [3, 6] (2 of 10)" in caplog.text
+    kept = [row for i, row in enumerate(rows) if i not in (2, 5)]
+    assert splits["train"]["text"] == [row["text"] for row in kept]  # raw rows stay aligned with tokenized ones
+    assert [info["labels"][i] for i in tokenized["train"]["labels"]] == [row["label"] for row in kept]
+
+
+JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=False, allow_infinity=False),
+                         st.text(max_size=8))
+JSON_ROWS = st.lists(st.dictionaries(st.sampled_from(["text", "label"]), JSON_SCALARS, max_size=2), min_size=1, max_size=5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.one_of(JSON_ROWS.map(lambda rows: "".join(json.dumps(r) + "\n" for r in rows).encode()),
+                 st.binary(max_size=60)))
+def test_arbitrary_json_lines_load_or_raise_the_user_error(content):
+    """Any bytes in a .jsonl file: rows of one type per column, or a UserError naming the file; never a crash."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "fuzz.jsonl"
+        path.write_bytes(content)
+        try:
+            dataset = load_source(DataSource(path=str(path)), "data.train")
+        except UserError as error:
+            assert "fuzz.jsonl" in str(error)
+        else:
+            for name, feature in dataset.features.items():
+                assert type(feature).__name__ != "Json", f"column {name!r} kept mixed types"

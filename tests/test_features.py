@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
-from tests.conftest import classification_recipe, run_cli, write_recipe
+from tests.conftest import classification_recipe, run_cli, write_jsonl, write_recipe
+from peftkit.cli import main
 from peftkit.errors import UserError
 from peftkit.recipe.load import validate_recipe
 from peftkit.tasks import features
@@ -46,6 +52,37 @@ def test_features_end_to_end_and_cached_rerun(tiny_bert_dir, sentiment_files, tm
     assert again["train"]["embeddings_reused"] is True
     assert again["test"]["accuracy"] == metrics["test"]["accuracy"]
     assert again["test"]["f1_macro"] == metrics["test"]["f1_macro"]
+    monkeypatch.undo()
+
+    # `peftkit eval/predict` reload the saved classifier and re-embed with the frozen model (cache removed):
+    # the same predictions and probabilities as the run's own.
+    shutil.rmtree(run_dir / "features")
+    test_records = [{k: v for k, v in r.items() if k != "split"} for r in records if r["split"] == "test"]
+    assert main(["eval", str(run_dir), "--split", "test"]) == 0
+    evaluation = run_dir / "evaluations" / "test"
+    assert [json.loads(line) for line in (evaluation / "predictions.jsonl").read_text().splitlines()] == test_records
+    assert json.loads((evaluation / "metrics.json").read_text())["accuracy"] == metrics["test"]["accuracy"]
+    inputs = write_jsonl(tmp_path / "inputs.jsonl", [{"text": r["text"]} for r in test_records])
+    assert main(["predict", str(run_dir), "--input", str(inputs), "--output", str(tmp_path / "out.jsonl")]) == 0
+    predicted = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    expected = [{k: r[k] for k in ("text", "predicted", "probability")} for r in test_records]
+    assert predicted == expected
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_saved_classifier_gives_scikit_learns_probabilities(classes, tmp_path):
+    """The safetensors weights reproduce the fitted pipeline's predict_proba, binary (one logit) and multinomial."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 5)).astype(np.float32) * 3 + 1
+    y = np.arange(60) % classes
+    pipeline = make_pipeline(StandardScaler(), LogisticRegression()).fit(x, y)
+    weights = features._save_classifier(pipeline, "mean", {"labels": [str(i) for i in range(classes)]}, tmp_path)
+    assert set(weights) == set(load_file(str(tmp_path / "classifier.safetensors")))
+    reloaded = features.FittedClassifier(lambda _: x, load_file(str(tmp_path / "classifier.safetensors")), classes + 1)
+    probabilities = reloaded.probabilities(None)
+    # scikit-learn keeps float32 inputs in float32; the saved float64 weights agree to float32 precision
+    np.testing.assert_allclose(probabilities[:, :classes], pipeline.predict_proba(x), atol=1e-6)
+    assert (probabilities[:, classes] == 0).all()  # a label unseen in training
 
 
 @pytest.mark.slow

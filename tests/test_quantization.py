@@ -39,3 +39,31 @@ def test_four_bit_settings_reach_bitsandbytes(tiny_llama_dir):
     assert config.bnb_4bit_compute_dtype == torch.bfloat16 and config.load_in_4bit
     assert config.llm_int8_skip_modules == ["lm_head", "score"]
     assert build_quantization_config(recipe_for(tiny_llama_dir).quantization) is None
+
+
+def test_t5_classification_head_stays_unquantized_trains_and_is_saved(tiny_t5_dir, tmp_path):
+    """T5/BART call their head `classification_head`: kept out of 4-bit, trained fully, saved with the adapter."""
+    from safetensors.torch import load_file
+
+    from peftkit.adapters import attach_adapter
+    from peftkit.tasks import classification
+
+    recipe = validate_recipe({
+        "model": {"name": str(tiny_t5_dir)}, "data": {"train": {"path": "t.jsonl"}}, "training": {"eval_strategy": "no"},
+        "quantization": {"bits": 4}, "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
+    })
+    model = classification.load_model(recipe, {"labels": ["a", "b"]})
+    assert type(model.transformer.encoder.block[0].layer[0].SelfAttention.q).__name__ == "Linear4bit"
+    assert type(model.classification_head.out_proj) is torch.nn.Linear
+    assert classification.head_modules(model) == ["classification_head"]
+    model = attach_adapter(model, recipe, classification.PEFT_TASK_TYPE, classification.head_modules(model))
+    head = model.base_model.model.classification_head.modules_to_save["default"].out_proj.weight
+    before = head.detach().clone()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    eos = model.config.eos_token_id  # T5's head reads the end-of-sequence position
+    model(input_ids=torch.tensor([[7, 8, 9, eos], [10, 11, 12, eos]]), labels=torch.tensor([0, 1])).loss.backward()
+    optimizer.step()
+    assert not torch.equal(head.detach(), before)
+    model.save_pretrained(tmp_path)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert torch.equal(saved["base_model.model.classification_head.out_proj.weight"], head.detach())

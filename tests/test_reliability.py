@@ -205,3 +205,35 @@ def test_tokens_from_the_environment_never_reach_the_run_folder(tiny_bert_dir, s
     for path in (tmp_path / "run").rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_fp16_scaler_skipped_steps_are_counted_and_reported(tmp_path):
+    """accelerate's fp16 needs a GPU (on CPU it builds no scaler), so a real GradScaler on CPU tensors drives the count."""
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from peftkit.evaluation.report import write_report
+    from peftkit.training.trainer import PeftkitTrainer
+
+    accelerator = Accelerator()
+    weight = torch.nn.Parameter(torch.ones(2))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    optimizer = AcceleratedOptimizer(torch.optim.SGD([weight], lr=0.1), device_placement=False, scaler=scaler)
+    accelerator._optimizers.append(optimizer)
+    trainer = SimpleNamespace(accelerator=accelerator, state=SimpleNamespace(global_step=0), overflow_steps=[])
+    for factor in (1e38, 1.0, 1e38, 1.0):  # 1e38 x the scale overflows fp32: inf gradients
+        scaler.scale(weight.sum() * factor).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        PeftkitTrainer._record_scaler_skip(trainer)
+        trainer.state.global_step += 1
+    assert trainer.overflow_steps == [1, 3]
+    assert scaler.get_scale() == 2.0**14  # halved once per overflow
+    assert weight.tolist() == pytest.approx([0.8, 0.8])  # only the two finite steps updated it
+
+    recipe = validate_recipe({"model": {"name": "m"}, "data": {"train": {"path": "t.jsonl"}}, "training": {"eval_strategy": "no"}})
+    summary = {"parameters": {"trainable": 1, "total": 2}, "examples": {"train": 4}, "fp16_overflow_steps": [1, 3]}
+    write_report(tmp_path, recipe, summary, {}, has_loss_plot=False)
+    assert "fp16 overflow: the gradient scaler skipped 2 step(s) and lowered its scale: [1, 3]" in (tmp_path / "report.md").read_text()

@@ -16,6 +16,9 @@ from peftkit.recipe.schema import DataSection, DataSource
 from peftkit.references import looks_like_local_path, resolve_reference
 
 SPLITS = ("train", "validation", "test")
+# Far beyond any model's context (about 500k tokens), yet a tokenizer reads all of it before truncating: a
+# 50 MB cell took 6.4 GB of memory and almost 5 minutes in SmolLM2's fast tokenizer here.
+MAX_CELL_CHARS = 2_000_000
 _EXTENSION_FORMATS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 
 
@@ -39,6 +42,7 @@ def load_source(source: DataSource, key_path: str) -> datasets.Dataset:
             dataset = datasets.Dataset.from_dict(read_parallel(location, source.languages, key_path))
         else:
             dataset = _load_file(location, data_format)
+            _refuse_huge_cells(dataset, location)
     except UserError:
         raise
     except Exception as exc:  # datasets raises many types for unreadable files and unknown hub names
@@ -95,21 +99,98 @@ def _require_utf8(location: str) -> None:
             lines_before += chunk.count(b"\n")
 
 
+def _require_even_rows(location: str, data_format: str) -> None:
+    """The CSV loader pads a short row with missing values without a word; a ragged row is a broken file."""
+    tsv = data_format == "tsv"
+    limit = csv.field_size_limit(MAX_CELL_CHARS + 1)  # the huge-cell check reports longer cells by row and column
+    try:
+        with open(location, encoding="utf-8", newline="") as handle:
+            rows = csv.reader(handle, delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+            header = next(rows, [])
+            for row in rows:
+                if row and len(row) != len(header):
+                    raise UserError(
+                        f"`{location}` line {rows.line_num} has {len(row)} fields but the header has {len(header)}; "
+                        f"fix that row{'' if tsv else ' (quote fields that contain commas)'}"
+                    )
+    except csv.Error as exc:
+        raise UserError(f"`{location}` line {rows.line_num}: {exc}") from None
+    finally:
+        csv.field_size_limit(limit)
+
+
 def _load_file(location: str, data_format: str) -> datasets.Dataset:
     if data_format != "parquet":
         _require_utf8(location)
+    if data_format in ("csv", "tsv"):
+        _require_even_rows(location, data_format)
     if data_format == "json":
         squad_rows = read_nested_squad(location)
         if squad_rows is not None:
             return datasets.Dataset.from_list(squad_rows)
     if data_format in ("json", "jsonl"):
-        return datasets.load_dataset("json", data_files=location, split="train")
+        dataset = datasets.load_dataset("json", data_files=location, split="train")
+        mixed = [name for name, feature in dataset.features.items() if isinstance(feature, datasets.Json)]
+        if mixed:
+            _refuse_mixed_types(location, data_format, mixed)
+        return dataset
     if data_format == "csv":
         return datasets.load_dataset("csv", data_files=location, split="train")
     if data_format == "tsv":
         # TSV corpora (GLUE among them) use quote characters as plain text.
         return datasets.load_dataset("csv", data_files=location, split="train", sep="\t", quoting=csv.QUOTE_NONE)
     return datasets.load_dataset("parquet", data_files=location, split="train")
+
+
+_JSON_TYPES = {str: "string", int: "number", float: "number", bool: "boolean", list: "list", dict: "object"}
+
+
+def _refuse_mixed_types(location: str, data_format: str, columns: list[str]) -> None:
+    """`datasets` keeps a column whose rows differ in type as JSON and decodes the string "1" back to the number 1;
+    a label column like that would silently merge or split classes. Name the rows of each type instead."""
+    if data_format == "jsonl":
+        with open(location, encoding="utf-8") as handle:
+            rows = [(number, json.loads(line)) for number, line in enumerate(handle, start=1) if line.strip()]
+        where = "line"
+    else:
+        parsed = json.loads(Path(location).read_text(encoding="utf-8"))
+        rows = list(enumerate(parsed, start=1)) if isinstance(parsed, list) else []
+        where = "row"
+    if not rows:  # a JSON object of columns: no rows to name
+        raise UserError(f"`{location}` column(s) {columns} mix value types; write every value of a column as one type")
+    for column in columns:
+        seen: dict[str, list[tuple[int, object]]] = {}
+        for number, row in rows:
+            value = row.get(column)
+            if value is not None:
+                seen.setdefault(_JSON_TYPES.get(type(value), type(value).__name__), []).append((number, value))
+        if len(seen) > 1:
+            examples = "; ".join(
+                f"{kind} at {where}s {[n for n, _ in found[:3]]}" + (f" (e.g. {found[0][1]!r})" if kind != "object" else "")
+                for kind, found in seen.items()
+            )
+            raise UserError(
+                f"`{location}` column {column!r} mixes value types: {examples}; write every value of the column "
+                f"as one type (e.g. all labels as strings or all as integers)"
+            )
+
+
+def _refuse_huge_cells(dataset: datasets.Dataset, location: str) -> None:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for name in dataset.column_names:
+        column = dataset.data.column(name)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            continue
+        lengths = pc.utf8_length(column)
+        longest = pc.max(lengths).as_py() or 0
+        if longest > MAX_CELL_CHARS:
+            row = pc.index(lengths, longest).as_py() + 1
+            raise UserError(
+                f"`{location}` row {row} has a {name!r} of {longest:,} characters (limit {MAX_CELL_CHARS:,}): far "
+                f"beyond any model's context, and tokenizing it alone needs gigabytes; shorten or remove that row"
+            )
 
 
 def _rename(dataset: datasets.Dataset, source: DataSource, key_path: str) -> datasets.Dataset:
@@ -146,13 +227,6 @@ def _locate_file_problem(location: str, data_format: str) -> str | None:
                 return f"line {number} is not valid JSON ({exc.msg}, column {exc.colno})"
             if not isinstance(row, dict):
                 return f"line {number} is a JSON {type(row).__name__}, not an object of columns"
-    if data_format in ("csv", "tsv"):
-        delimiter = "\t" if data_format == "tsv" else ","
-        rows = csv.reader(text.splitlines(), delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
-        header = next(rows, [])
-        for number, row in enumerate(rows, start=2):
-            if row and len(row) != len(header):
-                return f"line {number} has {len(row)} fields but the header has {len(header)}"
     return None
 
 

@@ -28,6 +28,11 @@ def write_report(run_dir: Path, recipe: Recipe, summary: dict, split_sections: d
             f"- training: {train.get('global_step')} steps, {train.get('train_runtime', 0):.1f} s, "
             f"final training loss {train.get('train_loss', float('nan')):.4f}"
         )
+    if summary.get("skipped_steps"):
+        lines.append(f"- steps skipped for non-finite or exploding gradients: {summary['skipped_steps']}")
+    if summary.get("fp16_overflow_steps"):
+        overflows = summary["fp16_overflow_steps"]
+        lines.append(f"- fp16 overflow: the gradient scaler skipped {len(overflows)} step(s) and lowered its scale: {overflows}")
     if summary.get("best_checkpoint"):
         lines.append(f"- best checkpoint: `{summary['best_checkpoint']}` ({summary['best_metric_name']} = {summary['best_metric']:.4f})")
     if has_loss_plot:

@@ -33,11 +33,13 @@ class SavedRun:
     recipe: Recipe
     task: ModuleType
     info: dict
-    trainer: Trainer  # a prediction-only Trainer around the reloaded model
+    tokenizer: object
+    predictor: object  # what the task's `predict` takes: a prediction-only Trainer, or the task's own predictor
 
-    def tokenize(self, split: str, dataset):
-        tokenized, _ = self.task.prepare(self.recipe, {split: dataset}, self.trainer.processing_class, self.info)
-        return tokenized[split]
+    def predict(self, split: str, dataset) -> list[dict]:
+        splits = {split: dataset}  # prepare may drop bad rows from it (data.skip_bad_rows)
+        tokenized, _ = self.task.prepare(self.recipe, splits, self.tokenizer, self.info)
+        return self.task.predict(self.predictor, tokenized[split], splits[split], self.recipe, self.info)
 
 
 def load_run(run_dir: str | Path) -> SavedRun:
@@ -49,8 +51,16 @@ def load_run(run_dir: str | Path) -> SavedRun:
     info = json.loads((run_dir / "task.json").read_text(encoding="utf-8"))
     info.pop("type", None)
     task = get_task(recipe.task.type)
+    tokenizer = load_tokenizer(recipe.model.model_copy(update={"name": str(run_dir / ADAPTER_DIR), "revision": None}))
+    # Tasks with their own fit step (feature extraction) reload their own predictor.
+    load_predictor = getattr(task, "load_predictor", None) or _prediction_trainer
+    return SavedRun(run_dir, recipe, task, info, tokenizer, load_predictor(recipe, info, run_dir, tokenizer))
+
+
+def _prediction_trainer(recipe: Recipe, info: dict, run_dir: Path, tokenizer) -> Trainer:
+    """A prediction-only Trainer around the base model with the run's adapter (or its fully fine-tuned weights)."""
+    task = get_task(recipe.task.type)
     saved = run_dir / ADAPTER_DIR
-    tokenizer = load_tokenizer(recipe.model.model_copy(update={"name": str(saved), "revision": None}))
     if recipe.adapter.method == "none":  # the folder holds the whole fine-tuned model
         model = task.load_model(recipe.model_copy(update={"model": recipe.model.model_copy(update={"name": str(saved)})}), info)
     else:
@@ -59,13 +69,12 @@ def load_run(run_dir: str | Path) -> SavedRun:
         model = PeftModel.from_pretrained(task.load_model(recipe, info), str(saved))
     # The recipe's batch size, precision and device, without its evaluation and checkpoint cadence.
     predicting = recipe.training.model_copy(update={"eval_strategy": "no", "save_strategy": "no"})
-    trainer = Trainer(
+    return Trainer(
         model=model,
         args=build_training_args(recipe.model_copy(update={"training": predicting}), run_dir, task.DEFAULT_METRIC),
         data_collator=task.collator(tokenizer, recipe),
         processing_class=tokenizer,
     )
-    return SavedRun(run_dir, recipe, task, info, trainer)
 
 
 def _with_test_source(recipe: Recipe, path: str, split: str | None) -> Recipe:
@@ -91,7 +100,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
         name = key
         own = getattr(run.recipe.data, key)
         dataset = load_source(own, f"data.{key}") if own else load_splits(run.recipe.data)[key]
-    records = run.task.predict(run.trainer, run.tokenize(key, dataset), dataset, run.recipe, run.info)
+    records = run.predict(key, dataset)
     metrics = run.task.score(records, run.info)
     out = run.run_dir / EVALUATIONS / name
     write_json(out / "metrics.json", metrics)
@@ -113,6 +122,6 @@ def predict_file(run_dir: str | Path, input_path: str, output_path: str | Path) 
     run = load_run(run_dir)
     run.recipe = _with_test_source(run.recipe, input_path, None)
     dataset = load_source(run.recipe.data.test, "data.test")
-    records = run.task.predict(run.trainer, run.tokenize("test", dataset), dataset, run.recipe, run.info)
+    records = run.predict("test", dataset)
     write_jsonl(Path(output_path), records)
     return len(records)

@@ -199,6 +199,11 @@ class DataSection(Section):
         0.0, ge=0.0, lt=1.0, description="Split this fraction off the training data when no validation source is set."
     )
     max_length: int = Field(256, gt=0, description="Maximum tokens per example; longer inputs are truncated.")
+    skip_bad_rows: bool = Field(
+        False,
+        description="Classification and features: skip rows whose text is empty (counted in a warning) instead of "
+        "stopping with an error that names the file and rows.",
+    )
 
 
 PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")

@@ -8,7 +8,8 @@ A task module provides, for training:
 - `prepare(recipe, splits, tokenizer, info=None) -> (tokenized splits, info)`: check columns/labels, tokenize.
   Row i of an evaluation split's tokenized data (or its example, for tasks that window long inputs) is row i
   of the raw split. With `info` (a saved run's task.json, for `peftkit eval/predict`) nothing is derived from
-  training data and splits may lack the gold columns (then `predict` leaves gold and scores out).
+  training data and splits may lack the gold columns (then `predict` leaves gold and scores out). Rows it
+  may skip (`data.skip_bad_rows`) it drops from `splits[name]` too, so raw and tokenized rows stay aligned.
 - `load_model(recipe, info)`: the base model with the task's head
 - `head_modules(model) -> list[str]`: modules trained fully and saved with the adapter
 - `collator(tokenizer, recipe)`, `compute_metrics(info)` (periodic evaluation inside the Trainer)
@@ -21,7 +22,8 @@ A task module provides, for training:
 
 Optionally `fit(recipe, task, info, tokenized, tokenizer, run_dir, checkpoint, callbacks) -> FitResult`
 (`peftkit.training.result`) for tasks that do not train with the HF Trainer (feature extraction); such a task
-needs no `load_model`/`head_modules`/`collator`/`compute_metrics`.
+needs no `load_model`/`head_modules`/`collator`/`compute_metrics`, and brings
+`load_predictor(recipe, info, run_dir, tokenizer)`: the fitted predictor back from a run folder (`peftkit eval/predict`).
 
 and, for deployment (`peftkit.deploy`: merge, multi-adapter inference, the HTTP server):
 - `AUTO_CLASS`, `model_kwargs(info)`: how to load the base with the task's head (`load_model` uses both)

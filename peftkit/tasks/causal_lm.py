@@ -68,14 +68,14 @@ def conversation(row: dict, recipe: Recipe, label_names: list[str] | None = None
                 f"task.messages_column: column {task.messages_column!r} must hold lists of {{role, content}} messages"
             )
         return [{"role": m["role"], "content": m["content"] or ""} for m in messages]
+    messages = [{"role": "system", "content": task.system_prompt}] if task.system_prompt else []
+    messages.append({"role": "user", "content": _render(task.prompt, row, "task.prompt")})
+    if any(column not in row for column in template_columns(task.response)):
+        return messages  # a prompt-only row (prediction input): nothing to learn or score
     response = _render(task.response, row, "task.response")
     if label_names and response.isdigit() and int(response) < len(label_names):
         response = label_names[int(response)]  # integer class ids index into the label strings
-    messages = [{"role": "system", "content": task.system_prompt}] if task.system_prompt else []
-    return messages + [
-        {"role": "user", "content": _render(task.prompt, row, "task.prompt")},
-        {"role": "assistant", "content": response},
-    ]
+    return messages + [{"role": "assistant", "content": response}]
 
 
 def prompt_and_response(messages: list[dict]) -> tuple[list[dict], str]:
@@ -143,14 +143,19 @@ def encode(tokenizer, messages: list[dict], max_length: int) -> dict[str, list[i
 def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -> tuple[dict, dict]:
     """Check columns, render conversations with the chat template and tokenize with response-only labels.
 
-    `info` (a saved run's task info) fixes the label strings instead of deriving them from `splits['train']`.
+    `info` (a saved run's task info) fixes the label strings instead of deriving them from `splits['train']`;
+    its splits may then hold prompts only (no response columns, or chats without an assistant turn), which
+    `predict` generates for without scoring.
     """
     import datasets
 
     task = recipe.task
     use_chat_template(tokenizer, recipe)
-    columns = [task.messages_column] if task.messages_column else template_columns(task.prompt) + template_columns(task.response)
+    prompt_columns = [task.messages_column] if task.messages_column else template_columns(task.prompt)
+    response_columns = [] if task.messages_column else template_columns(task.response)
     for split, dataset in splits.items():
+        prompts_only = info is not None and not set(response_columns) <= set(dataset.column_names)
+        columns = prompt_columns + ([] if prompts_only else response_columns)
         require_columns(dataset, columns, split, split_origin(recipe.data, split), "task.prompt/task.response/task.messages_column")
     names = None
     if task.response_metric == "classification":
@@ -173,14 +178,14 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
             rows["input_ids"].append(example["input_ids"])
             rows["labels"].append(example["labels"])
         origin = split_origin(recipe.data, split)
-        if empty:
+        if empty and info is None:
             log.warning("data.%s: skipped %d of %d rows with an empty response (%s)", split, empty, len(dataset), origin)
         if truncated:
             log.warning(
                 "data.%s: skipped %d of %d rows whose response starts beyond data.max_length=%d tokens",
                 split, truncated, len(dataset), recipe.data.max_length,
             )
-        if not rows["input_ids"]:
+        if not rows["input_ids"] and info is None:
             raise UserError(f"data.{split}: no row of `{origin}` has a non-empty response within data.max_length")
         tokenized[split] = datasets.Dataset.from_dict(rows)
     info: dict[str, Any] = {"response_metric": task.response_metric}
@@ -279,7 +284,11 @@ def generate(model, tokenizer, prompts: list[list[dict]], recipe: Recipe, batch_
 
 
 def predict(trainer, tokenized, raw, recipe: Recipe, info: dict) -> list[dict]:
-    """One record per scored row: prompt, gold response, generated response, and the gold response's loss."""
+    """One record per row: prompt and generated response; a row with a gold response adds it and its loss.
+
+    Rows without a response (prompt-only inputs) are generated for and left unscored; rows whose response
+    truncation removes entirely are skipped, as in training.
+    """
     model, tokenizer = trainer.model, trainer.processing_class
     model.eval()
     names = info.get("labels")
@@ -287,23 +296,25 @@ def predict(trainer, tokenized, raw, recipe: Recipe, info: dict) -> list[dict]:
     for row in raw:
         messages = conversation(row, recipe, names)
         prompt, gold = prompt_and_response(messages)
-        example = encode(tokenizer, messages, recipe.data.max_length) if gold.strip() else None
+        if not gold.strip():
+            kept.append((prompt, None, None))
+            continue
+        example = encode(tokenizer, messages, recipe.data.max_length)
         if example is not None:
             kept.append((prompt, gold, example))
-    losses = response_losses(model, [example for _, _, example in kept])
+    losses = iter(response_losses(model, [example for _, _, example in kept if example is not None]))
     batch_size = recipe.training.eval_batch_size or 2 * recipe.training.batch_size
     generated = generate(model, tokenizer, [prompt for prompt, _, _ in kept], recipe, batch_size)
     records = []
-    for (prompt, gold, _), (nll, tokens), output in zip(kept, losses, generated):
-        record = {
-            "prompt": prompt[-1]["content"] if prompt else "",
-            "gold": gold,
-            "generated": output,
-            "loss": round(nll / tokens, 6),
-            "tokens": tokens,
-        }
+    for (prompt, gold, example), output in zip(kept, generated):
+        record = {"prompt": prompt[-1]["content"] if prompt else "", "generated": output}
         if names is not None:
-            record.update(text=record["prompt"], predicted=match_label(output, names), gold_probability=math.exp(-nll))
+            record.update(text=record["prompt"], predicted=match_label(output, names))
+        if example is not None:
+            nll, tokens = next(losses)
+            record.update(gold=gold, loss=round(nll / tokens, 6), tokens=tokens)
+            if names is not None:
+                record["gold_probability"] = math.exp(-nll)
         records.append(record)
     return records
 
@@ -319,6 +330,7 @@ def match_label(generated: str, names: list[str]) -> str:
 
 
 def score(records: list[dict], info: dict) -> dict[str, Any]:
+    records = _scored(records)
     tokens = sum(r["tokens"] for r in records)
     loss = sum(r["loss"] * r["tokens"] for r in records) / max(tokens, 1)
     metrics: dict[str, Any] = {"examples": len(records), "loss": loss, "perplexity": math.exp(min(loss, 50))}
@@ -336,6 +348,10 @@ def score(records: list[dict], info: dict) -> dict[str, Any]:
     return metrics
 
 
+def _scored(records: list[dict]) -> list[dict]:
+    return [record for record in records if "gold" in record]  # prompt-only rows have nothing to score
+
+
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / max(len(values), 1)
@@ -346,6 +362,7 @@ HEADLINE_METRICS = ("loss", "perplexity", "exact_match", "f1", "bleu", "chrf", "
 
 def report(records: list[dict], metrics: dict, split: str, run_dir: Path, worst: int) -> str:
     """Headline metrics on generated text, then the examples whose gold response the model found least likely."""
+    records = _scored(records)
     if "confusion_matrix" in metrics:
         lines = [f"Response loss {metrics['loss']:.4f} (perplexity {metrics['perplexity']:.2f}); labels generated:", ""]
         lines.append(classification.report(records, metrics, split, run_dir, worst))

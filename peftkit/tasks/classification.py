@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,12 @@ from peftkit.evaluation.plots import plot_confusion_matrix
 from peftkit.models.load import load_base_model
 from peftkit.recipe.schema import Recipe
 
+log = logging.getLogger("peftkit")
+
 PEFT_TASK_TYPE = "SEQ_CLS"
 DEFAULT_METRIC = "f1_macro"
 LOSS_SUMS_OVER_ITEMS = False  # cross-entropy mean over the batch
-HEAD_NAMES = ("classifier", "score")
+HEAD_NAMES = ("classifier", "score", "classification_head")  # BERT-likes, decoders, T5/BART
 AUTO_CLASS = AutoModelForSequenceClassification
 INPUT_FIELDS = {"text": True, "text_pair": False}
 
@@ -66,6 +69,7 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
         labelled = info is None or task.label_column in dataset.column_names
         columns = inputs + ([task.label_column] if labelled else [])
         require_columns(dataset, columns, split, split_origin(recipe.data, split), "task.text_column/task.label_column")
+        splits[split] = _without_empty_texts(dataset, split, recipe)
     names = info["labels"] if info else label_names(recipe, splits["train"])
     if len(names) < 2:
         raise UserError(f"data.train: column {task.label_column!r} has only the label {names}; classification needs two or more")
@@ -82,6 +86,24 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
             encoded = encoded.add_column("labels", ids)
         tokenized[split] = encoded
     return tokenized, {"labels": names}
+
+
+def _without_empty_texts(dataset, split: str, recipe: Recipe):
+    """An empty (or non-text) input teaches nothing and predicts noise: an error naming the rows, or, with
+    `data.skip_bad_rows`, the split without them and a counted warning."""
+    column, origin = recipe.task.text_column, split_origin(recipe.data, split)
+    empty = [i for i, text in enumerate(dataset[column]) if not isinstance(text, str) or not text.strip()]
+    if not empty:
+        return dataset
+    rows = f"row(s) {[i + 1 for i in empty[:10]]}{' ...' if len(empty) > 10 else ''} ({len(empty)} of {len(dataset)})"
+    if not recipe.data.skip_bad_rows or len(empty) == len(dataset):
+        raise UserError(
+            f"data.{split}: `{origin}` column {column!r} is empty at {rows}; fix those rows or set "
+            "data.skip_bad_rows: true to skip them"
+        )
+    log.warning("data.%s: skipped %s of `%s` with an empty %r", split, rows, origin, column)
+    empty_rows = set(empty)
+    return dataset.select([i for i in range(len(dataset)) if i not in empty_rows])
 
 
 def model_kwargs(info: dict) -> dict:

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
+from tqdm.auto import tqdm
 from transformers import AutoModel, DataCollatorWithPadding
 
 from peftkit.models.load import load_base_model, load_config
@@ -34,6 +35,7 @@ PEFT_TASK_TYPE = "FEATURE_EXTRACTION"
 DEFAULT_METRIC = classification.DEFAULT_METRIC
 FEATURES_DIR = "features"
 EMBEDDING_BATCH = 64
+CLASSIFIER_WEIGHTS = "classifier.safetensors"
 
 prepare = classification.prepare
 score = classification.score
@@ -106,7 +108,7 @@ class EmbeddingCache:
         collate = DataCollatorWithPadding(self.tokenizer)
         inputs = tokenized.remove_columns([c for c in ("labels",) if c in tokenized.column_names])
         chunks = []
-        for start in range(0, len(inputs), EMBEDDING_BATCH):
+        for start in tqdm(range(0, len(inputs), EMBEDDING_BATCH), desc="embedding", unit="batch"):
             batch = {k: v.to(device) for k, v in collate([inputs[i] for i in range(start, min(start + EMBEDDING_BATCH, len(inputs)))]).items()}
             hidden = self.model(**batch).last_hidden_state
             chunks.append(pool(hidden, batch["attention_mask"], self.pooling).float().cpu().numpy())
@@ -117,15 +119,23 @@ class EmbeddingCache:
 
 
 class FittedClassifier:
-    """What `predict` receives: class probabilities for a tokenized split, label ids in `info['labels']` order."""
+    """What `predict` receives: class probabilities from the saved standardization and linear layer, the same
+    arrays after training and when `peftkit eval/predict` reload the run. Label ids follow `info['labels']`."""
 
-    def __init__(self, embeddings: EmbeddingCache, pipeline: Pipeline, label_count: int):
-        self.embeddings, self.pipeline, self.label_count = embeddings, pipeline, label_count
+    def __init__(self, embeddings: EmbeddingCache, weights: dict[str, np.ndarray], label_count: int):
+        self.embeddings, self.weights, self.label_count = embeddings, weights, label_count
 
     def probabilities(self, tokenized) -> np.ndarray:
-        seen = self.pipeline.predict_proba(self.embeddings(tokenized))
+        w = self.weights
+        standardized = (self.embeddings(tokenized).astype(np.float64) - w["scaler.mean"]) / w["scaler.scale"]
+        logits = standardized @ w["linear.weight"].T + w["linear.bias"]
+        if logits.shape[1] == 1:  # scikit-learn's binary model keeps one row: the logit of the second class
+            seen = np.hstack([1 / (1 + np.exp(logits)), 1 / (1 + np.exp(-logits))])
+        else:
+            seen = np.exp(logits - logits.max(axis=1, keepdims=True))
+            seen /= seen.sum(axis=1, keepdims=True)
         full = np.zeros((seen.shape[0], self.label_count))
-        full[:, self.pipeline.classes_] = seen  # labels absent from training keep probability 0
+        full[:, w["linear.classes"]] = seen  # labels absent from training keep probability 0
         return full
 
 
@@ -144,10 +154,11 @@ def fit(recipe: Recipe, task, info: dict, tokenized: dict, tokenizer, run_dir: P
     log.info("features: %s training embeddings (%s), classifier fitted in %.1f s",
              "reused" if embeddings.reused else "computed", embeddings.pooling, finished - embedded)
 
-    _save_classifier(pipeline, embeddings.pooling, info, run_dir / ADAPTER_DIR)
+    weights = _save_classifier(pipeline, embeddings.pooling, info, run_dir / ADAPTER_DIR)
+    tokenizer.save_pretrained(run_dir / ADAPTER_DIR)  # with the classifier, the folder + base model predict
     classifier_parameters = int(pipeline[-1].coef_.size + pipeline[-1].intercept_.size)
     return FitResult(
-        predictor=FittedClassifier(embeddings, pipeline, len(info["labels"])),
+        predictor=FittedClassifier(embeddings, weights, len(info["labels"])),
         parameters={"trainable": classifier_parameters, "total": embeddings.model_parameters() + classifier_parameters},
         train_metrics={
             "global_step": 0,
@@ -160,21 +171,26 @@ def fit(recipe: Recipe, task, info: dict, tokenized: dict, tokenizer, run_dir: P
     )
 
 
-def _save_classifier(pipeline: Pipeline, pooling: str, info: dict, folder: Path) -> None:
+def _save_classifier(pipeline: Pipeline, pooling: str, info: dict, folder: Path) -> dict[str, np.ndarray]:
     """Weights as safetensors (no pickles): standardization and the linear layer, plus what produced the inputs."""
     scaler, linear = pipeline[0], pipeline[-1]
+    arrays = {
+        "scaler.mean": scaler.mean_, "scaler.scale": scaler.scale_, "linear.weight": linear.coef_,
+        "linear.bias": linear.intercept_,
+    }
+    # safetensors writes an array's memory as is: a Fortran-ordered coef_ (multi-class lbfgs) must be made C-ordered.
+    weights = {name: np.ascontiguousarray(array, dtype=np.float64) for name, array in arrays.items()}
+    weights["linear.classes"] = np.ascontiguousarray(linear.classes_, dtype=np.int64)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {
-            "scaler.mean": scaler.mean_.astype(np.float32),
-            "scaler.scale": scaler.scale_.astype(np.float32),
-            "linear.weight": linear.coef_.astype(np.float32),
-            "linear.bias": linear.intercept_.astype(np.float32),
-            "linear.classes": linear.classes_.astype(np.int64),
-        },
-        str(folder / "classifier.safetensors"),
-    )
+    save_file(weights, str(folder / CLASSIFIER_WEIGHTS))
     (folder / "classifier.json").write_text(json.dumps({"pooling": pooling, "labels": info["labels"]}, indent=2) + "\n")
+    return weights
+
+
+def load_predictor(recipe: Recipe, info: dict, run_dir: Path, tokenizer) -> FittedClassifier:
+    """The saved classifier over the frozen base model, for `peftkit eval/predict` (embeddings cached as in training)."""
+    weights = load_file(str(run_dir / ADAPTER_DIR / CLASSIFIER_WEIGHTS))
+    return FittedClassifier(EmbeddingCache(recipe, tokenizer, run_dir / FEATURES_DIR), weights, len(info["labels"]))
 
 
 def predict(predictor: FittedClassifier, tokenized, raw, recipe: Recipe, info: dict) -> list[dict]:

@@ -167,7 +167,7 @@ def fit_with_trainer(
         best_metric_name=best_metric_name(recipe),
         best_metric=trainer.state.best_metric,
         log_history=trainer.state.log_history,
-        summary={"skipped_steps": trainer.skipped_steps},
+        summary={"skipped_steps": trainer.skipped_steps, "fp16_overflow_steps": trainer.overflow_steps},
     )
 
 

@@ -4,6 +4,7 @@
   either the previous or the new checkpoint complete, never a half-written latest one.
 - Non-finite losses and exploding gradient norms stop the run (naming the step and the last good
   checkpoint) or skip the step, instead of training on and saving a broken adapter.
+- fp16 steps the loss scaler skipped (overflowing gradients; it then lowers the scale) are counted for the report.
 - SIGTERM (what clusters send before pre-emption) saves a checkpoint at the next step and stops.
 """
 
@@ -36,6 +37,7 @@ class PeftkitTrainer(Trainer):
         self.on_nonfinite = on_nonfinite
         self.abort_grad_norm = abort_grad_norm
         self.skipped_steps: list[int] = []
+        self.overflow_steps: list[int] = []  # fp16: steps whose update the gradient scaler skipped
         self._skip_this_step = False
 
     # --- numeric guards -------------------------------------------------------------------------
@@ -71,6 +73,12 @@ class PeftkitTrainer(Trainer):
             self.model.zero_grad(set_to_none=True)
             self.skipped_steps.append(self.state.global_step + 1)
             self._skip_this_step = False
+
+    def _record_scaler_skip(self) -> None:
+        """Called after each optimizer step. accelerate reports a step its GradScaler skipped (inf/NaN gradients
+        under fp16); the scale is lowered and training goes on, which is right, but the user should know."""
+        if self.accelerator.optimizer_step_was_skipped:
+            self.overflow_steps.append(self.state.global_step + 1)
 
     # --- crash-safe checkpoints -----------------------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:
@@ -113,13 +121,16 @@ class PeftkitTrainer(Trainer):
 
 
 class GradientGuardCallback(TrainerCallback):
-    """Runs the trainer's gradient check between clipping and the optimizer step."""
+    """Runs the trainer's gradient check between clipping and the optimizer step, and notes scaler-skipped steps."""
 
     def __init__(self, trainer: PeftkitTrainer):
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._check_gradients()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._record_scaler_skip()
 
 
 class PreemptionCallback(TrainerCallback):
