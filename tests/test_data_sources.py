@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import classification_recipe, sentiment_rows, write_jsonl
@@ -155,6 +155,7 @@ JSON_ROWS = st.lists(st.dictionaries(st.sampled_from(["text", "label"]), JSON_SC
 @settings(max_examples=40, deadline=None)
 @given(st.one_of(JSON_ROWS.map(lambda rows: "".join(json.dumps(r) + "\n" for r in rows).encode()),
                  st.binary(max_size=60)))
+@example(content=b"\xc2")  # a multi-byte character cut off at the end of the file (found by hypothesis)
 def test_arbitrary_json_lines_load_or_raise_the_user_error(content):
     """Any bytes in a .jsonl file: rows of one type per column, or a UserError naming the file; never a crash."""
     with tempfile.TemporaryDirectory() as folder:

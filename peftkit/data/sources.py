@@ -90,12 +90,15 @@ def _require_utf8(location: str) -> None:
     decoder = codecs.getincrementaldecoder("utf-8")()
     lines_before = 0
     with open(location, "rb") as handle:
-        while chunk := handle.read(1 << 20):
+        while True:
+            chunk = handle.read(1 << 20)
             try:
-                decoder.decode(chunk)
+                decoder.decode(chunk, final=not chunk)  # the final call catches a character cut off at the end
             except UnicodeDecodeError as exc:
                 line = lines_before + chunk[: exc.start].count(b"\n") + 1
                 raise UserError(f"`{location}` line {line} is not UTF-8 text; re-save the file as UTF-8") from None
+            if not chunk:
+                break
             lines_before += chunk.count(b"\n")
 
 
