@@ -104,6 +104,10 @@ def test_auto_strategy_is_ddp_only_on_several_processes():
             "storage_dtype must equal quantization.compute_dtype",
         ),
         ({"distributed": {"strategy": "fsdp"}, "quantization": {"bits": 8}}, "bits: 8 cannot be sharded"),
+        (
+            {"distributed": {"strategy": "deepspeed", "zero_stage": 2}, "training": {"on_nonfinite": "skip"}},
+            "on_nonfinite: skip cannot be honoured under distributed.strategy: deepspeed",
+        ),
     ],
 )
 def test_impossible_sharding_combinations_are_refused(sections, message):

@@ -64,7 +64,7 @@ def setup(tmp_path_factory, tiny_llama_dir):
 
 
 def launch(launcher: list[str], recipe: Path, run_dir: Path, *overrides: str, record: Path | None = None,
-           resume: bool = False) -> subprocess.CompletedProcess:
+           resume: bool = False, timeout: float = 900) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(HOOKS), str(REPO_ROOT)]),
@@ -74,7 +74,7 @@ def launch(launcher: list[str], recipe: Path, run_dir: Path, *overrides: str, re
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     command = [*launcher, "train", str(recipe), f"output.dir={run_dir}", *overrides] + (["--resume"] if resume else [])
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=900)
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=timeout)
 
 
 def free_port() -> str:
@@ -186,3 +186,17 @@ def test_two_ranks_shard_data_match_one_rank_save_and_resume(strategy, setup):
     assert after_resume.keys() == expected.keys()
     for name, tensor in expected.items():
         torch.testing.assert_close(after_resume[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
+def test_exploding_gradients_stop_every_rank(strategy, setup):
+    """The guard reads the global gradient norm (under ZeRO-2 p.grad holds nothing) and all ranks stop together."""
+    overrides, _ = STRATEGIES[strategy]
+    run_dir = setup["root"] / f"{strategy}-diverged"
+    # A rank that stopped alone would leave the other waiting in a collective until the timeout.
+    result = launch(torchrun(), setup["recipe"], run_dir, *overrides, "training.abort_grad_norm=1e-12", timeout=300)
+    message = "peftkit: error: training stopped at step 1: the gradient norm"
+    assert result.stderr.count(message) == RANKS, result.stderr[-5000:]  # each rank, its own clear message
+    # torchrun exits 1 whenever a worker fails; the first worker to end reports the CLI's user-error code.
+    assert result.returncode == 1 and "exitcode  : 2" in result.stderr, result.stderr[-5000:]
+    assert not run_dir.exists()

@@ -36,41 +36,50 @@ class PeftkitTrainer(Trainer):
         self.on_nonfinite = on_nonfinite
         self.abort_grad_norm = abort_grad_norm
         self.skipped_steps: list[int] = []
-        self._skip_this_step = False
+        self._nonfinite_loss: float | None = None  # first non-finite loss since the last optimizer step
 
     # --- numeric guards -------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss.detach()).all():
-            self._bad_step(f"the loss became {loss.item()}")
+        if self._nonfinite_loss is None and not torch.isfinite(loss.detach()).all():
+            self._nonfinite_loss = loss.item()
         return loss
 
-    def _bad_step(self, what: str) -> None:
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer's gradient norm (the one clipping used), checked right before the optimizer step.
+
+        It is the global norm under every strategy (DDP all-reduces gradients, FSDP reduces its shards' norms,
+        DeepSpeed reports its engine's), where the local `p.grad` would be empty or partial.
+        """
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        self._guard_step(None if grad_norm is None else float(grad_norm))
+        return grad_norm
+
+    def _guard_step(self, grad_norm: float | None) -> None:
+        """Stop or skip the step on a bad loss or gradient norm; every rank takes the same decision."""
+        problem = None
+        if self._nonfinite_loss is not None:
+            problem = f"the loss became {self._nonfinite_loss}"
+        elif grad_norm is not None and not math.isfinite(grad_norm):
+            problem = f"the gradient norm became {grad_norm}"
+        elif self.abort_grad_norm is not None and grad_norm is not None and grad_norm > self.abort_grad_norm:
+            problem = f"the gradient norm {grad_norm:.3g} exceeded training.abort_grad_norm={self.abort_grad_norm}"
+        self._nonfinite_loss = None
+        # A rank that stopped alone would leave the others waiting in their next collective.
+        if not any_rank(problem is not None):
+            return
         step = self.state.global_step + 1
         if self.on_nonfinite == "skip":
-            self._skip_this_step = True
+            # Parameters whose grad is None are left untouched by torch optimizers: the step is skipped.
+            self.model.zero_grad(set_to_none=True)
+            self.skipped_steps.append(step)
             return
         last = last_complete_checkpoint(Path(self.args.output_dir).parent)
         raise TrainingDiverged(
-            f"training stopped at step {step}: {what}. Last good checkpoint: {last or 'none yet'}. "
-            "Lower training.learning_rate, enable gradient clipping (training.max_grad_norm), or set "
-            "training.on_nonfinite: skip to skip such steps; resume with --resume."
+            f"training stopped at step {step}: {problem or 'the loss became non-finite on another rank'}. "
+            f"Last good checkpoint: {last or 'none yet'}. Lower training.learning_rate, enable gradient clipping "
+            "(training.max_grad_norm), or set training.on_nonfinite: skip to skip such steps; resume with --resume."
         )
-
-    def _check_gradients(self) -> None:
-        """Called before each optimizer step: skip (drop the gradients) or stop on bad gradients."""
-        grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
-        if grads and not self._skip_this_step:
-            norm = torch.nn.utils.get_total_norm(grads).item()
-            if not math.isfinite(norm):
-                self._bad_step(f"the gradient norm became {norm}")
-            elif self.abort_grad_norm is not None and norm > self.abort_grad_norm:
-                self._bad_step(f"the gradient norm {norm:.3g} exceeded training.abort_grad_norm={self.abort_grad_norm}")
-        if self._skip_this_step:
-            # Parameters whose grad is None are left untouched by torch optimizers: the step is skipped.
-            self.model.zero_grad(set_to_none=True)
-            self.skipped_steps.append(self.state.global_step + 1)
-            self._skip_this_step = False
 
     # --- crash-safe checkpoints -----------------------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:
@@ -112,16 +121,6 @@ class PeftkitTrainer(Trainer):
             torch.distributed.barrier()
 
 
-class GradientGuardCallback(TrainerCallback):
-    """Runs the trainer's gradient check between clipping and the optimizer step."""
-
-    def __init__(self, trainer: PeftkitTrainer):
-        self.trainer = trainer
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._check_gradients()
-
-
 class PreemptionCallback(TrainerCallback):
     """On SIGTERM, save a checkpoint after the current step and stop training.
 
@@ -146,17 +145,19 @@ class PreemptionCallback(TrainerCallback):
         self.received = True
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._any_rank_received():
+        # Ranks must agree on the step to stop at, or the others would hang in the next collective.
+        self.received = any_rank(self.received)
+        if self.received:
             control.should_save = True
             control.should_training_stop = True
 
-    def _any_rank_received(self) -> bool:
-        """Ranks must agree on the step to stop at, or the others would hang in the next collective."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return self.received
-        flag = torch.tensor([float(self.received)])
-        if torch.distributed.get_backend() == "nccl":
-            flag = flag.cuda()
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        self.received = bool(flag.item())
-        return self.received
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one (a collective: every rank must call it)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    tensor = torch.tensor([float(flag)])
+    if torch.distributed.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return bool(tensor.item())
