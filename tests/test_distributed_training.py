@@ -1,21 +1,26 @@
 """`peftkit train` on 2 CPU processes (gloo) under DDP, ZeRO-2, ZeRO-3 and FSDP, launched by torchrun and accelerate.
 
-For each strategy one torchrun run trains 4 steps (= one epoch: 32 examples, 2 ranks x batch 4), saving at
-steps 2 and 4; then everything after step 2 is deleted and `accelerate launch --config_file launch/<file>`
-resumes it. Checked: data shards (disjoint, complete), losses against 1 process x batch 8, the saved adapter
-(non-empty, reloads in plain peft) and that the resumed run ends with the same adapter.
+For each strategy one torchrun run trains 4 steps (= one epoch: 32 examples, 2 ranks x batch 4), evaluating and
+saving after every step and loading the best checkpoint at the end. A second torchrun run is SIGKILLed (launcher
+and workers) after a checkpoint chosen by a seeded RNG, and `accelerate launch --config_file launch/<file>`
+resumes it. Checked: data shards (disjoint, complete), losses against 1 process x batch 8, the best checkpoint
+and the final adapter (non-empty, equal to the best checkpoint's, reloads in plain peft), and that the killed and
+resumed run ends with the uninterrupted run's adapter.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import random
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -47,13 +52,14 @@ def setup(tmp_path_factory, tiny_llama_dir):
     root = tmp_path_factory.mktemp("distributed")
     rows = sentiment_rows(TRAIN_EXAMPLES, seed=1)
     assert len({row["text"] for row in rows}) == TRAIN_EXAMPLES  # example identity by text must be unambiguous
-    files = {"train": write_jsonl(root / "train.jsonl", rows), "test": write_jsonl(root / "test.jsonl", sentiment_rows(12, seed=3))}
+    files = {"train": write_jsonl(root / "train.jsonl", rows), "validation": write_jsonl(root / "dev.jsonl", sentiment_rows(8, seed=2)),
+             "test": write_jsonl(root / "test.jsonl", sentiment_rows(12, seed=3))}
     # A decoder without dropout: DDP and the reference see the same deterministic forward pass.
     recipe = classification_recipe(
         tiny_llama_dir, files, root / "unused",
         data={"max_length": 32},
-        training={"max_steps": STEPS, "batch_size": BATCH, "logging_steps": 1, "eval_strategy": "no",
-                  "save_strategy": "steps", "save_steps": STEPS // 2, "warmup_ratio": 0.0},
+        training={"max_steps": STEPS, "batch_size": BATCH, "logging_steps": 1, "eval_strategy": "steps", "eval_steps": 1,
+                  "save_strategy": "steps", "save_steps": 1, "warmup_ratio": 0.0},
         evaluation={"splits": ["test"]},
     )
     recipe_path = write_recipe(root / "recipe.yaml", recipe)
@@ -65,16 +71,45 @@ def setup(tmp_path_factory, tiny_llama_dir):
 
 def launch(launcher: list[str], recipe: Path, run_dir: Path, *overrides: str, record: Path | None = None,
            resume: bool = False, timeout: float = 900) -> subprocess.CompletedProcess:
+    command = [*launcher, "train", str(recipe), f"output.dir={run_dir}", *overrides] + (["--resume"] if resume else [])
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=worker_env(record), timeout=timeout)
+
+
+def worker_env(record: Path | None = None, hold_at_step: int | None = None) -> dict[str, str]:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(HOOKS), str(REPO_ROOT)]),
         "OMP_NUM_THREADS": "1",
         "PEFTKIT_TEST_RECORD_DIR": str(record or ""),
+        "PEFTKIT_TEST_HOLD_AT_STEP": "" if hold_at_step is None else str(hold_at_step),
     }
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    command = [*launcher, "train", str(recipe), f"output.dir={run_dir}", *overrides] + (["--resume"] if resume else [])
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=timeout)
+    return env
+
+
+def sigkill_after_checkpoint(recipe: Path, run_dir: Path, step: int, *overrides: str) -> None:
+    """Start a torchrun job and SIGKILL the launcher's process group and every worker once checkpoint-`step` is
+    complete. torchrun starts each worker in a session of its own, so killing the launcher's group alone would
+    leave the workers training."""
+    job = subprocess.Popen([*torchrun(), "train", str(recipe), f"output.dir={run_dir}", *overrides], cwd=REPO_ROOT,
+                           env=worker_env(hold_at_step=step), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    checkpoint = run_dir / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json"
+    try:
+        deadline = time.monotonic() + 600
+        while not checkpoint.is_file():
+            assert job.poll() is None, job.stderr.read()[-5000:]
+            assert time.monotonic() < deadline, "no checkpoint before the timeout"
+            time.sleep(0.05)
+    finally:
+        workers = psutil.Process(job.pid).children(recursive=True)
+        os.killpg(job.pid, signal.SIGKILL)
+        for worker in workers:
+            worker.kill()
+        job.wait()
+        job.stderr.close()
+    assert not (run_dir / "adapter").exists()
 
 
 def free_port() -> str:
@@ -125,7 +160,7 @@ def reload_in_plain_peft(model_dir: Path, adapter_dir: Path) -> dict[str, torch.
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
-def test_two_ranks_shard_data_match_one_rank_save_and_resume(strategy, setup):
+def test_two_ranks_shard_data_match_one_rank_keep_the_best_and_resume_after_sigkill(strategy, setup):
     overrides, launch_file = STRATEGIES[strategy]
     root = setup["root"] / strategy
     run_dir, first_record, resume_record = root / "run", root / "record-first", root / "record-resume"
@@ -167,25 +202,49 @@ def test_two_ranks_shard_data_match_one_rank_save_and_resume(strategy, setup):
         assert deepspeed["zero_optimization"]["stage"] == int(strategy[-1])
     assert (run_dir / "fsdp.json").exists() is (strategy == "fsdp")
 
-    # Interrupt after step 2: delete what came later, resume with accelerate launch and the launch/ file.
-    expected = dict(saved)
-    for path in run_dir.iterdir():
-        if path.name not in ("checkpoints", "recipe.yaml"):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    shutil.rmtree(run_dir / "checkpoints" / f"checkpoint-{STEPS}")
-    result = launch(accelerate(launch_file), setup["recipe"], run_dir, *overrides, record=resume_record, resume=True)
+    # Periodic evaluation picked the best checkpoint, and the final adapter is that checkpoint's adapter.
+    best_step = assert_best_checkpoint_is_the_final_adapter(run_dir, metrics, saved)
+
+    # SIGKILL a second run after a checkpoint (seeded choice), resume it with accelerate launch and launch/<file>.
+    kill_step = random.Random(strategy).randint(1, STEPS - 1)
+    killed = root / "killed"
+    sigkill_after_checkpoint(setup["recipe"], killed, kill_step, *overrides)
+    result = launch(accelerate(launch_file), setup["recipe"], killed, *overrides, record=resume_record, resume=True)
     assert result.returncode == 0, result.stderr[-5000:]
+    assert f"resuming from {killed / 'checkpoints' / f'checkpoint-{kill_step}'}" in result.stderr
 
     resumed = recorded(resume_record)
     for rank in range(RANKS):  # the same examples on the same rank for the remaining steps
-        assert resumed[rank] == {step: seen[rank][step] for step in range(STEPS // 2, STEPS)}
-    assert {step: loss for step, loss in losses(run_dir).items() if step > STEPS // 2} == pytest.approx(
-        {step: loss for step, loss in two_ranks.items() if step > STEPS // 2}, rel=1e-6
+        assert resumed[rank] == {step: seen[rank][step] for step in range(kill_step, STEPS)}
+    assert {step: loss for step, loss in losses(killed).items() if step > kill_step} == pytest.approx(
+        {step: loss for step, loss in two_ranks.items() if step > kill_step}, rel=1e-6
     )
-    after_resume = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-    assert after_resume.keys() == expected.keys()
-    for name, tensor in expected.items():
+    assert json.loads((killed / "metrics.json").read_text())["best_checkpoint"].endswith(f"checkpoint-{best_step}")
+    after_resume = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
+    assert after_resume.keys() == saved.keys()
+    for name, tensor in saved.items():
         torch.testing.assert_close(after_resume[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def assert_best_checkpoint_is_the_final_adapter(run_dir: Path, metrics: dict, final: dict[str, torch.Tensor]) -> int:
+    """The best evaluation names the best checkpoint in metrics.json and the trainer state; returns its step."""
+    key = f"eval_{metrics['best_metric_name']}"
+    evaluations = {entry["step"]: entry[key] for entry in json.loads((run_dir / "log_history.json").read_text()) if key in entry}
+    assert sorted(evaluations) == list(range(1, STEPS + 1))
+    best_step = max(evaluations, key=lambda step: (evaluations[step], -step))  # the first of equals is kept
+    best = run_dir / "checkpoints" / f"checkpoint-{best_step}"
+    assert metrics["best_checkpoint"] == str(best) and metrics["best_metric"] == evaluations[best_step]
+    last_state = json.loads((run_dir / "checkpoints" / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
+    assert last_state["best_model_checkpoint"] == str(best)
+    check_saved_weights(best)
+    best_weights = load_file(str(best / "adapter_model.safetensors"))
+    assert best_weights.keys() == final.keys()
+    for name, tensor in best_weights.items():
+        torch.testing.assert_close(final[name], tensor, rtol=0, atol=0, msg=name)
+    if best_step != STEPS:  # then the final weights were really reloaded: the last step's differ
+        last_weights = load_file(str(run_dir / "checkpoints" / f"checkpoint-{STEPS}" / "adapter_model.safetensors"))
+        assert any(not torch.equal(last_weights[name], tensor) for name, tensor in final.items())
+    return best_step
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero2"])

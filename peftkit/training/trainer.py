@@ -95,17 +95,19 @@ class PeftkitTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir = output_dir
+        best = self.state.best_model_checkpoint
+        best_was_staged = best is not None and Path(best).parent.name == STAGING
+        if best_was_staged:  # on every rank: each one loads the best checkpoint at the end
+            self.state.best_model_checkpoint = str(run_dir / Path(best).name)
         self._barrier()
         if self.args.should_save:
+            if best_was_staged:
+                self.state.save_to_json(str(staging / name / TRAINER_STATE))
             self._move_into_place(staging / name, run_dir / name)
         self._barrier()
 
     def _move_into_place(self, staged: Path, final: Path) -> None:
-        """Fix paths recorded while staging, then rename: the checkpoint appears complete or not at all."""
-        best = self.state.best_model_checkpoint
-        if best and Path(best).parent.name == STAGING:
-            self.state.best_model_checkpoint = str(final.parent / Path(best).name)
-            self.state.save_to_json(str(staged / TRAINER_STATE))
+        """Rename: the checkpoint appears complete or not at all; then apply retention."""
         if final.exists():  # re-saving the same step (e.g. SIGTERM right after a scheduled save)
             shutil.rmtree(final)
         os.replace(staged, final)
