@@ -32,6 +32,7 @@ from peftkit.data.sources import load_splits
 from peftkit.distributed import (
     adopt_recipe_sharding,
     check_launcher_agrees,
+    check_strategy_runs_here,
     launched_world_size,
     write_sharding_configs,
 )
@@ -68,6 +69,7 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
     resume = resume or recipe.training.resume
     world_size = launched_world_size()
     check_launcher_agrees(recipe, os.environ, world_size)
+    check_strategy_runs_here(recipe, world_size)
     adopt_recipe_sharding()
     best_metric = best_metric_name(recipe)
     # Built before the model is loaded: under ZeRO-3 this makes from_pretrained load partitioned weights.
