@@ -71,18 +71,21 @@ def setup(tmp_path_factory, tiny_llama_dir):
 
 
 def launch(launcher: list[str], recipe: Path, run_dir: Path, *overrides: str, record: Path | None = None,
-           resume: bool = False, timeout: float = 900) -> subprocess.CompletedProcess:
+           resume: bool = False, timeout: float = 900, param_bytes: Path | None = None) -> subprocess.CompletedProcess:
     command = [*launcher, "train", str(recipe), f"output.dir={run_dir}", *overrides] + (["--resume"] if resume else [])
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=worker_env(record), timeout=timeout)
+    env = worker_env(record, param_bytes=param_bytes)
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=timeout)
 
 
-def worker_env(record: Path | None = None, hold_at_step: int | None = None) -> dict[str, str]:
+def worker_env(record: Path | None = None, hold_at_step: int | None = None, param_bytes: Path | None = None) -> dict[str, str]:
+    """Environment of launched workers; the PEFTKIT_TEST_* variables drive tests/worker_hooks."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(HOOKS), str(REPO_ROOT)]),
         "OMP_NUM_THREADS": "1",
         "PEFTKIT_TEST_RECORD_DIR": str(record or ""),
         "PEFTKIT_TEST_HOLD_AT_STEP": "" if hold_at_step is None else str(hold_at_step),
+        "PEFTKIT_TEST_PARAM_BYTES_DIR": str(param_bytes or ""),
     }
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
@@ -151,11 +154,11 @@ def example_keys(model_dir: Path, rows: list[dict]) -> set[str]:
     return {" ".join(map(str, tokenizer(row["text"], truncation=True, max_length=32)["input_ids"])) for row in rows}
 
 
-def reload_in_plain_peft(model_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
+def reload_in_plain_peft(model_dir: Path, adapter_dir: Path, quantization_config=None) -> dict[str, torch.Tensor]:
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2, quantization_config=quantization_config)
     model = PeftModel.from_pretrained(base, adapter_dir)
     return {name: parameter.detach() for name, parameter in model.named_parameters() if "lora_" in name}
 
@@ -259,3 +262,58 @@ def test_exploding_gradients_stop_every_rank(strategy, setup):
     # torchrun exits 1 whenever a worker fails; the first worker to end reports the CLI's user-error code.
     assert result.returncode == 1 and "exitcode  : 2" in result.stderr, result.stderr[-5000:]
     assert not run_dir.exists()
+
+
+@pytest.fixture(scope="module")
+def wide_llama_dir(tmp_path_factory) -> Path:
+    """One Llama layer with 1024 x 1024 projections: each 4-bit weight (131,072 float32 storage elements) is above
+    DeepSpeed's stage3_param_persistence_threshold (1e5), so ZeRO-3 keeps only partitions of it between uses."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import _word_level_tokenizer
+
+    directory = tmp_path_factory.mktemp("wide-llama")
+    tokenizer = _word_level_tokenizer(directory)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=8,
+        num_key_value_heads=8, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def test_qlora_under_zero3_partitions_the_4bit_base(setup, wide_llama_dir):
+    """4-bit nf4 base (float32 storage = compute dtype) + LoRA, 2 ranks: each holds half of the packed weights."""
+    from transformers import BitsAndBytesConfig
+
+    root = setup["root"] / "qlora-zero3"
+    param_bytes, run_dir = root / "bytes", root / "run"
+    param_bytes.mkdir(parents=True)
+    quantization = {"bits": 4, "quant_type": "nf4", "compute_dtype": "float32", "storage_dtype": "float32"}
+    recipe = write_recipe(root / "recipe.yaml", classification_recipe(
+        wide_llama_dir, {"train": setup["root"] / "train.jsonl"}, run_dir, data={"max_length": 32},
+        quantization=quantization, evaluation={"splits": []},
+        training={"max_steps": 2, "batch_size": BATCH, "logging_steps": 1, "eval_strategy": "no", "save_strategy": "no"},
+    ))
+    result = launch(torchrun(), recipe, run_dir, *STRATEGIES["zero3"][0], param_bytes=param_bytes)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert sorted(losses(run_dir)) == [1, 2]
+
+    # 7 quantized projections of 1024 x 1024 = 7 x 512 KiB packed; one rank would hold all of it.
+    ranks = [json.loads((param_bytes / f"rank{rank}.json").read_text()) for rank in range(RANKS)]
+    for measured in ranks:
+        assert measured["weights"] == 7 and measured["whole"] == 7 * 1024 * 1024 // 2
+        assert measured["held"] / measured["whole"] == pytest.approx(1 / RANKS, abs=0.01)
+
+    adapter = run_dir / "adapter"
+    check_saved_weights(adapter)
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                                bnb_4bit_quant_storage=torch.float32)
+    reloaded = reload_in_plain_peft(wide_llama_dir, adapter, quantization_config=config)
+    lora = {name: tensor for name, tensor in saved.items() if "lora_" in name}
+    assert len(reloaded) == len(lora) > 0 and all(tensor.numel() > 0 for tensor in saved.values())
+    for name, tensor in lora.items():  # peft names the loaded adapter "default"
+        torch.testing.assert_close(reloaded[name.replace(".weight", ".default.weight")], tensor, rtol=0, atol=0)
+    assert any("lora_B" in name and tensor.abs().sum() > 0 for name, tensor in lora.items())  # trained

@@ -4,9 +4,34 @@ With PEFTKIT_TEST_RECORD_DIR set, each rank appends the examples of every traini
 `rank<R>.jsonl` (an example is the string of its unpadded token ids), so tests can check how data was sharded.
 With PEFTKIT_TEST_HOLD_AT_STEP=k, rank 0 stops making progress once step k is done (its checkpoint written), so a
 test can SIGKILL the job mid-run instead of racing the last steps of a tiny model.
+With PEFTKIT_TEST_PARAM_BYTES_DIR set, each rank writes `rank<R>.json` after training: the bytes its 4-bit
+(bitsandbytes) weights hold now — the materialised tensor plus, under ZeRO-3, its own partition — and the bytes of
+the whole weights.
 """
 
 import os
+
+if "RANK" in os.environ and os.environ.get("PEFTKIT_TEST_PARAM_BYTES_DIR"):
+    import json
+    from pathlib import Path
+
+    import transformers
+
+    _train = transformers.Trainer.train
+
+    def train(self, *args, **kwargs):
+        import bitsandbytes
+
+        output = _train(self, *args, **kwargs)
+        weights = [m.weight for m in self.model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
+        partitions = [w.ds_tensor for w in weights if hasattr(w, "ds_tensor")]
+        held = sum(t.numel() * t.element_size() for t in [w.data for w in weights] + partitions)
+        whole = sum(getattr(w, "ds_numel", w.numel()) * w.element_size() for w in weights)
+        path = Path(os.environ["PEFTKIT_TEST_PARAM_BYTES_DIR"]) / f"rank{os.environ['RANK']}.json"
+        path.write_text(json.dumps({"held": held, "whole": whole, "weights": len(weights)}))
+        return output
+
+    transformers.Trainer.train = train
 
 if "RANK" in os.environ and (os.environ.get("PEFTKIT_TEST_RECORD_DIR") or os.environ.get("PEFTKIT_TEST_HOLD_AT_STEP")):
     import json
