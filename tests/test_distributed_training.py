@@ -283,11 +283,17 @@ def wide_llama_dir(tmp_path_factory) -> Path:
     return directory
 
 
-def test_qlora_under_zero3_partitions_the_4bit_base(setup, wide_llama_dir):
+@pytest.mark.parametrize("strategy", [
+    "zero3",
+    pytest.param("fsdp", marks=pytest.mark.skipif(
+        torch.cuda.device_count() < RANKS,
+        reason="FSDP needs GPUs: on CPU accelerate runs DDP, so peftkit refuses it (test_fsdp_without_a_gpu_is_refused)")),
+])
+def test_qlora_partitions_the_4bit_base(strategy, setup, wide_llama_dir):
     """4-bit nf4 base (float32 storage = compute dtype) + LoRA, 2 ranks: each holds half of the packed weights."""
     from transformers import BitsAndBytesConfig
 
-    root = setup["root"] / "qlora-zero3"
+    root = setup["root"] / f"qlora-{strategy}"
     param_bytes, run_dir = root / "bytes", root / "run"
     param_bytes.mkdir(parents=True)
     quantization = {"bits": 4, "quant_type": "nf4", "compute_dtype": "float32", "storage_dtype": "float32"}
@@ -296,7 +302,8 @@ def test_qlora_under_zero3_partitions_the_4bit_base(setup, wide_llama_dir):
         quantization=quantization, evaluation={"splits": []},
         training={"max_steps": 2, "batch_size": BATCH, "logging_steps": 1, "eval_strategy": "no", "save_strategy": "no"},
     ))
-    result = launch(torchrun(), recipe, run_dir, *STRATEGIES["zero3"][0], param_bytes=param_bytes)
+    sharding = STRATEGIES["zero3"][0] if strategy == "zero3" else ["distributed.strategy=fsdp"]
+    result = launch(torchrun(), recipe, run_dir, *sharding, param_bytes=param_bytes)
     assert result.returncode == 0, result.stderr[-5000:]
     assert sorted(losses(run_dir)) == [1, 2]
 

@@ -5,7 +5,7 @@ With PEFTKIT_TEST_RECORD_DIR set, each rank appends the examples of every traini
 With PEFTKIT_TEST_HOLD_AT_STEP=k, rank 0 stops making progress once step k is done (its checkpoint written), so a
 test can SIGKILL the job mid-run instead of racing the last steps of a tiny model.
 With PEFTKIT_TEST_PARAM_BYTES_DIR set, each rank writes `rank<R>.json` after training: the bytes its 4-bit
-(bitsandbytes) weights hold now — the materialised tensor plus, under ZeRO-3, its own partition — and the bytes of
+(bitsandbytes) weights hold now — the local tensor (an FSDP shard) plus, under ZeRO-3, its own partition — and the bytes of
 the whole weights.
 """
 
@@ -24,8 +24,9 @@ if "RANK" in os.environ and os.environ.get("PEFTKIT_TEST_PARAM_BYTES_DIR"):
 
         output = _train(self, *args, **kwargs)
         weights = [m.weight for m in self.model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
-        partitions = [w.ds_tensor for w in weights if hasattr(w, "ds_tensor")]
-        held = sum(t.numel() * t.element_size() for t in [w.data for w in weights] + partitions)
+        local = [w.to_local() if hasattr(w, "to_local") else w.data for w in weights]  # FSDP2: this rank's shard
+        partitions = [w.ds_tensor for w in weights if hasattr(w, "ds_tensor")]  # ZeRO-3: this rank's partition
+        held = sum(t.numel() * t.element_size() for t in local + partitions)
         whole = sum(getattr(w, "ds_numel", w.numel()) * w.element_size() for w in weights)
         path = Path(os.environ["PEFTKIT_TEST_PARAM_BYTES_DIR"]) / f"rank{os.environ['RANK']}.json"
         path.write_text(json.dumps({"held": held, "whole": whole, "weights": len(weights)}))
