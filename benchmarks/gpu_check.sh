@@ -37,3 +37,10 @@ for setting in lora-bf16 qlora-nf4 qlora-nf4-gc; do
 done
 echo "shape $SHAPE, $STEPS steps of $BATCH x $SEQ tokens"
 "$PYTHON" -m benchmarks.gpu_check --summarize "$RESULTS"
+# FSDP-QLoRA needs 2 GPUs (on CPU accelerate runs DDP, so peftkit refuses FSDP there): with 2 or more, check that
+# each rank holds half of the 4-bit base and the adapter reloads (the CPU suite runs the ZeRO-3 twin of this test).
+if (( $(nvidia-smi -L | wc -l) >= 2 )); then
+    "$PYTHON" -m pytest tests/test_distributed_training.py -q -k "qlora and fsdp" -p no:cacheprovider
+else
+    echo "FSDP-QLoRA check skipped: it needs 2 GPUs"
+fi

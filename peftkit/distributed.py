@@ -12,6 +12,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
+
 from peftkit.errors import UserError
 from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import write_json
@@ -135,6 +137,19 @@ def launcher_sharding(environ: Mapping[str, str]) -> dict:
                 sharding[key] = environ[variable].lower() == "true"
         return sharding
     return {}
+
+
+def check_strategy_runs_here(recipe: Recipe, world_size: int) -> None:
+    """Raise a UserError for FSDP without a GPU: accelerate would silently run DDP (every rank a full copy).
+
+    accelerate's `AcceleratorState` turns on FSDP only for GPU-like distributed types, never for MULTI_CPU.
+    """
+    if resolve_strategy(recipe, world_size) == "fsdp" and not torch.cuda.is_available():
+        raise UserError(
+            "distributed.strategy: fsdp needs GPUs; without one accelerate runs plain DDP and nothing is sharded. "
+            "On CPU use distributed.strategy: deepspeed with distributed.zero_stage: 3 (shards parameters, "
+            "QLoRA included) or distributed.strategy: ddp"
+        )
 
 
 def check_launcher_agrees(recipe: Recipe, environ: Mapping[str, str], world_size: int) -> None:

@@ -13,6 +13,7 @@ from peftkit.distributed import (
     build_deepspeed_config,
     build_fsdp_config,
     check_launcher_agrees,
+    check_strategy_runs_here,
     launcher_sharding,
     resolve_strategy,
     write_sharding_configs,
@@ -104,11 +105,26 @@ def test_auto_strategy_is_ddp_only_on_several_processes():
             "storage_dtype must equal quantization.compute_dtype",
         ),
         ({"distributed": {"strategy": "fsdp"}, "quantization": {"bits": 8}}, "bits: 8 cannot be sharded"),
+        (
+            {"distributed": {"strategy": "deepspeed", "zero_stage": 2}, "training": {"on_nonfinite": "skip"}},
+            "on_nonfinite: skip cannot be honoured under distributed.strategy: deepspeed",
+        ),
     ],
 )
 def test_impossible_sharding_combinations_are_refused(sections, message):
     with pytest.raises(UserError, match=message):
         recipe(**sections)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_fsdp_without_a_gpu_is_refused(world_size, monkeypatch):
+    """accelerate would run DDP instead (measured: DistributedDataParallel, every rank the full 4-bit base)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="distributed.strategy: fsdp needs GPUs.*zero_stage: 3"):
+        check_strategy_runs_here(recipe(distributed={"strategy": "fsdp"}), world_size)
+    check_strategy_runs_here(recipe(distributed={"strategy": "deepspeed", "zero_stage": 3}), world_size)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_strategy_runs_here(recipe(distributed={"strategy": "fsdp"}), world_size)
 
 
 def test_qlora_settings_that_shard():

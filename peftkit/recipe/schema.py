@@ -463,6 +463,13 @@ class Recipe(Section):
                 f"(got storage_dtype={self.quantization.storage_dtype}, compute_dtype={self.quantization.compute_dtype}); "
                 f"set quantization.storage_dtype: {self.quantization.compute_dtype}"
             )
+        if self.training.on_nonfinite == "skip" and self.distributed.strategy == "deepspeed":
+            raise ValueError(
+                "training.on_nonfinite: skip cannot be honoured under distributed.strategy: deepspeed (DeepSpeed "
+                "applies the optimizer step inside backward, before the loss or gradient norm can be checked); "
+                "use training.on_nonfinite: stop (the run stops before saving and names the last good checkpoint) "
+                "or distributed.strategy: ddp or fsdp"
+            )
         if self.training.eval_strategy != "no" and self.data.validation is None and not self.data.validation_fraction:
             raise ValueError(
                 "training.eval_strategy needs validation data: set data.validation, data.validation_fraction, "

@@ -32,6 +32,7 @@ from peftkit.data.sources import load_splits
 from peftkit.distributed import (
     adopt_recipe_sharding,
     check_launcher_agrees,
+    check_strategy_runs_here,
     launched_world_size,
     write_sharding_configs,
 )
@@ -56,7 +57,7 @@ from peftkit.training.arguments import build_training_args, training_setup
 from peftkit.training.checkpoints import CheckSavedWeights, check_saved_weights, last_complete_checkpoint
 from peftkit.errors import Preempted
 from peftkit.training.result import FitResult
-from peftkit.training.trainer import GradientGuardCallback, PeftkitTrainer, PreemptionCallback
+from peftkit.training.trainer import PeftkitTrainer, PreemptionCallback
 
 log = logging.getLogger("peftkit")
 
@@ -68,6 +69,7 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
     resume = resume or recipe.training.resume
     world_size = launched_world_size()
     check_launcher_agrees(recipe, os.environ, world_size)
+    check_strategy_runs_here(recipe, world_size)
     adopt_recipe_sharding()
     best_metric = best_metric_name(recipe)
     # Built before the model is loaded: under ZeRO-3 this makes from_pretrained load partitioned weights.
@@ -145,7 +147,6 @@ def fit_with_trainer(
         on_nonfinite=recipe.training.on_nonfinite,
         abort_grad_norm=recipe.training.abort_grad_norm,
     )
-    trainer.add_callback(GradientGuardCallback(trainer))
     # The Trainer rescales losses of models whose forward takes **kwargs as if they were sums over a global
     # item count (x processes, no division by accumulation steps); a per-batch mean loss must not be rescaled.
     trainer.model_accepts_loss_kwargs = trainer.model_accepts_loss_kwargs and getattr(task, "LOSS_SUMS_OVER_ITEMS", False)

@@ -4,7 +4,6 @@
   either the previous or the new checkpoint complete, never a half-written latest one.
 - Non-finite losses and exploding gradient norms stop the run (naming the step and the last good
   checkpoint) or skip the step, instead of training on and saving a broken adapter.
-- fp16 steps the loss scaler skipped (overflowing gradients; it then lowers the scale) are counted for the report.
 - SIGTERM (what clusters send before pre-emption) saves a checkpoint at the next step and stops.
 """
 
@@ -38,41 +37,51 @@ class PeftkitTrainer(Trainer):
         self.abort_grad_norm = abort_grad_norm
         self.skipped_steps: list[int] = []
         self.overflow_steps: list[int] = []  # fp16: steps whose update the gradient scaler skipped
-        self._skip_this_step = False
+        self._nonfinite_loss: float | None = None  # first non-finite loss since the last optimizer step
+        self.add_callback(ScalerSkipCallback(self))
 
     # --- numeric guards -------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss.detach()).all():
-            self._bad_step(f"the loss became {loss.item()}")
+        if self._nonfinite_loss is None and not torch.isfinite(loss.detach()).all():
+            self._nonfinite_loss = loss.item()
         return loss
 
-    def _bad_step(self, what: str) -> None:
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer's gradient norm (the one clipping used), checked right before the optimizer step.
+
+        It is the global norm under every strategy (DDP all-reduces gradients, FSDP reduces its shards' norms,
+        DeepSpeed reports its engine's), where the local `p.grad` would be empty or partial.
+        """
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        self._guard_step(None if grad_norm is None else float(grad_norm))
+        return grad_norm
+
+    def _guard_step(self, grad_norm: float | None) -> None:
+        """Stop or skip the step on a bad loss or gradient norm; every rank takes the same decision."""
+        problem = None
+        if self._nonfinite_loss is not None:
+            problem = f"the loss became {self._nonfinite_loss}"
+        elif grad_norm is not None and not math.isfinite(grad_norm):
+            problem = f"the gradient norm became {grad_norm}"
+        elif self.abort_grad_norm is not None and grad_norm is not None and grad_norm > self.abort_grad_norm:
+            problem = f"the gradient norm {grad_norm:.3g} exceeded training.abort_grad_norm={self.abort_grad_norm}"
+        self._nonfinite_loss = None
+        # A rank that stopped alone would leave the others waiting in their next collective.
+        if not any_rank(problem is not None):
+            return
         step = self.state.global_step + 1
         if self.on_nonfinite == "skip":
-            self._skip_this_step = True
+            # Parameters whose grad is None are left untouched by torch optimizers: the step is skipped.
+            self.model.zero_grad(set_to_none=True)
+            self.skipped_steps.append(step)
             return
         last = last_complete_checkpoint(Path(self.args.output_dir).parent)
         raise TrainingDiverged(
-            f"training stopped at step {step}: {what}. Last good checkpoint: {last or 'none yet'}. "
-            "Lower training.learning_rate, enable gradient clipping (training.max_grad_norm), or set "
-            "training.on_nonfinite: skip to skip such steps; resume with --resume."
+            f"training stopped at step {step}: {problem or 'the loss became non-finite on another rank'}. "
+            f"Last good checkpoint: {last or 'none yet'}. Lower training.learning_rate, enable gradient clipping "
+            "(training.max_grad_norm), or set training.on_nonfinite: skip to skip such steps; resume with --resume."
         )
-
-    def _check_gradients(self) -> None:
-        """Called before each optimizer step: skip (drop the gradients) or stop on bad gradients."""
-        grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
-        if grads and not self._skip_this_step:
-            norm = torch.nn.utils.get_total_norm(grads).item()
-            if not math.isfinite(norm):
-                self._bad_step(f"the gradient norm became {norm}")
-            elif self.abort_grad_norm is not None and norm > self.abort_grad_norm:
-                self._bad_step(f"the gradient norm {norm:.3g} exceeded training.abort_grad_norm={self.abort_grad_norm}")
-        if self._skip_this_step:
-            # Parameters whose grad is None are left untouched by torch optimizers: the step is skipped.
-            self.model.zero_grad(set_to_none=True)
-            self.skipped_steps.append(self.state.global_step + 1)
-            self._skip_this_step = False
 
     def _record_scaler_skip(self) -> None:
         """Called after each optimizer step. accelerate reports a step its GradScaler skipped (inf/NaN gradients
@@ -94,17 +103,19 @@ class PeftkitTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir = output_dir
+        best = self.state.best_model_checkpoint
+        best_was_staged = best is not None and Path(best).parent.name == STAGING
+        if best_was_staged:  # on every rank: each one loads the best checkpoint at the end
+            self.state.best_model_checkpoint = str(run_dir / Path(best).name)
         self._barrier()
         if self.args.should_save:
+            if best_was_staged:
+                self.state.save_to_json(str(staging / name / TRAINER_STATE))
             self._move_into_place(staging / name, run_dir / name)
         self._barrier()
 
     def _move_into_place(self, staged: Path, final: Path) -> None:
-        """Fix paths recorded while staging, then rename: the checkpoint appears complete or not at all."""
-        best = self.state.best_model_checkpoint
-        if best and Path(best).parent.name == STAGING:
-            self.state.best_model_checkpoint = str(final.parent / Path(best).name)
-            self.state.save_to_json(str(staged / TRAINER_STATE))
+        """Rename: the checkpoint appears complete or not at all; then apply retention."""
         if final.exists():  # re-saving the same step (e.g. SIGTERM right after a scheduled save)
             shutil.rmtree(final)
         os.replace(staged, final)
@@ -120,14 +131,11 @@ class PeftkitTrainer(Trainer):
             torch.distributed.barrier()
 
 
-class GradientGuardCallback(TrainerCallback):
-    """Runs the trainer's gradient check between clipping and the optimizer step, and notes scaler-skipped steps."""
+class ScalerSkipCallback(TrainerCallback):
+    """Notes the steps the fp16 gradient scaler skipped, right after each optimizer step."""
 
     def __init__(self, trainer: PeftkitTrainer):
         self.trainer = trainer
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer._check_gradients()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._record_scaler_skip()
@@ -157,17 +165,19 @@ class PreemptionCallback(TrainerCallback):
         self.received = True
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._any_rank_received():
+        # Ranks must agree on the step to stop at, or the others would hang in the next collective.
+        self.received = any_rank(self.received)
+        if self.received:
             control.should_save = True
             control.should_training_stop = True
 
-    def _any_rank_received(self) -> bool:
-        """Ranks must agree on the step to stop at, or the others would hang in the next collective."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return self.received
-        flag = torch.tensor([float(self.received)])
-        if torch.distributed.get_backend() == "nccl":
-            flag = flag.cuda()
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        self.received = bool(flag.item())
-        return self.received
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one (a collective: every rank must call it)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    tensor = torch.tensor([float(flag)])
+    if torch.distributed.get_backend() == "nccl":
+        tensor = tensor.cuda()
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return bool(tensor.item())
