@@ -250,11 +250,10 @@ def assert_best_checkpoint_is_the_final_adapter(run_dir: Path, metrics: dict, fi
     return best_step
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero2"])
-def test_exploding_gradients_stop_every_rank(strategy, setup):
+def test_exploding_gradients_stop_every_rank(setup):
     """The guard reads the global gradient norm (under ZeRO-2 p.grad holds nothing) and all ranks stop together."""
-    overrides, _ = STRATEGIES[strategy]
-    run_dir = setup["root"] / f"{strategy}-diverged"
+    overrides, _ = STRATEGIES["zero2"]
+    run_dir = setup["root"] / "zero2-diverged"
     # A rank that stopped alone would leave the other waiting in a collective until the timeout.
     result = launch(torchrun(), setup["recipe"], run_dir, *overrides, "training.abort_grad_norm=1e-12", timeout=300)
     message = "peftkit: error: training stopped at step 1: the gradient norm"

@@ -1,10 +1,12 @@
-"""Run by torchrun from tests/test_plan_zero3.py: one ZeRO-3 step on CPU, then print this rank's partition bytes."""
+"""Run by torchrun from tests/test_plan_zero3.py: one ZeRO-3 step on CPU, then write this rank's partition bytes
+to `rank<N>.json` in the working folder (two ranks printing at once can interleave their lines)."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+from pathlib import Path
 
 import deepspeed
 import torch
@@ -24,11 +26,12 @@ def main(model_dir: str) -> None:
     engine.backward(engine(input_ids=tokens, labels=tokens).loss)
     engine.step()
     states = [t for state in optimizer.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
-    print(json.dumps({
-        "rank": int(os.environ["RANK"]),
+    rank = int(os.environ["RANK"])
+    Path(f"rank{rank}.json").write_text(json.dumps({
+        "rank": rank,
         "weights": sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in engine.module.parameters()),
         "optimizer": sum(t.numel() * t.element_size() for t in states + list(optimizer.fp32_partitioned_groups_flat)),
-    }), flush=True)
+    }))
 
 
 if __name__ == "__main__":
