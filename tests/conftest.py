@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -141,6 +143,18 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict
         [sys.executable, "-m", "peftkit", *args], capture_output=True, text=True, cwd=cwd or REPO_ROOT,
         timeout=timeout, env=full_env,
     )
+
+
+def run_cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`peftkit ...` through `peftkit.cli.main` in this process, which `python -m peftkit` only wraps in `sys.exit`:
+    the same exit code and messages (an unhandled exception fails the test with its traceback) without paying
+    the ~10 s of importing torch/transformers/peft again. Tests keep `run_cli` where the process itself matters."""
+    from peftkit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from tests.conftest import FILLER_WORDS, REPO_ROOT, classification_recipe, run_cli, sentiment_rows, write_jsonl, write_recipe
+from tests.conftest import FILLER_WORDS, REPO_ROOT, classification_recipe, run_cli, run_cli_in_process, sentiment_rows, write_jsonl, write_recipe
 from peft import AdaLoraConfig, IA3Config, LoraConfig, PeftModel, PromptEncoderConfig, PromptTuningConfig
 
 from peftkit.adapters import build_peft_config
@@ -139,7 +139,7 @@ def test_prompt_methods_on_a_decoder_classifier_exit_2_before_loading(method, ti
     """The decoder's head reads the last position; with embeddings-only input it cannot skip padding."""
     adapter = {"method": method, "num_virtual_tokens": 4}
     path = write_recipe(tmp_path / "r.yaml", quick_recipe(tiny_llama_dir, small_files, tmp_path / "run", adapter, None))
-    result = run_cli("train", str(path), timeout=300)
+    result = run_cli_in_process("train", str(path))
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"adapter.method: {method} cannot classify with the decoder-only model" in result.stderr
     assert "use lora, adalora or ia3" in result.stderr
@@ -227,7 +227,7 @@ def test_loftq_without_a_gpu_is_a_user_error(tiny_llama_dir, small_files, tmp_pa
         pytest.skip("LoftQ runs on CUDA machines")
     adapter = {"method": "lora", "r": 4, "init": "loftq"}
     path = write_recipe(tmp_path / "r.yaml", quick_recipe(tiny_llama_dir, small_files, tmp_path / "run", adapter, 4))
-    result = run_cli("train", str(path), timeout=300)
+    result = run_cli_in_process("train", str(path))
     assert result.returncode == 2, result.stderr[-2000:]
     assert "loftq is computed by peft on a CUDA GPU" in result.stderr
     assert not (tmp_path / "run").exists()

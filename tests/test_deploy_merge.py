@@ -11,7 +11,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from tests.conftest import run_cli, train_tiny_run
+from tests.conftest import run_cli, run_cli_in_process, train_tiny_run
 from peftkit.deploy.attach import BASE_ADAPTER, AttachedModel
 from peftkit.deploy.merge import merge_run, read_recipe
 from peftkit.errors import UserError
@@ -65,7 +65,7 @@ def test_failed_verification_writes_nothing_unless_forced(bert_runs, tmp_path):
     assert not (tmp_path / "strict").exists()
     forced = merge_run(bert_runs["quality"], tmp_path / "strict", dtype="bf16", tolerance=1e-9, force=True)
     assert forced.verification.max_abs_diff > 1e-9 and (tmp_path / "strict" / "config.json").exists()
-    result = run_cli("merge", str(bert_runs["quality"]), "--out", str(tmp_path / "strict"))
+    result = run_cli_in_process("merge", str(bert_runs["quality"]), "--out", str(tmp_path / "strict"))
     assert result.returncode == 2 and "already exists" in result.stderr
 
 

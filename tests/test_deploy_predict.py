@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import run_cli, write_jsonl
+from tests.conftest import run_cli, run_cli_in_process, write_jsonl
 from peftkit.deploy.attach import AttachedModel
 
 
@@ -27,13 +27,13 @@ def test_cli_predict_with_an_adapter_column(bert_runs, tiny_bert_dir, tmp_path):
         assert answer["adapter"] == row["which"] and answer["text"] == row["text"]
         assert answer["label"] == attached.predict([{"text": row["text"]}], row["which"])[0]["label"]
 
-    single = run_cli("predict", str(bert_runs["sentiment"]), "--input", str(source), "--output", str(tmp_path / "one.jsonl"))
+    single = run_cli_in_process("predict", str(bert_runs["sentiment"]), "--input", str(source), "--output", str(tmp_path / "one.jsonl"))
     assert single.returncode == 0, single.stderr  # one run alone: the run's own task, base and adapter
     assert {json.loads(line)["predicted"] for line in (tmp_path / "one.jsonl").read_text().splitlines()} <= {"positive", "negative"}
 
-    bad = run_cli("predict", "--base", str(tiny_bert_dir), "--adapter", "nopath", "--input", str(source), "--output", str(tmp_path / "x"))
+    bad = run_cli_in_process("predict", "--base", str(tiny_bert_dir), "--adapter", "nopath", "--input", str(source), "--output", str(tmp_path / "x"))
     assert bad.returncode == 2 and "expected NAME=PATH" in bad.stderr
-    unknown = run_cli(
+    unknown = run_cli_in_process(
         "predict", "--base", str(tiny_bert_dir), "--adapter", f"sentiment={bert_runs['sentiment']}", "--input", str(source),
         "--output", str(tmp_path / "x"), "--adapter-column", "which",
     )

@@ -16,7 +16,7 @@ from peftkit.plan import fit, preflight
 from peftkit.plan.memory import GiB, estimate, optimizer_state_bytes
 from peftkit.plan.shapes import ParameterCounts, count_parameters
 from peftkit.recipe.load import validate_recipe
-from tests.conftest import REPO_ROOT, run_cli, write_recipe
+from tests.conftest import REPO_ROOT, run_cli, run_cli_in_process, write_recipe
 
 DIMS = {"hidden": 1024, "heads": 16, "head_dim": 64, "kv_heads": 4, "intermediate": 4096, "layers": 8,
         "vocab": 32000, "gated_mlp": 1}
@@ -126,10 +126,10 @@ def test_cli_plan_prints_breakdown_verdict_and_errors(tmp_path, tiny_llama_dir):
     assert "base weights (float32)" in fits.stdout and "adapter weights" in fits.stdout
     assert "fits in 24.00 GiB" in fits.stdout and "the recipe fits as written" in fits.stdout
     # the fixed runtime allowance alone exceeds half a GiB: nothing can fit, and --fit says what to do instead
-    too_small = run_cli("plan", str(path), "--gpu-memory", "0.5GiB", "--fit")
+    too_small = run_cli_in_process("plan", str(path), "--gpu-memory", "0.5GiB", "--fit")
     assert too_small.returncode == 2
     assert "does NOT fit in 0.50 GiB" in too_small.stdout and "use more GPUs" in too_small.stderr
-    bad = run_cli("plan", str(path), "--gpu-memory", "a lot")
+    bad = run_cli_in_process("plan", str(path), "--gpu-memory", "a lot")
     assert bad.returncode == 2 and "--gpu-memory" in bad.stderr
 
 

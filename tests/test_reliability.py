@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from peftkit.errors import UserError
 from peftkit.recipe.load import validate_recipe
 from peftkit.training.run import train
-from tests.conftest import REPO_ROOT, classification_recipe, run_cli, write_recipe
+from tests.conftest import REPO_ROOT, classification_recipe, run_cli, run_cli_in_process, write_recipe
 
 STEPS = 12
 
@@ -141,7 +141,7 @@ def test_resume_with_a_changed_recipe_is_refused_unless_forced(uninterrupted, ti
     with pytest.raises(UserError, match=r"recipe changed since the run started \(adapter.r\)"):
         train(changed, resume=True)
     path = write_recipe(tmp_path / "r.yaml", _recipe(tiny_bert_dir, files, run_dir, adapter={"dropout": 0.2}))
-    refused = run_cli("train", str(path), "--resume")
+    refused = run_cli_in_process("train", str(path), "--resume")
     assert refused.returncode == 2 and "adapter.dropout" in refused.stderr and "--force-resume" in refused.stderr
     forced = run_cli("train", str(path), "--force-resume")
     assert forced.returncode == 0, forced.stderr[-3000:]

@@ -9,7 +9,7 @@ import optuna
 import pytest
 import yaml
 
-from tests.conftest import classification_recipe, run_cli, write_recipe
+from tests.conftest import classification_recipe, run_cli_in_process, write_recipe
 from peftkit.errors import UserError
 from peftkit.recipe.load import load_recipe
 from peftkit.sweep import PruningCallback, load_space, sweep
@@ -75,5 +75,5 @@ def test_bad_space_and_bad_key_paths(tiny_bert_dir, sentiment_files, tmp_path):
         load_space(tmp_path / "space.yaml")
     recipe = classification_recipe(tiny_bert_dir, sentiment_files, tmp_path / "sweep")
     (tmp_path / "space.yaml").write_text(yaml.safe_dump({"params": {"training.learr": {"choices": [1]}}}))
-    result = run_cli("sweep", str(write_recipe(tmp_path / "r.yaml", recipe)), "--space", str(tmp_path / "space.yaml"), "--trials", "1")
+    result = run_cli_in_process("sweep", str(write_recipe(tmp_path / "r.yaml", recipe)), "--space", str(tmp_path / "space.yaml"), "--trials", "1")
     assert result.returncode == 2 and "training.learr" in result.stderr and "unknown key" in result.stderr
