@@ -427,15 +427,28 @@ def infer(
     `max_new_tokens` may differ per row: the batch generates the longest and each row keeps its own prefix,
     which under greedy decoding equals what the row would get alone.
     """
-    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(rows)
     inputs = tokenizer([row["prompt"] for row in rows], padding=True, padding_side="left", return_tensors="pt").to(model.device)
+    return generate_answers(
+        model, tokenizer, inputs, inputs["input_ids"].shape[1], adapter_names, max_new_tokens, temperature, top_p
+    )
+
+
+def generate_answers(
+    model, tokenizer, inputs, new_tokens_start: int, adapter_names: list[str] | None,
+    max_new_tokens: list[int] | int, temperature: float, top_p: float,
+) -> list[dict]:
+    """Generate for a batch (greedy at temperature 0, else sampled) and cut each row's answer at its own limit.
+
+    Output tokens from `new_tokens_start` on are new: after the prompt (decoders) or the decoder start token (seq2seq).
+    """
+    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(inputs["input_ids"])
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     with torch.inference_mode():
         output = model.generate(
             **inputs, max_new_tokens=max(limits), pad_token_id=tokenizer.pad_token_id,
             **sampling, **({"adapter_names": adapter_names} if adapter_names else {}),
         )
-    return generated_answers(model, tokenizer, output[:, inputs["input_ids"].shape[1]:].tolist(), limits)
+    return generated_answers(model, tokenizer, output[:, new_tokens_start:].tolist(), limits)
 
 
 def generated_answers(model, tokenizer, generated: list[list[int]], limits: list[int]) -> list[dict]:

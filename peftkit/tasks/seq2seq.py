@@ -17,7 +17,7 @@ from peftkit.errors import UserError
 from peftkit.evaluation.analysis import length_bucket_table, lowest_scoring_table, word_count
 from peftkit.models.load import load_base_model
 from peftkit.recipe.schema import Recipe
-from peftkit.tasks.causal_lm import DEFAULT_MAX_NEW_TOKENS, generated_answers
+from peftkit.tasks.causal_lm import DEFAULT_MAX_NEW_TOKENS, generate_answers
 
 log = logging.getLogger("peftkit")
 
@@ -211,11 +211,5 @@ def infer(
     max_new_tokens: list[int] | int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0, top_p: float = 1.0,
 ) -> list[dict]:
     """Greedy (temperature 0) or sampled output text of each source; `max_new_tokens` may differ per row."""
-    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(rows)
     inputs = _sources(tokenizer, rows, infos, model.device)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-    with torch.inference_mode():
-        output = model.generate(
-            **inputs, max_new_tokens=max(limits), **sampling, **({"adapter_names": adapter_names} if adapter_names else {}),
-        )
-    return generated_answers(model, tokenizer, output[:, 1:].tolist(), limits)  # after the decoder start token
+    return generate_answers(model, tokenizer, inputs, 1, adapter_names, max_new_tokens, temperature, top_p)
