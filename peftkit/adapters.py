@@ -127,6 +127,16 @@ def check_adapter_fits_model(recipe: Recipe, config: PretrainedConfig, task_type
             "adapter.init: loftq is computed by peft on a CUDA GPU and none is available; "
             "use init: default or gaussian with quantization"
         )
+    hidden = _hidden_size(config)
+    rank = max(recipe.adapter.r, recipe.adapter.adalora_init_r if method == "adalora" else 0)
+    if method in ("lora", "adalora") and hidden and rank > hidden:
+        # A factor of rank above min(in, out) of a layer adds memory and no capacity; a huge r would only fail
+        # (out of memory) after the model is loaded.
+        raise UserError(
+            f"adapter.r{'/adalora_init_r' if method == 'adalora' else ''}={rank} exceeds the hidden size {hidden} of "
+            f"`{recipe.model.name}`: LoRA rank cannot usefully exceed a layer's smaller dimension; use r <= {hidden} "
+            "(typically 4 to 64)"
+        )
     if method in ("prompt_tuning", "p_tuning") and task_type == "SEQ_CLS" and is_decoder_only(config):
         raise UserError(
             f"adapter.method: {method} cannot classify with the decoder-only model `{recipe.model.name}` "
@@ -134,6 +144,15 @@ def check_adapter_fits_model(recipe: Recipe, config: PretrainedConfig, task_type
             "cannot skip padding and the result changes with batch composition; use lora, adalora or ia3, "
             "or an encoder model (BERT-like) for prompt methods"
         )
+
+
+def _hidden_size(config: PretrainedConfig) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("hidden_size", "d_model", "n_embd", "dim"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def attach_adapter(model, recipe: Recipe, task_type: str, head_modules: list[str] = ()):

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from peft import PeftModel
 from transformers import AutoTokenizer
 
@@ -21,7 +20,7 @@ from peftkit.deploy.adapter_folder import AdapterSource, find_adapter
 from peftkit.deploy.model_card import model_card
 from peftkit.errors import UserError
 from peftkit.models.quantization import torch_dtype
-from peftkit.recipe.load import validate_recipe
+from peftkit.recipe.load import load_saved_recipe
 from peftkit.recipe.schema import QuantizationSection, Recipe
 from peftkit.tasks import get_task
 
@@ -105,7 +104,7 @@ def read_recipe(run_dir: Path) -> Recipe:
     path = run_dir / "recipe.yaml"
     if not path.exists():
         raise UserError(f"RUN_DIR: `{run_dir}` has no recipe.yaml; give a run folder written by `peftkit train`")
-    return validate_recipe(yaml.safe_load(path.read_text()))
+    return load_saved_recipe(path)
 
 
 def _check_onto(onto: str | None, recipe: Recipe) -> str:

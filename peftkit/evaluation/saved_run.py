@@ -9,17 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-import yaml
 from transformers import Trainer
 
 from peftkit.data.sources import load_source, load_splits
 from peftkit.errors import UserError
 from peftkit.models.load import load_tokenizer
-from peftkit.recipe.load import validate_recipe
+from peftkit.recipe.load import load_saved_recipe
 from peftkit.recipe.schema import DataSource, Recipe
 from peftkit.run_folder import write_json, write_jsonl, write_text_atomic
 from peftkit.tasks import get_task
 from peftkit.training.arguments import build_training_args
+from peftkit.training.checkpoints import EmptyWeightsError, check_saved_weights
 from peftkit.training.run import ADAPTER_DIR
 
 log = logging.getLogger("peftkit")
@@ -47,7 +47,11 @@ def load_run(run_dir: str | Path) -> SavedRun:
     for name in ("recipe.yaml", "task.json", ADAPTER_DIR):
         if not (run_dir / name).exists():
             raise UserError(f"`{run_dir}` is not a finished run folder: it has no {name} (train it with `peftkit train`)")
-    recipe = validate_recipe(yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")))
+    recipe = load_saved_recipe(run_dir / "recipe.yaml")
+    try:
+        check_saved_weights(run_dir / ADAPTER_DIR)
+    except EmptyWeightsError as error:  # peft would look for the weights on the hub instead
+        raise UserError(f"`{run_dir}` has no usable trained weights: {error}") from None
     info = json.loads((run_dir / "task.json").read_text(encoding="utf-8"))
     info.pop("type", None)
     task = get_task(recipe.task.type)
@@ -100,6 +104,12 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
         name = key
         own = getattr(run.recipe.data, key)
         dataset = load_source(own, f"data.{key}") if own else load_splits(run.recipe.data)[key]
+    gold = _gold_column(run.recipe)
+    if gold is not None and gold not in dataset.column_names:
+        raise UserError(
+            f"{data or f'data.{key}'}: has no column `{gold}` with the gold answers to score against (columns: "
+            f"{', '.join(dataset.column_names)}); add it, or use `peftkit predict` for unlabelled rows"
+        )
     records = run.predict(key, dataset)
     metrics = run.task.score(records, run.info)
     out = run.run_dir / EVALUATIONS / name
@@ -109,6 +119,12 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
     header = f"# Evaluation of `{run.run_dir}` on {data or f'its {key} split'}\n\n- task: {run.recipe.task.type}\n"
     write_text_atomic(out / "report.md", f"{header}\n{section}\n")
     return out, metrics
+
+
+def _gold_column(recipe: Recipe) -> str | None:
+    """The column a task scores against (causal LM templates name theirs and score only rows that have them)."""
+    task = recipe.task
+    return next((getattr(task, key) for key in ("label_column", "answers_column", "target_column") if hasattr(task, key)), None)
 
 
 def _has_split(recipe: Recipe, split: str) -> bool:

@@ -15,11 +15,19 @@ from peftkit.run_folder import CHECKPOINTS
 TRAINER_STATE = "trainer_state.json"
 
 
+def checkpoint_step(checkpoint: Path | None) -> int:
+    """The global step a `checkpoint-N` folder was saved at (0 for none: the start)."""
+    return int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint else 0
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest step first."""
     folder = run_dir / CHECKPOINTS
-    found = [path for path in folder.glob("checkpoint-*") if (path / TRAINER_STATE).is_file()]
-    return sorted(found, key=lambda path: int(path.name.rsplit("-", 1)[-1]))
+    found = [
+        path for path in folder.glob("checkpoint-*")
+        if path.name.rsplit("-", 1)[-1].isdigit() and (path / TRAINER_STATE).is_file()
+    ]
+    return sorted(found, key=checkpoint_step)
 
 
 def last_complete_checkpoint(run_dir: Path) -> Path | None:

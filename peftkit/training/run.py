@@ -43,7 +43,9 @@ from peftkit.plan.preflight import warn_if_recipe_will_not_fit
 from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import (
     ADAPTER_DIR,
-    check_resume_matches,
+    MANIFEST,
+    check_run_folder,
+    keep_replaced_recipe,
     manifest,
     run_dir_for,
     recipe_as_yaml,
@@ -54,7 +56,12 @@ from peftkit.run_folder import (
 )
 from peftkit.tasks import best_metric_name, get_task
 from peftkit.training.arguments import build_training_args, training_setup
-from peftkit.training.checkpoints import CheckSavedWeights, check_saved_weights, last_complete_checkpoint
+from peftkit.training.checkpoints import (
+    CheckSavedWeights,
+    check_saved_weights,
+    checkpoint_step,
+    last_complete_checkpoint,
+)
 from peftkit.errors import Preempted
 from peftkit.training.result import FitResult
 from peftkit.training.trainer import PeftkitTrainer, PreemptionCallback
@@ -70,6 +77,7 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
     world_size = launched_world_size()
     check_launcher_agrees(recipe, os.environ, world_size)
     check_strategy_runs_here(recipe, world_size)
+    check_run_folder(recipe, resume, force_resume, resumable_when_finished=hasattr(task, "fit"))
     adopt_recipe_sharding()
     best_metric = best_metric_name(recipe)
     # Built before the model is loaded: under ZeRO-3 this makes from_pretrained load partitioned weights.
@@ -87,9 +95,12 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
         state.wait_for_everyone()
         checkpoint = last_complete_checkpoint(run_dir) if resume else None
         if resume:
-            check_resume_matches(run_dir, recipe, force_resume)
             log.info("resuming from %s", checkpoint or "the start (no complete checkpoint yet)")
         if state.is_main_process:
+            if force_resume:
+                kept = keep_replaced_recipe(run_dir, recipe, checkpoint_step(checkpoint))
+                if kept:
+                    log.warning("--force-resume with changed settings: the recipe that ran until here is kept as %s", kept)
             write_text_atomic(run_dir / "recipe.yaml", recipe_as_yaml(recipe))
             write_sharding_configs(run_dir, recipe, world_size)
 
@@ -202,4 +213,6 @@ def _write_results(run_dir: Path, recipe: Recipe, task, info: dict, summary: dic
         for split, (records, metrics) in split_results.items()
     }
     write_report(run_dir, recipe, summary, sections, has_loss_plot)
-    write_json(run_dir / "manifest.json", manifest(recipe, parameters=summary["parameters"], setup=summary["setup"]))
+    replaced = sorted(path.name for path in run_dir.glob("recipe.until-step-*.yaml"))
+    facts = {"parameters": summary["parameters"], "setup": summary["setup"], **({"replaced_recipes": replaced} if replaced else {})}
+    write_json(run_dir / MANIFEST, manifest(recipe, **facts))
