@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from peftkit.errors import Preempted, UserError
+from peftkit.errors import Preempted, UserError, out_of_space
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect from a job that stopped on SIGTERM
@@ -303,4 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as stop:
         print(f"peftkit: stopped: {stop}", file=sys.stderr)
         return EXIT_PREEMPTED
+    except Exception as error:
+        if not out_of_space(error):
+            raise
+        print(
+            f"peftkit: error: no space left on the device ({str(error).strip().splitlines()[0][:300]}). Free space, "
+            "then `peftkit train RECIPE --resume` continues from the last complete checkpoint", file=sys.stderr,
+        )
+        return EXIT_USER_ERROR
     return 0

@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 
 from peftkit.errors import UserError
 from peftkit.models.gguf import converted_folder, is_gguf
-from peftkit.models.quantization import build_quantization_config, torch_dtype
+from peftkit.models.quantization import build_quantization_config, freeze_4bit_layout, torch_dtype
 from peftkit.recipe.schema import ModelSection, Recipe
 from peftkit.references import resolve_reference
 
@@ -86,9 +86,10 @@ def load_base_model(recipe: Recipe, auto_class: type, keep_unquantized: list[str
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     try:
-        return auto_class.from_pretrained(model_location(model), **kwargs)
+        loaded = auto_class.from_pretrained(model_location(model), **kwargs)
     except (OSError, ValueError) as exc:
         hint = ""
         if not model.allow_pickle_weights and "safetensors" in str(exc).lower():
             hint = " (only safetensors weights are read; set model.allow_pickle_weights: true to accept .bin files)"
         raise UserError(f"model.name: cannot load `{model.name}`: {_loader_problem(exc, model)}{hint}") from None
+    return freeze_4bit_layout(loaded) if recipe.quantization.bits == 4 else loaded

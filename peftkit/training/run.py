@@ -61,6 +61,7 @@ from peftkit.training.checkpoints import (
     check_saved_weights,
     checkpoint_step,
     last_complete_checkpoint,
+    usable_checkpoint,
 )
 from peftkit.errors import Preempted
 from peftkit.training.result import FitResult
@@ -93,7 +94,7 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
 
     with run_folder(recipe, resume, state.is_main_process) as run_dir, PreemptionCallback() as preemption:
         state.wait_for_everyone()
-        checkpoint = last_complete_checkpoint(run_dir) if resume else None
+        checkpoint = usable_checkpoint(run_dir) if resume else None
         if resume:
             log.info("resuming from %s", checkpoint or "the start (no complete checkpoint yet)")
         if state.is_main_process:

@@ -20,14 +20,23 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from peftkit.errors import UserError
-from peftkit.training.checkpoints import TRAINER_STATE, last_complete_checkpoint
+from peftkit.errors import UserError, out_of_space
+from peftkit.training.checkpoints import TRAINER_STATE, last_complete_checkpoint, last_good_checkpoint
 
 STAGING = ".staging"
 
 
+# Optimizer steps in a row with a gradient norm of exactly 0 before training counts as dead (no parameter can
+# change again: e.g. a learning rate that saturated every activation). A live run never has an exact 0 norm.
+DEAD_STEPS = 5
+
+
 class TrainingDiverged(UserError):
     """Loss or gradients became non-finite or exploded; the message names the step and the last checkpoint."""
+
+
+class CheckpointNotSaved(UserError):
+    """Writing a checkpoint failed (disk full, quota); the message names the last complete checkpoint."""
 
 
 class PeftkitTrainer(Trainer):
@@ -38,6 +47,7 @@ class PeftkitTrainer(Trainer):
         self.skipped_steps: list[int] = []
         self.overflow_steps: list[int] = []  # fp16: steps whose update the gradient scaler skipped
         self._nonfinite_loss: float | None = None  # first non-finite loss since the last optimizer step
+        self._zero_norm_steps = 0  # optimizer steps in a row whose gradient norm was exactly 0
         self.add_callback(ScalerSkipCallback(self))
 
     # --- numeric guards -------------------------------------------------------------------------
@@ -66,6 +76,13 @@ class PeftkitTrainer(Trainer):
             problem = f"the gradient norm became {grad_norm}"
         elif self.abort_grad_norm is not None and grad_norm is not None and grad_norm > self.abort_grad_norm:
             problem = f"the gradient norm {grad_norm:.3g} exceeded training.abort_grad_norm={self.abort_grad_norm}"
+        self._zero_norm_steps = self._zero_norm_steps + 1 if grad_norm == 0.0 else 0
+        if problem is None and self._zero_norm_steps >= DEAD_STEPS:
+            problem = (
+                f"the gradient norm was exactly 0 for {DEAD_STEPS} steps in a row, so no parameter changes any more "
+                "(training is dead, typically from a learning rate that saturated the model)"
+            )
+        weights_broke_the_loss = self._nonfinite_loss is not None
         self._nonfinite_loss = None
         # A rank that stopped alone would leave the others waiting in their next collective.
         if not any_rank(problem is not None):
@@ -76,10 +93,12 @@ class PeftkitTrainer(Trainer):
             self.model.zero_grad(set_to_none=True)
             self.skipped_steps.append(step)
             return
-        last = last_complete_checkpoint(Path(self.args.output_dir).parent)
+        # A non-finite loss at this step comes from the weights the previous step wrote: a checkpoint of those
+        # is not good even when its numbers are finite. Otherwise the newest checkpoint with finite weights is.
+        last = last_good_checkpoint(Path(self.args.output_dir).parent, before_step=step - 1 if weights_broke_the_loss else step)
         raise TrainingDiverged(
             f"training stopped at step {step}: {problem or 'the loss became non-finite on another rank'}. "
-            f"Last good checkpoint: {last or 'none yet'}. Lower training.learning_rate, enable gradient clipping "
+            f"Last good checkpoint: {last or 'none'} (resume from it by deleting later checkpoints). Lower training.learning_rate, enable gradient clipping "
             "(training.max_grad_norm), or set training.on_nonfinite: skip to skip such steps; resume with --resume."
         )
 
@@ -97,12 +116,28 @@ class PeftkitTrainer(Trainer):
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
         self._barrier()
-        output_dir = self.args.output_dir
+        output_dir, processing_class = self.args.output_dir, self.processing_class
         self.args.output_dir = str(staging)
+        # Resuming never reads the tokenizer, and the run keeps one copy in adapter/: not one per checkpoint.
+        self.processing_class = None
+        failure = None
         try:
             super()._save_checkpoint(model, trial)
+        except Exception as error:  # disk full, quota: earlier checkpoints are intact, this one is only staged
+            if not out_of_space(error):
+                raise
+            failure = error
         finally:
-            self.args.output_dir = output_dir
+            self.args.output_dir, self.processing_class = output_dir, processing_class
+        if any_rank(failure is not None):
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)  # frees the space the partial save took
+            last = last_complete_checkpoint(run_dir.parent)
+            raise CheckpointNotSaved(
+                f"could not write checkpoint {name} under {run_dir}: {failure or 'a save failed on another rank'}. "
+                f"Last complete checkpoint: {last or 'none'} (earlier checkpoints are intact). Free space, then "
+                "continue with `peftkit train RECIPE --resume`"
+            ) from None
         best = self.state.best_model_checkpoint
         best_was_staged = best is not None and Path(best).parent.name == STAGING
         if best_was_staged:  # on every rank: each one loads the best checkpoint at the end
@@ -168,8 +203,15 @@ class PreemptionCallback(TrainerCallback):
         # Ranks must agree on the step to stop at, or the others would hang in the next collective.
         self.received = any_rank(self.received)
         if self.received:
+            # Save first: the grace period before SIGKILL (~30 s) does not cover an evaluation pass.
+            control.should_evaluate = False
             control.should_save = True
             control.should_training_stop = True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.received:  # the step that stopped training saved already; no epoch-end evaluation or second save
+            control.should_evaluate = False
+            control.should_save = False
 
 
 def any_rank(flag: bool) -> bool:
