@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -68,7 +69,7 @@ class PeftkitTrainer(Trainer):
         return grad_norm
 
     def _guard_step(self, grad_norm: float | None) -> None:
-        """Stop or skip the step on a bad loss or gradient norm; every rank takes the same decision."""
+        """Stop or skip the step on a bad loss or gradient norm, stop dead training; every rank decides the same."""
         problem = None
         if self._nonfinite_loss is not None:
             problem = f"the loss became {self._nonfinite_loss}"
@@ -76,11 +77,13 @@ class PeftkitTrainer(Trainer):
             problem = f"the gradient norm became {grad_norm}"
         elif self.abort_grad_norm is not None and grad_norm is not None and grad_norm > self.abort_grad_norm:
             problem = f"the gradient norm {grad_norm:.3g} exceeded training.abort_grad_norm={self.abort_grad_norm}"
+        # The norm is the global one, so every rank counts the same; skipping such steps would change nothing.
         self._zero_norm_steps = self._zero_norm_steps + 1 if grad_norm == 0.0 else 0
-        if problem is None and self._zero_norm_steps >= DEAD_STEPS:
+        dead = problem is None and self._zero_norm_steps >= DEAD_STEPS
+        if dead:
             problem = (
-                f"the gradient norm was exactly 0 for {DEAD_STEPS} steps in a row, so no parameter changes any more "
-                "(training is dead, typically from a learning rate that saturated the model)"
+                f"the gradient norm was exactly 0 for {DEAD_STEPS} steps in a row, so no parameter can change any "
+                "more (training is dead, e.g. a learning rate that saturated the model)"
             )
         weights_broke_the_loss = self._nonfinite_loss is not None
         self._nonfinite_loss = None
@@ -88,7 +91,7 @@ class PeftkitTrainer(Trainer):
         if not any_rank(problem is not None):
             return
         step = self.state.global_step + 1
-        if self.on_nonfinite == "skip":
+        if self.on_nonfinite == "skip" and not dead:
             # Parameters whose grad is None are left untouched by torch optimizers: the step is skipped.
             self.model.zero_grad(set_to_none=True)
             self.skipped_steps.append(step)
@@ -96,10 +99,12 @@ class PeftkitTrainer(Trainer):
         # A non-finite loss at this step comes from the weights the previous step wrote: a checkpoint of those
         # is not good even when its numbers are finite. Otherwise the newest checkpoint with finite weights is.
         last = last_good_checkpoint(Path(self.args.output_dir).parent, before_step=step - 1 if weights_broke_the_loss else step)
+        hint = "" if dead else ", or set training.on_nonfinite: skip to skip such steps"
         raise TrainingDiverged(
             f"training stopped at step {step}: {problem or 'the loss became non-finite on another rank'}. "
-            f"Last good checkpoint: {last or 'none'} (resume from it by deleting later checkpoints). Lower training.learning_rate, enable gradient clipping "
-            "(training.max_grad_norm), or set training.on_nonfinite: skip to skip such steps; resume with --resume."
+            f"Last good checkpoint: {last or 'none'}. Lower training.learning_rate or enable gradient clipping "
+            f"(training.max_grad_norm){hint}; to resume from the last good checkpoint, delete the checkpoints after it "
+            "and pass --resume."
         )
 
     def _record_scaler_skip(self) -> None:
@@ -116,19 +121,18 @@ class PeftkitTrainer(Trainer):
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
         self._barrier()
-        output_dir, processing_class = self.args.output_dir, self.processing_class
+        output_dir = self.args.output_dir
         self.args.output_dir = str(staging)
-        # Resuming never reads the tokenizer, and the run keeps one copy in adapter/: not one per checkpoint.
-        self.processing_class = None
         failure = None
         try:
-            super()._save_checkpoint(model, trial)
+            with self._without_tokenizer():
+                super()._save_checkpoint(model, trial)
         except Exception as error:  # disk full, quota: earlier checkpoints are intact, this one is only staged
             if not out_of_space(error):
                 raise
             failure = error
         finally:
-            self.args.output_dir, self.processing_class = output_dir, processing_class
+            self.args.output_dir = output_dir
         if any_rank(failure is not None):
             if self.args.should_save:
                 shutil.rmtree(staging, ignore_errors=True)  # frees the space the partial save took
@@ -148,6 +152,22 @@ class PeftkitTrainer(Trainer):
                 self.state.save_to_json(str(staging / name / TRAINER_STATE))
             self._move_into_place(staging / name, run_dir / name)
         self._barrier()
+
+    @contextlib.contextmanager
+    def _without_tokenizer(self):
+        """Resuming never reads the tokenizer and the run keeps one copy in adapter/, yet `Trainer._save` writes it
+        into every checkpoint (from `processing_class`, else from the collator): 73% of a small adapter's checkpoint."""
+        collator = self.data_collator
+        processing_class, collator_tokenizer = self.processing_class, getattr(collator, "tokenizer", None)
+        self.processing_class = None
+        if collator_tokenizer is not None:
+            collator.tokenizer = None
+        try:
+            yield
+        finally:
+            self.processing_class = processing_class
+            if collator_tokenizer is not None:
+                collator.tokenizer = collator_tokenizer
 
     def _move_into_place(self, staged: Path, final: Path) -> None:
         """Rename: the checkpoint appears complete or not at all; then apply retention."""
