@@ -4,6 +4,8 @@ The CLI catches it once, prints the message without a traceback and exits with c
 """
 
 import errno
+import os
+import shutil
 
 
 class UserError(Exception):
@@ -14,10 +16,20 @@ class Preempted(Exception):
     """SIGTERM arrived: a checkpoint was saved and the run stopped early on purpose (resume continues it)."""
 
 
-def out_of_space(error: BaseException) -> bool:
-    """A write failed for lack of disk space or quota. torch.save and safetensors do not raise OSError for it
-    (a RuntimeError "file write failed", a SafetensorError "StorageFull"), so their messages are read too."""
+# Free space below which a failed write is blamed on a full disk (torch.save's C++ writer reports it as
+# "iostream error" or "unexpected pos", safetensors as "StorageFull", neither as an OSError).
+NEARLY_FULL_BYTES = 16 * 2**20
+
+
+def out_of_space(error: BaseException, folder: str | os.PathLike | None = None) -> bool:
+    """A write failed for lack of disk space or quota: by errno, by message, or by the free space left in `folder`."""
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    text = str(error)
-    return any(sign in text for sign in ("No space left", "StorageFull", "QuotaExceeded", "file write failed"))
+    if any(sign in str(error) for sign in ("No space left", "StorageFull", "QuotaExceeded")):
+        return True
+    if folder is None:
+        return False
+    try:
+        return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False

@@ -353,3 +353,39 @@ def test_fp16_on_cpu_is_recorded_as_the_fp32_it_trains_in(tmp_path):
         assert training_setup(recipe)["precision"] == "fp32"
         args = build_training_args(recipe, tmp_path, "accuracy")
     assert not args.fp16 and not args.bf16
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs mounted on a folder (root or CAP_SYS_ADMIN only); resized with `remount`."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): {result.stderr.strip()}")
+
+    def resize(size: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(mount)], check=True)
+
+    yield mount, resize
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_during_a_save_stops_clearly_and_keeps_earlier_checkpoints(uninterrupted, tiny_bert_dir, tmp_path, small_disk):
+    from peftkit.training.checkpoints import checkpoint_problem
+
+    full, files = uninterrupted
+    mount, resize = small_disk
+    page = 4096
+    checkpoint_bytes = sum(-(-p.stat().st_size // page) * page for p in (full / "checkpoints" / "checkpoint-8").iterdir())
+    resize(2 * checkpoint_bytes + checkpoint_bytes // 2 + 16 * page)  # room for two checkpoints and the recipe
+    run_dir = mount / "run"
+    recipe_path = write_recipe(tmp_path / "r.yaml", _recipe(tiny_bert_dir, files, run_dir))
+    result = run_cli_in_process("train", str(recipe_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "could not write checkpoint checkpoint-6" in result.stderr, result.stderr[-3000:]
+    assert f"Last complete checkpoint: {run_dir / 'checkpoints' / 'checkpoint-4'}" in result.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]  # no staging
+    assert all(checkpoint_problem(p) is None for p in (run_dir / "checkpoints").iterdir())
+    resize(64 * checkpoint_bytes)  # space freed: the run continues to the uninterrupted run's adapter
+    _resume_matches(recipe_path, full, run_dir)

@@ -128,7 +128,7 @@ class PeftkitTrainer(Trainer):
             with self._without_tokenizer():
                 super()._save_checkpoint(model, trial)
         except Exception as error:  # disk full, quota: earlier checkpoints are intact, this one is only staged
-            if not out_of_space(error):
+            if not out_of_space(error, run_dir):
                 raise
             failure = error
         finally:
