@@ -389,3 +389,32 @@ def test_disk_full_during_a_save_stops_clearly_and_keeps_earlier_checkpoints(uni
     assert all(checkpoint_problem(p) is None for p in (run_dir / "checkpoints").iterdir())
     resize(64 * checkpoint_bytes)  # space freed: the run continues to the uninterrupted run's adapter
     _resume_matches(recipe_path, full, run_dir)
+
+
+def _qlora_recipe(model_dir, files, run_dir) -> dict:
+    """QLoRA with everything that made resume inexact: periodic evaluation (the 4-bit repack), accumulation, dropout."""
+    return classification_recipe(
+        model_dir, files, run_dir, quantization={"bits": 4}, adapter={"dropout": 0.1, "r": 4},
+        training={"max_steps": 8, "batch_size": 4, "gradient_accumulation": 2, "eval_strategy": "steps", "eval_steps": 2,
+                  "save_strategy": "steps", "save_steps": 2, "keep_last": 5, "eval_batch_size": 20},
+        evaluation={"splits": []},
+    )
+
+
+@pytest.mark.slow
+def test_qlora_with_evaluation_resumes_exactly_after_sigkill(tiny_llama_dir, tmp_path):
+    from tests.conftest import sentiment_rows, write_jsonl
+
+    files = {"train": write_jsonl(tmp_path / "train.jsonl", sentiment_rows(80, seed=1)),
+             "validation": write_jsonl(tmp_path / "validation.jsonl", sentiment_rows(20, seed=2))}
+    full = train(validate_recipe(_qlora_recipe(tiny_llama_dir, files, tmp_path / "full")))
+    kill_after = random.Random(os.getpid()).choice([2, 4, 6])
+    recipe_path = write_recipe(tmp_path / "r.yaml", _qlora_recipe(tiny_llama_dir, files, tmp_path / "run"))
+    process = _start_training(recipe_path)
+    _wait_for((tmp_path / "run" / "checkpoints" / f"checkpoint-{kill_after}").is_dir, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    _resume_matches(recipe_path, full, tmp_path / "run")
+    expected, resumed = (json.loads((run / "metrics.json").read_text()) for run in (full, tmp_path / "run"))
+    assert resumed["best_checkpoint"].endswith(Path(expected["best_checkpoint"]).name)
+    assert resumed["best_metric"] == pytest.approx(expected["best_metric"], abs=1e-6)
