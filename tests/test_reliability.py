@@ -418,3 +418,43 @@ def test_qlora_with_evaluation_resumes_exactly_after_sigkill(tiny_llama_dir, tmp
     expected, resumed = (json.loads((run / "metrics.json").read_text()) for run in (full, tmp_path / "run"))
     assert resumed["best_checkpoint"].endswith(Path(expected["best_checkpoint"]).name)
     assert resumed["best_metric"] == pytest.approx(expected["best_metric"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_sigterm_at_an_evaluation_step_saves_first_and_the_resumed_run_evaluates_it(tiny_bert_dir, tmp_path):
+    """Every step evaluates, so SIGTERM always lands on a due evaluation: the checkpoint is saved without it, marked,
+    and the resumed run evaluates it before training on; the evaluations, the best checkpoint and the adapter are
+    those of an uninterrupted run."""
+    from tests.conftest import sentiment_rows, write_jsonl
+
+    from peftkit.training.trainer import EVALUATION_PENDING
+
+    files = {"train": write_jsonl(tmp_path / "train.jsonl", sentiment_rows(96, seed=1)),
+             "validation": write_jsonl(tmp_path / "validation.jsonl", sentiment_rows(24, seed=2))}
+
+    def recipe(run_dir):
+        return classification_recipe(
+            tiny_bert_dir, files, run_dir, adapter={"dropout": 0.1}, evaluation={"splits": []},
+            training={"max_steps": STEPS, "eval_strategy": "steps", "eval_steps": 1, "save_strategy": "steps",
+                      "save_steps": 1, "keep_last": 2, "learning_rate": 3e-3})
+
+    full = train(validate_recipe(recipe(tmp_path / "full")))
+    recipe_path = write_recipe(tmp_path / "r.yaml", recipe(tmp_path / "run"))
+    process = _start_training(recipe_path)
+    _wait_for((tmp_path / "run" / "checkpoints" / "checkpoint-3").is_dir, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 143, stderr[-3000:]
+    last = max((tmp_path / "run" / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert (last / EVALUATION_PENDING).is_file() and int(last.name.split("-")[1]) < STEPS
+    _resume_matches(recipe_path, full, tmp_path / "run")
+    assert not (last / EVALUATION_PENDING).exists()
+
+    def evaluations(run_dir):
+        history = json.loads((run_dir / "log_history.json").read_text())
+        return {entry["step"]: entry["eval_loss"] for entry in history if "eval_loss" in entry}
+
+    assert sorted(evaluations(tmp_path / "run")) == list(range(1, STEPS + 1))
+    assert evaluations(tmp_path / "run") == pytest.approx(evaluations(full), abs=1e-6)
+    best = [json.loads((run / "metrics.json").read_text())["best_checkpoint"] for run in (full, tmp_path / "run")]
+    assert Path(best[0]).name == Path(best[1]).name

@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import math
 import os
 import shutil
@@ -22,9 +24,12 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from peftkit.errors import UserError, out_of_space
+from peftkit.run_folder import write_text_atomic
 from peftkit.training.checkpoints import TRAINER_STATE, last_complete_checkpoint, last_good_checkpoint
 
 STAGING = ".staging"
+# In a checkpoint saved on SIGTERM at a step whose evaluation was skipped to save in time: resuming runs it first.
+EVALUATION_PENDING = "evaluation_pending"
 
 
 # Optimizer steps in a row with a gradient norm of exactly 0 before training counts as dead (no parameter can
@@ -50,6 +55,32 @@ class PeftkitTrainer(Trainer):
         self._nonfinite_loss: float | None = None  # first non-finite loss since the last optimizer step
         self._zero_norm_steps = 0  # optimizer steps in a row whose gradient norm was exactly 0
         self.add_callback(ScalerSkipCallback(self))
+        self.add_callback(PendingEvaluationCallback(self))
+        self.resumed_from: Path | None = None
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self.resumed_from = Path(resume_from_checkpoint) if resume_from_checkpoint else None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def run_pending_evaluation(self) -> None:
+        """Resumed from a checkpoint whose due evaluation SIGTERM skipped: run it now, at that step and before any
+        RNG state is restored, so best-checkpoint selection and early stopping see what an uninterrupted run saw."""
+        checkpoint = self.resumed_from
+        if checkpoint is None or not (checkpoint / EVALUATION_PENDING).is_file() or self.eval_dataset is None:
+            return
+        # Evaluating draws from the RNG (each DataLoader iteration takes a seed), and in an uninterrupted run the
+        # checkpoint's RNG state is taken after it: evaluate from the saved state and save the state it leaves,
+        # which the Trainer then restores when training continues.
+        self._load_rng_state(str(checkpoint))
+        metrics = self.evaluate()
+        self._save_rng_state(str(checkpoint))
+        if self._determine_best_metric(metrics, trial=None):
+            self.state.best_model_checkpoint = str(checkpoint)
+        self._barrier()  # every rank has read the marker before it goes
+        if self.args.should_save:
+            # The checkpoint's state now holds the evaluation (a later resume from it must not repeat it).
+            write_text_atomic(checkpoint / TRAINER_STATE, json.dumps(dataclasses.asdict(self.state), indent=2, sort_keys=True) + "\n")
+            (checkpoint / EVALUATION_PENDING).unlink()
 
     # --- numeric guards -------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -196,6 +227,16 @@ class ScalerSkipCallback(TrainerCallback):
         self.trainer._record_scaler_skip()
 
 
+class PendingEvaluationCallback(TrainerCallback):
+    """At the start of a resumed run (model, optimizer and state loaded), the evaluation a SIGTERM skipped."""
+
+    def __init__(self, trainer: PeftkitTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.run_pending_evaluation()
+
+
 class PreemptionCallback(TrainerCallback):
     """On SIGTERM, save a checkpoint after the current step and stop training.
 
@@ -205,6 +246,7 @@ class PreemptionCallback(TrainerCallback):
 
     def __init__(self):
         self.received = False
+        self.skipped_evaluation = False
         self._previous = None
 
     def __enter__(self) -> PreemptionCallback:
@@ -223,15 +265,30 @@ class PreemptionCallback(TrainerCallback):
         # Ranks must agree on the step to stop at, or the others would hang in the next collective.
         self.received = any_rank(self.received)
         if self.received:
-            # Save first: the grace period before SIGKILL (~30 s) does not cover an evaluation pass.
+            # Save first: the grace period before SIGKILL (~30 s) does not cover an evaluation pass. The resumed
+            # run evaluates first (EVALUATION_PENDING in the checkpoint).
+            self.skipped_evaluation = self.skipped_evaluation or control.should_evaluate
             control.should_evaluate = False
             control.should_save = True
             control.should_training_stop = True
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.received:  # the step that stopped training saved already; no epoch-end evaluation or second save
+            self.skipped_evaluation = self.skipped_evaluation or control.should_evaluate
             control.should_evaluate = False
             control.should_save = False
+            if self.skipped_evaluation and args.should_save:
+                # The epoch-end evaluation comes after the step's save: mark the checkpoint that save wrote.
+                mark_evaluation_pending(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.received and self.skipped_evaluation and args.should_save:
+            mark_evaluation_pending(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+
+def mark_evaluation_pending(checkpoint: Path) -> None:
+    if checkpoint.is_dir():
+        (checkpoint / EVALUATION_PENDING).write_text("")
 
 
 def any_rank(flag: bool) -> bool:
