@@ -53,6 +53,15 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
         json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         return f"{TRAINER_STATE} is unreadable ({error})"
+    # The Trainer resumes without a missing optimizer or RNG state, silently: not the run that was interrupted.
+    required = {
+        "weights (*.safetensors)": any(checkpoint.glob("*.safetensors")),
+        "optimizer state": any(checkpoint.glob("optimizer*")) or any(checkpoint.glob("global_step*")),  # FSDP, DeepSpeed
+        "RNG state": any(checkpoint.glob("rng_state*.pth")),
+    }
+    missing = [what for what, present in required.items() if not present]
+    if missing:
+        return f"has no {', no '.join(missing)}"
     for file in sorted(checkpoint.rglob("*")):
         if file.suffix == ".safetensors":
             problem = _safetensors_problem(file)
