@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftkit.distributed import (
+from peftkit.training.distributed import (
     DEEPSPEED_FILE,
     FSDP_FILE,
     build_deepspeed_config,

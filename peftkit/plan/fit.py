@@ -15,7 +15,7 @@ from peftkit.plan.memory import MemoryPlan, estimate
 from peftkit.plan.shapes import ParameterCounts, count_parameters, load_model_config
 from peftkit.recipe.load import set_key_path, validate_recipe
 from peftkit.recipe.schema import Recipe
-from peftkit.training.arguments import resolve_gradient_checkpointing
+from peftkit.recipe.resolved import resolve_gradient_checkpointing
 
 # Expected step-time factor of each change, relative to the recipe as written.
 SLOWDOWN = {

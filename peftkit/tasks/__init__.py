@@ -21,7 +21,7 @@ A task module provides, for training:
   (`peftkit.evaluation.analysis`: score by input length, lowest-scoring examples)
 
 Optionally `fit(recipe, task, info, tokenized, tokenizer, run_dir, checkpoint, callbacks) -> FitResult`
-(`peftkit.training.result`) for tasks that do not train with the HF Trainer (feature extraction); such a task
+(`peftkit.tasks.base`) for tasks that do not train with the HF Trainer (feature extraction); such a task
 needs no `load_model`/`head_modules`/`collator`/`compute_metrics`, and brings
 `load_predictor(recipe, info, run_dir, tokenizer)`: the fitted predictor back from a run folder (`peftkit eval/predict`).
 

@@ -27,7 +27,7 @@ from peftkit.models.load import load_base_model, load_config
 from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import ADAPTER_DIR
 from peftkit.tasks import classification
-from peftkit.training.result import FitResult
+from peftkit.tasks.base import FitResult
 
 log = logging.getLogger("peftkit")
 

@@ -29,7 +29,7 @@ from peftkit.adapters import (
     save_adapter,
 )
 from peftkit.data.sources import load_splits
-from peftkit.distributed import (
+from peftkit.training.distributed import (
     adopt_recipe_sharding,
     check_launcher_agrees,
     check_strategy_runs_here,
@@ -56,7 +56,7 @@ from peftkit.tasks import best_metric_name, get_task
 from peftkit.training.arguments import build_training_args, training_setup
 from peftkit.training.checkpoints import CheckSavedWeights, check_saved_weights, last_complete_checkpoint
 from peftkit.errors import Preempted
-from peftkit.training.result import FitResult
+from peftkit.tasks.base import FitResult
 from peftkit.training.trainer import PeftkitTrainer, PreemptionCallback
 
 log = logging.getLogger("peftkit")

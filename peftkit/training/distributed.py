@@ -17,7 +17,7 @@ import torch
 from peftkit.errors import UserError
 from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import write_json
-from peftkit.training.precision import resolve_precision
+from peftkit.recipe.resolved import resolve_precision
 
 DEEPSPEED_FILE = "deepspeed.json"
 FSDP_FILE = "fsdp.json"
