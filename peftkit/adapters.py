@@ -107,8 +107,6 @@ PEFT_CONFIG_BUILDERS = {
     "p_tuning": _virtual_tokens(PromptEncoderConfig),
 }
 
-ADAPTER_RECORD = "peftkit_adapter.json"
-
 
 def build_peft_config(recipe: Recipe, task_type: str, head_modules: list[str] = ()) -> PeftConfig | None:
     """None means full fine-tuning. Task heads are trained fully and saved with the adapter."""
@@ -216,7 +214,7 @@ def count_parameters(model) -> dict[str, int]:
 def adapter_record(recipe: Recipe, base_config: PretrainedConfig, task_info: dict) -> dict:
     """What an adapter folder needs to be deployed on its own: the base it was trained on and its task.
 
-    Written next to the weights as `ADAPTER_RECORD`; attaching checks the base fingerprint against it.
+    Written next to the weights as `run_folder.ADAPTER_RECORD`; attaching checks the base fingerprint against it.
     """
     fields = architecture(base_config)
     return {

@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from peftkit.run_folder import DEEPSPEED_FILE, FSDP_FILE
 from peftkit.training.distributed import (
-    DEEPSPEED_FILE,
-    FSDP_FILE,
     build_deepspeed_config,
     build_fsdp_config,
     check_launcher_agrees,

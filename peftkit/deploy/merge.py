@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from peft import PeftModel
 from transformers import AutoTokenizer
 
@@ -21,8 +20,8 @@ from peftkit.deploy.adapter_folder import AdapterSource, find_adapter
 from peftkit.deploy.model_card import model_card
 from peftkit.errors import UserError
 from peftkit.models.quantization import torch_dtype
-from peftkit.recipe.load import validate_recipe
 from peftkit.recipe.schema import QuantizationSection, Recipe
+from peftkit.run_folder import read_recipe
 from peftkit.tasks import get_task
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -99,13 +98,6 @@ def merge_run(
         )
     _write(merged, tokenizer, out_dir, max_shard_size, model_card(recipe, run_dir, adapter, result))
     return result
-
-
-def read_recipe(run_dir: Path) -> Recipe:
-    path = run_dir / "recipe.yaml"
-    if not path.exists():
-        raise UserError(f"RUN_DIR: `{run_dir}` has no recipe.yaml; give a run folder written by `peftkit train`")
-    return validate_recipe(yaml.safe_load(path.read_text()))
 
 
 def _check_onto(onto: str | None, recipe: Recipe) -> str:

@@ -25,7 +25,7 @@ from transformers import AutoModel, DataCollatorWithPadding
 
 from peftkit.models.load import load_base_model, load_config
 from peftkit.recipe.schema import Recipe
-from peftkit.run_folder import ADAPTER_DIR
+from peftkit.run_folder import ADAPTER_DIR, CLASSIFIER_RECORD, CLASSIFIER_WEIGHTS, FEATURES_DIR
 from peftkit.tasks import classification
 from peftkit.tasks.base import FitResult
 
@@ -33,9 +33,7 @@ log = logging.getLogger("peftkit")
 
 PEFT_TASK_TYPE = "FEATURE_EXTRACTION"
 DEFAULT_METRIC = classification.DEFAULT_METRIC
-FEATURES_DIR = "features"
 EMBEDDING_BATCH = 64
-CLASSIFIER_WEIGHTS = "classifier.safetensors"
 
 prepare = classification.prepare
 score = classification.score
@@ -183,7 +181,7 @@ def _save_classifier(pipeline: Pipeline, pooling: str, info: dict, folder: Path)
     weights["linear.classes"] = np.ascontiguousarray(linear.classes_, dtype=np.int64)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(folder / CLASSIFIER_WEIGHTS))
-    (folder / "classifier.json").write_text(json.dumps({"pooling": pooling, "labels": info["labels"]}, indent=2) + "\n")
+    (folder / CLASSIFIER_RECORD).write_text(json.dumps({"pooling": pooling, "labels": info["labels"]}, indent=2) + "\n")
     return weights
 
 

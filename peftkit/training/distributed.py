@@ -16,11 +16,9 @@ import torch
 
 from peftkit.errors import UserError
 from peftkit.recipe.schema import Recipe
-from peftkit.run_folder import write_json
+from peftkit.run_folder import DEEPSPEED_FILE, FSDP_FILE, write_json
 from peftkit.recipe.resolved import resolve_precision
 
-DEEPSPEED_FILE = "deepspeed.json"
-FSDP_FILE = "fsdp.json"
 # DeepSpeed fields that an accelerate config may set; once they are checked against the recipe, the
 # generated config is the only one in force (accelerate refuses to combine both otherwise).
 _ACCELERATE_DEEPSPEED_FIELDS = "ACCELERATE_CONFIG_DS_FIELDS"

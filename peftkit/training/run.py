@@ -20,7 +20,6 @@ from transformers import EarlyStoppingCallback, set_seed
 from transformers.integrations import TensorBoardCallback
 
 from peftkit.adapters import (
-    ADAPTER_RECORD,
     adapter_callbacks,
     adapter_record,
     attach_adapter,
@@ -43,6 +42,15 @@ from peftkit.plan.preflight import warn_if_recipe_will_not_fit
 from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import (
     ADAPTER_DIR,
+    ADAPTER_RECORD,
+    LOG_HISTORY_FILE,
+    LOSS_PLOT,
+    MANIFEST_FILE,
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    RECIPE_FILE,
+    TENSORBOARD_DIR,
+    TRAINER_ARGUMENTS,
     check_resume_matches,
     manifest,
     run_dir_for,
@@ -50,6 +58,7 @@ from peftkit.run_folder import (
     run_folder,
     write_json,
     write_jsonl,
+    write_task_info,
     write_text_atomic,
 )
 from peftkit.tasks import best_metric_name, get_task
@@ -90,7 +99,7 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
             check_resume_matches(run_dir, recipe, force_resume)
             log.info("resuming from %s", checkpoint or "the start (no complete checkpoint yet)")
         if state.is_main_process:
-            write_text_atomic(run_dir / "recipe.yaml", recipe_as_yaml(recipe))
+            write_text_atomic(run_dir / RECIPE_FILE, recipe_as_yaml(recipe))
             write_sharding_configs(run_dir, recipe, world_size)
 
         set_seed(recipe.training.seed)
@@ -159,7 +168,7 @@ def fit_with_trainer(
     save_adapter(trainer, run_dir / ADAPTER_DIR)  # every rank: ZeRO-3/FSDP gather the shards here
     if trainer.is_world_process_zero():
         # The Trainer pickles its arguments next to the weights; a deployable folder holds safetensors only.
-        (run_dir / ADAPTER_DIR / "training_args.bin").unlink(missing_ok=True)
+        (run_dir / ADAPTER_DIR / TRAINER_ARGUMENTS).unlink(missing_ok=True)
     return FitResult(
         predictor=trainer,
         parameters=parameters,
@@ -177,7 +186,7 @@ def _callbacks(recipe: Recipe, run_dir: Path, is_main_process: bool) -> list:
     if recipe.output.tensorboard and is_main_process:  # one event file, written by the main process
         from torch.utils.tensorboard import SummaryWriter
 
-        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard"))))
+        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))))
     if recipe.training.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.training.early_stopping_patience))
     return callbacks
@@ -189,17 +198,17 @@ def _evaluate_split(trainer, task, recipe: Recipe, info: dict, tokenized, raw) -
 
 
 def _write_results(run_dir: Path, recipe: Recipe, task, info: dict, summary: dict, split_results: dict, log_history) -> None:
-    write_json(run_dir / "task.json", {"type": recipe.task.type, **info})
-    write_json(run_dir / "metrics.json", {**summary, **{split: metrics for split, (_, metrics) in split_results.items()}})
+    write_task_info(run_dir, recipe.task.type, info)
+    write_json(run_dir / METRICS_FILE, {**summary, **{split: metrics for split, (_, metrics) in split_results.items()}})
     write_jsonl(
-        run_dir / "predictions.jsonl",
+        run_dir / PREDICTIONS_FILE,
         [{"split": split, **record} for split, (records, _) in split_results.items() for record in records],
     )
-    write_json(run_dir / "log_history.json", log_history)
-    has_loss_plot = plot_losses(log_history, run_dir / "plots" / "loss.png")
+    write_json(run_dir / LOG_HISTORY_FILE, log_history)
+    has_loss_plot = plot_losses(log_history, run_dir / LOSS_PLOT)
     sections = {
         split: task.report(records, metrics, split, run_dir, recipe.evaluation.worst_examples)
         for split, (records, metrics) in split_results.items()
     }
     write_report(run_dir, recipe, summary, sections, has_loss_plot)
-    write_json(run_dir / "manifest.json", manifest(recipe, parameters=summary["parameters"], setup=summary["setup"]))
+    write_json(run_dir / MANIFEST_FILE, manifest(recipe, parameters=summary["parameters"], setup=summary["setup"]))
