@@ -29,6 +29,7 @@ from peftkit.run_folder import (
     write_text_atomic,
 )
 from peftkit.tasks import get_task
+from peftkit.tasks.base import fits_itself
 from peftkit.training.arguments import build_training_args
 
 log = logging.getLogger("peftkit")
@@ -58,7 +59,7 @@ def load_run(run_dir: str | Path) -> SavedRun:
     task = get_task(recipe.task.type)
     tokenizer = load_tokenizer(recipe.model.model_copy(update={"name": str(run_dir / ADAPTER_DIR), "revision": None}))
     # Tasks with their own fit step (feature extraction) reload their own predictor.
-    load_predictor = getattr(task, "load_predictor", None) or _prediction_trainer
+    load_predictor = task.load_predictor if fits_itself(task) else _prediction_trainer
     return SavedRun(run_dir, recipe, task, info, tokenizer, load_predictor(recipe, info, run_dir, tokenizer))
 
 

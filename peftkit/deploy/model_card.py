@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from peftkit.deploy.adapter_folder import AdapterSource
+from peftkit.deploy.verification import MergeResult
 from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import read_metrics
 from peftkit.tasks import get_task
-
-if TYPE_CHECKING:
-    from peftkit.deploy.adapter_folder import AdapterSource
-    from peftkit.deploy.merge import MergeResult
 
 
 def model_card(recipe: Recipe, run_dir: Path, adapter: AdapterSource, result: MergeResult) -> str:

@@ -65,7 +65,7 @@ from peftkit.tasks import best_metric_name, get_task
 from peftkit.training.arguments import build_training_args, training_setup
 from peftkit.training.checkpoints import CheckSavedWeights, check_saved_weights, last_complete_checkpoint
 from peftkit.errors import Preempted
-from peftkit.tasks.base import FitResult
+from peftkit.tasks.base import FitResult, fits_itself
 from peftkit.training.trainer import PeftkitTrainer, PreemptionCallback
 
 log = logging.getLogger("peftkit")
@@ -104,7 +104,7 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
 
         set_seed(recipe.training.seed)
         # Tasks that need no gradient steps (feature extraction) bring their own fit step.
-        fit = getattr(task, "fit", None) or functools.partial(fit_with_trainer, args, preemption)
+        fit = task.fit if fits_itself(task) else functools.partial(fit_with_trainer, args, preemption)
         result = fit(recipe, task, info, tokenized, tokenizer, run_dir, checkpoint, list(callbacks))
         if state.is_main_process:
             check_saved_weights(run_dir / ADAPTER_DIR)
@@ -158,7 +158,7 @@ def fit_with_trainer(
     )
     # The Trainer rescales losses of models whose forward takes **kwargs as if they were sums over a global
     # item count (x processes, no division by accumulation steps); a per-batch mean loss must not be rescaled.
-    trainer.model_accepts_loss_kwargs = trainer.model_accepts_loss_kwargs and getattr(task, "LOSS_SUMS_OVER_ITEMS", False)
+    trainer.model_accepts_loss_kwargs = trainer.model_accepts_loss_kwargs and task.LOSS_SUMS_OVER_ITEMS
     train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if preemption.received:
         raise Preempted(
