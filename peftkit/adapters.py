@@ -15,6 +15,7 @@ from peft import (
     IA3Config,
     LoraConfig,
     PeftConfig,
+    PeftModel,
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
@@ -206,8 +207,11 @@ def save_adapter(trainer, directory: Path) -> None:
 
 
 def count_parameters(model) -> dict[str, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """Trainable and total parameters as peft / transformers count them (4-bit weights unpacked, ZeRO-3 shards whole)."""
+    if isinstance(model, PeftModel):
+        trainable, total = model.get_nb_trainable_parameters()
+    else:  # full fine-tuning: no adapter
+        trainable, total = model.num_parameters(only_trainable=True), model.num_parameters()
     return {"trainable": trainable, "total": total}
 
 

@@ -25,7 +25,10 @@ _ACCELERATE_DEEPSPEED_FIELDS = "ACCELERATE_CONFIG_DS_FIELDS"
 
 
 def launched_world_size(environ: Mapping[str, str] = os.environ) -> int:
-    """Processes started by torchrun / accelerate launch (1 for a plain `python -m peftkit`)."""
+    """Processes started by torchrun / accelerate launch (1 for a plain `python -m peftkit`).
+
+    Not `PartialState().num_processes`: it is needed before the TrainingArguments are built, and creating the
+    accelerate state earlier would fix its backend before CPU DeepSpeed ranks ask for gloo."""
     return int(environ.get("WORLD_SIZE", "1"))
 
 
@@ -108,10 +111,10 @@ def configure_cpu_deepspeed_processes() -> dict:
     return {"use_configured_state": True}
 
 
-def write_sharding_configs(run_dir: Path, recipe: Recipe, world_size: int) -> None:
-    """Record the generated DeepSpeed / FSDP settings in the run folder (what actually ran)."""
-    for name, config in ((DEEPSPEED_FILE, build_deepspeed_config(recipe, world_size)),
-                         (FSDP_FILE, build_fsdp_config(recipe, world_size))):
+def write_sharding_configs(run_dir: Path, recipe: Recipe, world_size: int, deepspeed: dict | None) -> None:
+    """Record the generated DeepSpeed / FSDP settings in the run folder (what actually ran). `deepspeed` is the
+    config the TrainingArguments were built with (built once per run; the Trainer works on its own copy)."""
+    for name, config in ((DEEPSPEED_FILE, deepspeed), (FSDP_FILE, build_fsdp_config(recipe, world_size))):
         if config is not None:
             write_json(run_dir / name, config)
 

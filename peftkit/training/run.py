@@ -87,7 +87,7 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
 
     base_config = load_config(recipe.model)
     check_adapter_fits_model(recipe, base_config, task.PEFT_TASK_TYPE)
-    warn_if_recipe_will_not_fit(recipe)
+    warn_if_recipe_will_not_fit(recipe, base_config)
     tokenizer = load_tokenizer(recipe.model)
     raw_splits = load_splits(recipe.data)
     tokenized, info = task.prepare(recipe, raw_splits, tokenizer)
@@ -100,11 +100,11 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
             log.info("resuming from %s", checkpoint or "the start (no complete checkpoint yet)")
         if state.is_main_process:
             write_text_atomic(run_dir / RECIPE_FILE, recipe_as_yaml(recipe))
-            write_sharding_configs(run_dir, recipe, world_size)
+            write_sharding_configs(run_dir, recipe, world_size, args.deepspeed)
 
         set_seed(recipe.training.seed)
         # Tasks that need no gradient steps (feature extraction) bring their own fit step.
-        fit = task.fit if fits_itself(task) else functools.partial(fit_with_trainer, args, preemption)
+        fit = task.fit if fits_itself(task) else functools.partial(fit_with_trainer, args, preemption, best_metric)
         result = fit(recipe, task, info, tokenized, tokenizer, run_dir, checkpoint, list(callbacks))
         if state.is_main_process:
             check_saved_weights(run_dir / ADAPTER_DIR)
@@ -132,7 +132,7 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
 
 
 def fit_with_trainer(
-    args, preemption: PreemptionCallback, recipe: Recipe, task, info: dict, tokenized: dict, tokenizer, run_dir: Path,
+    args, preemption: PreemptionCallback, best_metric: str, recipe: Recipe, task, info: dict, tokenized: dict, tokenizer, run_dir: Path,
     checkpoint, callbacks: list,
 ) -> FitResult:
     """Gradient training with the HF Trainer: the task's model + adapter, periodic evaluation, best checkpoint."""
@@ -174,7 +174,7 @@ def fit_with_trainer(
         parameters=parameters,
         train_metrics={**train_output.metrics, "global_step": trainer.state.global_step},
         best_checkpoint=trainer.state.best_model_checkpoint,
-        best_metric_name=best_metric_name(recipe),
+        best_metric_name=best_metric,
         best_metric=trainer.state.best_metric,
         log_history=trainer.state.log_history,
         summary={"skipped_steps": trainer.skipped_steps, "fp16_overflow_steps": trainer.overflow_steps},
