@@ -15,6 +15,7 @@ from peftkit.errors import UserError
 from peftkit.evaluation.analysis import length_bucket_table, markdown_cell, word_count
 from peftkit.evaluation.plots import plot_confusion_matrix
 from peftkit.recipe.schema import Recipe
+from peftkit.run_folder import PLOTS_DIR
 
 log = logging.getLogger("peftkit")
 
@@ -138,7 +139,7 @@ def score(records: list[dict], info: dict) -> dict[str, Any]:
 
 def report(records: list[dict], metrics: dict, split: str, run_dir: Path, worst: int) -> str:
     """Markdown for one split: headline metrics, per-class table, confusion matrix picture, worst errors."""
-    picture = Path("plots") / f"confusion_matrix_{split}.png"
+    picture = Path(PLOTS_DIR) / f"confusion_matrix_{split}.png"
     matrix = metrics["confusion_matrix"]
     plot_confusion_matrix(matrix["matrix"], matrix["labels"], run_dir / picture, title=f"Confusion matrix ({split})")
     lines = [
