@@ -132,8 +132,8 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
 
 
 def fit_with_trainer(
-    args, preemption: PreemptionCallback, best_metric: str, recipe: Recipe, task, info: dict, tokenized: dict, tokenizer, run_dir: Path,
-    checkpoint, callbacks: list,
+    args, preemption: PreemptionCallback, best_metric: str, recipe: Recipe, task, info: dict, tokenized: dict, tokenizer,
+    run_dir: Path, checkpoint, callbacks: list,
 ) -> FitResult:
     """Gradient training with the HF Trainer: the task's model + adapter, periodic evaluation, best checkpoint."""
     model = task.load_model(recipe, info)
