@@ -1,4 +1,8 @@
-"""The run folder: where it is, how it is created and cleaned up, and the files that describe a run."""
+"""The run folder: where it is, how it is created and cleaned up, and the files that describe a run.
+
+This module owns every file name of the run folder (docs/run-folder.md describes each); other modules use the
+names and readers here instead of spelling a file name.
+"""
 
 from __future__ import annotations
 
@@ -17,18 +21,55 @@ from typing import Any, Iterator
 import yaml
 
 from peftkit.errors import UserError
-from peftkit.recipe.load import read_yaml_mapping
+from peftkit.recipe.load import load_saved_recipe, read_yaml_mapping
 from peftkit.recipe.schema import Recipe
 
 CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last: a checkpoint folder holding it is complete
 ADAPTER_DIR = "adapter"  # the deployable result: PEFT adapter, full model, or a features classifier
-RECIPE_FILE = "recipe.yaml"  # the resolved recipe the run trained with
-MANIFEST = "manifest.json"  # written last: its presence means the run finished
+ADAPTER_RECORD = "peftkit_adapter.json"  # in ADAPTER_DIR: task info, base fingerprint and quantization
+CLASSIFIER_WEIGHTS = "classifier.safetensors"  # in ADAPTER_DIR of a features run
+CLASSIFIER_RECORD = "classifier.json"  # in ADAPTER_DIR of a features run: pooling and labels
+TRAINER_ARGUMENTS = "training_args.bin"  # the pickle the HF Trainer saves next to weights (deleted from ADAPTER_DIR)
+RECIPE_FILE = "recipe.yaml"  # the validated recipe, defaults filled in
+TASK_FILE = "task.json"  # the task type and what `prepare` derived from the training data (labels, ...)
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+LOG_HISTORY_FILE = "log_history.json"
+MANIFEST_FILE = "manifest.json"
+REPORT_FILE = "report.md"
+PLOTS_DIR = "plots"  # pictures the report links to (relative paths)
+LOSS_PLOT = f"{PLOTS_DIR}/loss.png"
+TENSORBOARD_DIR = "tensorboard"
+DEEPSPEED_FILE = "deepspeed.json"
+FSDP_FILE = "fsdp.json"
+FEATURES_DIR = "features"  # cached embeddings of a features run
+EVALUATIONS_DIR = "evaluations"  # `peftkit eval` results, one folder per evaluated data
 LIBRARIES = ("peftkit", "torch", "transformers", "peft", "accelerate", "datasets", "trl", "bitsandbytes", "deepspeed")
 
 
 def run_dir_for(recipe: Recipe) -> Path:
     return Path(recipe.output.dir or Path("runs") / recipe.name)
+
+
+def checkpoint_step(checkpoint: Path | None) -> int:
+    """The global step a `checkpoint-N` folder was saved at (0 for none: the start)."""
+    return int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint else 0
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest step first."""
+    folder = run_dir / CHECKPOINTS
+    found = [
+        path for path in folder.glob("checkpoint-*")
+        if path.name.rsplit("-", 1)[-1].isdigit() and (path / TRAINER_STATE).is_file()
+    ]
+    return sorted(found, key=checkpoint_step)
+
+
+def last_complete_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = complete_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
 
 
 def check_run_folder(recipe: Recipe, resume: bool, force_resume: bool = False, resumable_when_finished: bool = False) -> None:
@@ -56,9 +97,7 @@ def check_run_folder(recipe: Recipe, resume: bool, force_resume: bool = False, r
             f"--resume: `{run_dir}` is not a peftkit run folder (no {RECIPE_FILE}, no {CHECKPOINTS}/); "
             "give the output.dir of an interrupted run, or another output.dir to start a new one"
         )
-    from peftkit.training.checkpoints import complete_checkpoints
-
-    if (run_dir / MANIFEST).is_file() and not complete_checkpoints(run_dir) and not resumable_when_finished:
+    if (run_dir / MANIFEST_FILE).is_file() and not complete_checkpoints(run_dir) and not resumable_when_finished:
         raise UserError(
             f"--resume: `{run_dir}` holds a finished run and no checkpoint to continue from; resuming would train "
             "from scratch over its adapter and results. Start a new run (another output.dir) or set output.overwrite"
@@ -112,6 +151,34 @@ def write_json(path: Path, content: Any) -> None:
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+
+
+def read_recipe(run_dir: Path) -> Recipe:
+    """The run's saved recipe, validated against today's schema."""
+    path = run_dir / RECIPE_FILE
+    if not path.exists():
+        raise UserError(f"RUN_DIR: `{run_dir}` has no {RECIPE_FILE}; give a run folder written by `peftkit train`")
+    return load_saved_recipe(path)
+
+
+def write_task_info(run_dir: Path, task_type: str, info: dict) -> None:
+    write_json(run_dir / TASK_FILE, {"type": task_type, **info})
+
+
+def read_task_info(run_dir: Path) -> dict | None:
+    """What `prepare` derived from the training data, without the task type; None when the file is absent."""
+    path = run_dir / TASK_FILE
+    if not path.exists():
+        return None
+    info = json.loads(path.read_text(encoding="utf-8"))
+    info.pop("type", None)
+    return info
+
+
+def read_metrics(run_dir: Path) -> dict:
+    """The run's metrics.json, or {} when the run wrote none."""
+    path = run_dir / METRICS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
 def recipe_as_yaml(recipe: Recipe) -> str:
@@ -192,11 +259,16 @@ def check_resume_matches(run_dir: Path, recipe: Recipe, force: bool) -> None:
         )
 
 
+def replaced_recipe_name(step: int | str) -> str:
+    """The recipe a forced resume replaced, named by the step it ran until (`*`: a glob of them)."""
+    return f"recipe.until-step-{step}.yaml"
+
+
 def keep_replaced_recipe(run_dir: Path, recipe: Recipe, step: int) -> Path | None:
     """Forced resume with changed settings: keep the recipe that ran until `step` next to the new recipe.yaml."""
     changed = resume_changes(run_dir, recipe)
     if not changed:
         return None
-    kept = run_dir / f"recipe.until-step-{step}.yaml"
+    kept = run_dir / replaced_recipe_name(step)
     os.replace(run_dir / RECIPE_FILE, kept)
     return kept

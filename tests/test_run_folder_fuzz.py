@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 
 from peftkit.errors import UserError
 from peftkit.recipe.load import validate_recipe
-from peftkit.run_folder import check_run_folder, recipe_as_yaml
-from peftkit.training.checkpoints import checkpoint_problem, complete_checkpoints, usable_checkpoint
+from peftkit.run_folder import check_run_folder, complete_checkpoints, recipe_as_yaml
+from peftkit.training.checkpoints import checkpoint_problem, usable_checkpoint
 
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "rng_state.pth")
 DAMAGE = st.sampled_from(["none", "missing", "truncated", "empty", "garbage"])

@@ -12,35 +12,14 @@ import zipfile
 from pathlib import Path
 
 import torch
+from peft.utils import CONFIG_NAME
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from peftkit.errors import UserError
-from peftkit.run_folder import CHECKPOINTS
+from peftkit.run_folder import TRAINER_STATE, checkpoint_step, complete_checkpoints
 
 log = logging.getLogger("peftkit")
-
-TRAINER_STATE = "trainer_state.json"
-
-
-def checkpoint_step(checkpoint: Path | None) -> int:
-    """The global step a `checkpoint-N` folder was saved at (0 for none: the start)."""
-    return int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint else 0
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest step first."""
-    folder = run_dir / CHECKPOINTS
-    found = [
-        path for path in folder.glob("checkpoint-*")
-        if path.name.rsplit("-", 1)[-1].isdigit() and (path / TRAINER_STATE).is_file()
-    ]
-    return sorted(found, key=checkpoint_step)
-
-
-def last_complete_checkpoint(run_dir: Path) -> Path | None:
-    checkpoints = complete_checkpoints(run_dir)
-    return checkpoints[-1] if checkpoints else None
 
 
 def checkpoint_problem(checkpoint: Path) -> str | None:
@@ -154,7 +133,7 @@ def check_saved_weights(folder: Path) -> None:
 
 def _modules_pruned_to_rank_zero(folder: Path) -> list[str]:
     """AdaLoRA may prune a module to rank 0 (its saved `rank_pattern` keeps nothing); its factors are then empty."""
-    config = folder / "adapter_config.json"
+    config = folder / CONFIG_NAME
     pattern = json.loads(config.read_text()).get("rank_pattern") if config.is_file() else None
     return [name.removesuffix(".lora_E") for name, kept in (pattern or {}).items() if isinstance(kept, list) and not any(kept)]
 

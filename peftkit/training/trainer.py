@@ -24,8 +24,8 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from peftkit.errors import UserError, out_of_space
-from peftkit.run_folder import write_text_atomic
-from peftkit.training.checkpoints import TRAINER_STATE, last_complete_checkpoint, last_good_checkpoint
+from peftkit.run_folder import TRAINER_STATE, last_complete_checkpoint, write_text_atomic
+from peftkit.training.checkpoints import last_good_checkpoint
 
 STAGING = ".staging"
 # In a checkpoint saved on SIGTERM at a step whose evaluation was skipped to save in time: resuming runs it first.

@@ -1,10 +1,13 @@
-"""Which mixed precision a recipe means on this machine (shared by TrainingArguments and DeepSpeed's config)."""
+"""Settings a recipe leaves to peftkit, resolved: pure functions of the recipe (and the machine), shared by the
+trainer, DeepSpeed's config and the planner so that neither has to import the other."""
 
 from __future__ import annotations
 
 import warnings
 
 import torch
+
+from peftkit.recipe.schema import Recipe
 
 
 def resolve_precision(precision: str) -> str:
@@ -19,3 +22,10 @@ def resolve_precision(precision: str) -> str:
         warnings.warn("training.precision: fp16 needs a GPU; this CPU run trains (and is recorded) in fp32", stacklevel=2)
         return "fp32"
     return precision
+
+
+def resolve_gradient_checkpointing(recipe: Recipe) -> bool:
+    """Unset means on for a quantized base: QLoRA trades recomputation for activation memory."""
+    if recipe.training.gradient_checkpointing is not None:
+        return recipe.training.gradient_checkpointing
+    return recipe.quantization.bits is not None
