@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", required=True, help="JSONL file for the answers")
     predict.add_argument("--adapter-column", help="input column naming each row's adapter (mixed-adapter batches)")
     predict.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
-    predict.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (generative tasks)")
+    predict.add_argument(
+        "--max-new-tokens", type=int, help="most tokens to generate per row (generative tasks; default: the run's generation.max_new_tokens)"
+    )
     predict.set_defaults(handler=_predict)
 
     serve = commands.add_parser("serve", help="serve one base with named adapters over HTTP")

@@ -30,7 +30,10 @@ and, for deployment (`peftkit.deploy`: merge, multi-adapter inference, the HTTP 
 - `INPUT_FIELDS`: `{field: required}` of one inference input row, e.g. `{"text": True, "text_pair": False}`
 - `WINDOWS_LONG_INPUTS` (optional, default False): True when inputs longer than the model's context are split into
   windows (extractive QA), so deployment does not refuse them
-- `GENERATES` (optional, default False): True when `infer` generates text and takes `max_new_tokens` (one per row)
+- `GENERATES` (optional, default False): True when `infer` generates text through `peftkit.tasks.generation` and
+  takes `max_new_tokens` (one per row), `decoding` and `streamer`
+- `info_from_config(config) -> info` (optional): task info for an adapter trained outside peftkit, from the model
+  config (classification: label names from `id2label`)
 - `inference_rows(recipe, dataset) -> rows`: a data split as inference rows (merge verification)
 - `forward_logits(model, tokenizer, rows, adapter_names, infos) -> [tensor per row]`: raw outputs to compare models
   (argmax over the last dimension is a prediction)
