@@ -22,7 +22,7 @@ from peftkit.deploy.adapter_folder import AdapterSource, check_base, find_adapte
 from peftkit.errors import UserError
 from peftkit.models.load import load_config, load_tokenizer, model_location
 from peftkit.models.quantization import build_quantization_config, torch_dtype
-from peftkit.recipe.schema import ModelSection, QuantizationSection
+from peftkit.recipe.schema import GenerationSection, ModelSection, QuantizationSection
 from peftkit.tasks import get_task
 from peftkit.tasks.generation import Decoding
 
@@ -160,9 +160,15 @@ class AttachedModel:
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise UserError(f"input {i}: expected an object with fields {sorted(fields)}")
-            missing = [field for field, required in fields.items() if required and not isinstance(row.get(field), str)]
+            missing = [
+                field for field, required in fields.items()
+                if not isinstance(row.get(field), str) and (required or row.get(field) is not None)
+            ]
             if missing:
-                raise UserError(f"input {i}: field(s) {missing} must be strings ({self.task_type} inputs: {sorted(fields)})")
+                raise UserError(
+                    f"input {i}: field(s) {missing} must be strings ({self.task_type} inputs: "
+                    f"{', '.join(f'{f} (optional)' if not r else f for f, r in fields.items())})"
+                )
             if limit or max_input_tokens:
                 length = sum(len(self.tokenizer(row[field])["input_ids"]) for field in fields if isinstance(row.get(field), str))
                 if max_input_tokens and length > max_input_tokens:
@@ -200,7 +206,7 @@ class AttachedModel:
                 group_names = [names[i] for i in group]
                 options = {}
                 if getattr(self.task, "GENERATES", False):
-                    run_limit = self.adapters[self._decoding_adapter(group_names[0])].generation.max_new_tokens
+                    run_limit = self.generation(group_names[0]).max_new_tokens
                     options = {
                         "max_new_tokens": [limits[i] or run_limit for i in group],
                         "decoding": decoding.sampled(temperature, top_p, seed), "streamer": streamer,
@@ -237,9 +243,13 @@ class AttachedModel:
         groups: dict[tuple, list[int]] = {}
         for i, name in enumerate(names):
             mixing = "mixed" if self._mixable(name) else name
-            decoding = Decoding.from_settings(self.adapters[self._decoding_adapter(name)].generation)
+            decoding = Decoding.from_settings(self.generation(name))
             groups.setdefault((mixing, decoding), []).append(i)
         return [(rows, decoding) for (_, decoding), rows in groups.items()]
+
+    def generation(self, name: str) -> GenerationSection:
+        """How the run of adapter `name` (`__base__`: the active one) decoded at evaluation."""
+        return self.adapters[self._decoding_adapter(name)].generation
 
     def _decoding_adapter(self, name: str) -> str:
         return name if name != BASE_ADAPTER else self.active
