@@ -66,6 +66,8 @@ def generate(
             for i, answer in zip(rows, generate(model, tokenizer, part, new_tokens_start, limit, decoding, names)):
                 answers[i] = answer
         return answers
+    if decoding.num_beams > 1 and not decoding.samples:
+        streamer = None  # beams are ranked at the end: the text is known only when they finish
     if decoding.samples and decoding.seed is not None:
         torch.manual_seed(decoding.seed)
     with torch.inference_mode():
