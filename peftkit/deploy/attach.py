@@ -156,7 +156,7 @@ class AttachedModel:
         if self.task_type is None:
             raise UserError("no adapter is attached; load one first")
         fields = self.task.INPUT_FIELDS
-        limit = None if getattr(self.task, "WINDOWS_LONG_INPUTS", False) else getattr(self.config, "max_position_embeddings", None)
+        limit = None if self.task.WINDOWS_LONG_INPUTS else getattr(self.config, "max_position_embeddings", None)
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise UserError(f"input {i}: expected an object with fields {sorted(fields)}")
@@ -205,7 +205,7 @@ class AttachedModel:
             for group, decoding in self._groups(names):
                 group_names = [names[i] for i in group]
                 options = {}
-                if getattr(self.task, "GENERATES", False):
+                if self.task.GENERATES:
                     run_limit = self.generation(group_names[0]).max_new_tokens
                     options = {
                         "max_new_tokens": [limits[i] or run_limit for i in group],

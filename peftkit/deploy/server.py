@@ -255,7 +255,7 @@ def build_app(
         rows = [{k: v for k, v in row.items() if k != "adapter"} for row in body.inputs]
         adapters = attached.resolve(len(rows), [row.get("adapter") or body.adapter or attached.active for row in body.inputs])
         limits_per_row = None
-        if getattr(attached.task, "GENERATES", False):
+        if attached.task.GENERATES:
             if body.max_new_tokens is not None:
                 _check_new_tokens(body.max_new_tokens, limits, "max_new_tokens")
             limits_per_row = [_new_tokens(attached, name, body.max_new_tokens, limits) for name in adapters]
@@ -344,14 +344,13 @@ def _new_tokens(attached: AttachedModel, adapter: str, requested: int | None, li
 
 def _generation_request(attached: AttachedModel, body: GenerationBody, prompts: list[str], limits: Limits) -> Request:
     """A checked batcher request for an OpenAI body: `n` rows per prompt, each with the adapter `model` names."""
-    if not getattr(attached.task, "GENERATES", False):
+    if not attached.task.COMPLETES_PROMPTS:
         raise UserError(f"this server serves {attached.task_type} adapters, which do not generate text; use POST /v1/predict")
     if len(prompts) * body.n > MAX_INPUTS_PER_REQUEST:
         raise UserError(f"at most {MAX_INPUTS_PER_REQUEST} prompts × n per request")
     if body.new_tokens is not None:
         _check_new_tokens(body.new_tokens, limits, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
-    field = next(iter(attached.task.INPUT_FIELDS))  # a generating task reads one text field (`prompt`, `text`)
-    rows = [{field: prompt} for prompt in prompts for _ in range(body.n)]
+    rows = [{"prompt": prompt} for prompt in prompts for _ in range(body.n)]
     adapters = attached.resolve(len(rows), [body.model] * len(rows))
     new_tokens = _new_tokens(attached, body.model, body.new_tokens, limits)
     attached.check_rows(rows, reserve_tokens=new_tokens, max_input_tokens=limits.input_tokens)

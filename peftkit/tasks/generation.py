@@ -13,6 +13,10 @@ from typing import Any
 
 import torch
 
+from peftkit.recipe.schema import GenerationSection
+
+DEFAULT_MAX_NEW_TOKENS = GenerationSection.model_fields["max_new_tokens"].default  # the recipe's default
+
 
 @dataclass(frozen=True)
 class Decoding:
