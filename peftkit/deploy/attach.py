@@ -21,7 +21,7 @@ from peft import LoraConfig, PeftConfig, PeftModel
 from peftkit.deploy.adapter_folder import AdapterSource, check_base, find_adapter
 from peftkit.errors import UserError
 from peftkit.models.load import load_config, load_tokenizer, model_location
-from peftkit.models.quantization import build_quantization_config, torch_dtype
+from peftkit.models.quantization import build_quantization_config, freeze_4bit_layout, torch_dtype
 from peftkit.recipe.schema import GenerationSection, ModelSection, QuantizationSection
 from peftkit.tasks import get_task
 from peftkit.tasks.generation import Decoding
@@ -126,6 +126,8 @@ class AttachedModel:
             trust_remote_code=self._model_section.trust_remote_code, **task.model_kwargs(source.info),
             **({"quantization_config": quantization_config} if quantization_config else {}),
         )
+        if quantization.bits == 4:  # computes as training evaluated it (no bf16 repack on AVX512-BF16 CPUs)
+            freeze_4bit_layout(base_model)
         self.model = PeftModel.from_pretrained(base_model, str(source.path), adapter_name=peft_name).eval()
         self.task_type, self.quantization = source.task, quantization
 
