@@ -6,6 +6,7 @@ generic: `attach_adapter` before training, `adapter_callbacks` during, `save_ada
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -116,7 +117,23 @@ def build_peft_config(recipe: Recipe, task_type: str, head_modules: list[str] = 
     if adapter.method == "none":
         return None
     modules_to_save = sorted({*(adapter.modules_to_save or []), *head_modules}) or None
-    return PEFT_CONFIG_BUILDERS[adapter.method](adapter, task_type, modules_to_save)
+    config = PEFT_CONFIG_BUILDERS[adapter.method](adapter, task_type, modules_to_save)
+    if not adapter.peft_args:
+        return config
+    defaults = {
+        field.name: field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+        for field in dataclasses.fields(config)
+    }
+    set_by_peftkit = sorted(key for key in adapter.peft_args if getattr(config, key) != defaults[key])
+    if set_by_peftkit:
+        raise UserError(
+            f"adapter.peft_args: {set_by_peftkit} are set by peftkit from the recipe for method {adapter.method}; "
+            "remove them from peft_args"
+        )
+    try:  # replace() runs peft's own checks of the combined options again
+        return dataclasses.replace(config, **adapter.peft_args)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"adapter.peft_args: peft rejects {adapter.peft_args}: {exc}") from None
 
 
 def check_adapter_fits_model(recipe: Recipe, config: PretrainedConfig, task_type: str) -> None:
