@@ -13,6 +13,35 @@ EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect from a job that stopped on SIGTERM
 
 
+# Data-source keys a recipe can set on `data.<split>` that `eval --data` and `predict --input` take as flags too.
+_SOURCE_FLAGS_SKIPPED = ("path", "split")
+
+
+def _add_data_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags generated from the recipe schema's data source, so that a file is read the way a recipe would."""
+    from peftkit.recipe.schema import DataSource
+
+    group = parser.add_argument_group("how to read the data (the keys of a recipe's data source)")
+    for name, field in DataSource.model_fields.items():
+        if name not in _SOURCE_FLAGS_SKIPPED:
+            group.add_argument(f"--{name.replace('_', '-')}", dest=f"source_{name}", metavar="VALUE", help=field.description)
+
+
+def _source_options(args: argparse.Namespace) -> dict:
+    """The data-source flags given, typed like recipe overrides (YAML values, raw text for text keys)."""
+    from peftkit.recipe.keys import is_text
+    from peftkit.recipe.load import parse_value
+    from peftkit.recipe.schema import DataSource
+
+    options = {}
+    for key, raw in vars(args).items():
+        if key.startswith("source_") and raw is not None:
+            name = key.removeprefix("source_")
+            flag = f"--{name.replace('_', '-')}={raw}"
+            options[name] = raw if is_text(DataSource.model_fields[name]) else parse_value(flag, raw)
+    return options
+
+
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe keys")
@@ -66,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--adapter-column", help="input column naming each row's adapter (mixed-adapter batches)")
     predict.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
     predict.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (generative tasks)")
+    _add_data_source_arguments(predict)
     predict.set_defaults(handler=_predict)
 
     serve = commands.add_parser("serve", help="serve one base with named adapters over HTTP")
@@ -98,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir", help="run folder written by `peftkit train`")
     evaluate.add_argument("--data", help="data file or hub dataset to score (default: the run's own split)")
     evaluate.add_argument("--split", help="the run's split (train, validation, test) or, with --data, the hub split")
+    _add_data_source_arguments(evaluate)
     evaluate.set_defaults(handler=_eval)
 
     return parser
@@ -108,7 +139,7 @@ def _eval(args: argparse.Namespace) -> None:
 
     from peftkit.evaluation.saved_run import evaluate_run
 
-    out, metrics = evaluate_run(args.run_dir, args.data, args.split)
+    out, metrics = evaluate_run(args.run_dir, args.data, args.split, _source_options(args))
     headline = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
     print(json.dumps(headline, indent=2))
     print(f"evaluation folder: {out}")
@@ -117,7 +148,7 @@ def _eval(args: argparse.Namespace) -> None:
 def _predict_run(args: argparse.Namespace) -> None:
     from peftkit.evaluation.saved_run import predict_file
 
-    count = predict_file(args.run_dir, args.input, args.output)
+    count = predict_file(args.run_dir, args.input, args.output, _source_options(args))
     print(f"wrote {count} predictions to {args.output}")
 
 
@@ -211,7 +242,8 @@ def _predict(args: argparse.Namespace) -> None:
 
     attached = _attached_model(args, args.run_dir)
     count = predict_file(
-        attached, args.input, args.output, args.adapter_column, args.batch_size, max_new_tokens=args.max_new_tokens,
+        attached, args.input, args.output, args.adapter_column, args.batch_size, _source_options(args),
+        max_new_tokens=args.max_new_tokens,
     )
     print(f"{count} predictions: {args.output}")
 

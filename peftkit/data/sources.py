@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import datasets
+from pydantic import ValidationError
 
 from peftkit.data.parallel import read_parallel
 from peftkit.data.squad import read_nested_squad
@@ -30,6 +31,20 @@ def load_splits(data: DataSection) -> dict[str, datasets.Dataset]:
         parts = splits["train"].train_test_split(test_size=data.validation_fraction, seed=data.train.seed)
         splits["train"], splits["validation"] = parts["train"], parts["test"]
     return splits
+
+
+def data_source(fields: dict) -> DataSource:
+    """A data source given outside a recipe (`eval --data`, `predict --input` and their `--rename`, `--format`, ...
+    flags), validated like a recipe's, with each problem named by its flag."""
+    try:
+        return DataSource.model_validate(fields)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{'-'.join(str(part).replace('_', '-') for part in error['loc']) or 'data'}: "
+            f"{error['msg'].removeprefix('Value error, ')}"
+            for error in exc.errors()
+        )
+        raise UserError(f"data options for `{fields.get('path')}`: {problems}") from None
 
 
 def load_source(source: DataSource, key_path: str) -> datasets.Dataset:

@@ -12,11 +12,11 @@ from types import ModuleType
 import yaml
 from transformers import Trainer
 
-from peftkit.data.sources import load_source, load_splits
+from peftkit.data.sources import data_source, load_source, load_splits
 from peftkit.errors import UserError
 from peftkit.models.load import load_tokenizer
 from peftkit.recipe.load import validate_recipe
-from peftkit.recipe.schema import DataSource, Recipe
+from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import write_json, write_jsonl, write_text_atomic
 from peftkit.tasks import get_task
 from peftkit.training.arguments import build_training_args
@@ -77,20 +77,33 @@ def _prediction_trainer(recipe: Recipe, info: dict, run_dir: Path, tokenizer) ->
     )
 
 
-def _with_test_source(recipe: Recipe, path: str, split: str | None) -> Recipe:
-    """The recipe with `path` as its test data, so that messages and loaders treat it like any split."""
-    source = DataSource(path=path, split=split)
+def _with_test_source(recipe: Recipe, path: str, split: str | None, options: dict | None = None) -> Recipe:
+    """The recipe with `path` as its test data, so that messages and loaders treat it like any split.
+
+    A file the run itself read keeps that split's options (rename, format, languages, encoding, ...); `options`
+    (the data-source keys given on the command line) go on top.
+    """
+    own = next((s for s in (recipe.data.train, recipe.data.validation, recipe.data.test) if s and s.path == path), None)
+    fields = {**(own.model_dump(exclude={"rows", "limit"}) if own else {}), "path": path, **(options or {})}
+    if split is not None:
+        fields["split"] = split
+    source = data_source(fields)
     return recipe.model_copy(update={"data": recipe.data.model_copy(update={"test": source})})
 
 
-def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None = None) -> tuple[Path, dict]:
+def evaluate_run(
+    run_dir: str | Path, data: str | None = None, split: str | None = None, options: dict | None = None
+) -> tuple[Path, dict]:
     """Score a saved run on its own split (default: test, else validation) or on `data`; returns (folder, metrics).
 
+    `options` are data-source keys for `data` (format, rename, languages, rows, limit, encoding, ...).
     Results go to `<run>/evaluations/<name>/` (metrics.json, predictions.jsonl, report.md).
     """
     run = load_run(run_dir)
+    if options and data is None:
+        raise UserError(f"data options {sorted(options)} apply to --data; pass --data PATH too")
     if data is not None:
-        run.recipe = _with_test_source(run.recipe, data, split)
+        run.recipe = _with_test_source(run.recipe, data, split, options)
         key, name = "test", Path(data).stem + (f"-{split}" if split else "")
         dataset = load_source(run.recipe.data.test, "data.test")
     else:
@@ -117,10 +130,10 @@ def _has_split(recipe: Recipe, split: str) -> bool:
     return getattr(recipe.data, split, None) is not None
 
 
-def predict_file(run_dir: str | Path, input_path: str, output_path: str | Path) -> int:
+def predict_file(run_dir: str | Path, input_path: str, output_path: str | Path, options: dict | None = None) -> int:
     """Write one JSON line of prediction per input row (gold and scores too when the input has them)."""
     run = load_run(run_dir)
-    run.recipe = _with_test_source(run.recipe, input_path, None)
+    run.recipe = _with_test_source(run.recipe, input_path, None, options)
     dataset = load_source(run.recipe.data.test, "data.test")
     records = run.predict("test", dataset)
     write_jsonl(Path(output_path), records)

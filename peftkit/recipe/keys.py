@@ -7,6 +7,7 @@ fragments and `key.path=value` overrides written with either name land on one ke
 
 from __future__ import annotations
 
+import types
 import typing
 from typing import Any
 
@@ -63,8 +64,11 @@ def field_at(key_path: list[str], data: dict[str, Any]):
 
 def is_text(field) -> bool:
     """Fields whose value is free text (a str, optionally null): an override takes their raw text as written."""
-    members = set(typing.get_args(field.annotation)) or {field.annotation}
-    return str in members and members <= {str, type(None)}
+    annotation = field.annotation
+    if annotation is str:
+        return True
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return union and set(typing.get_args(annotation)) == {str, type(None)}
 
 
 def task_types() -> set[str]:
