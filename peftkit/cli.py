@@ -173,7 +173,23 @@ def _train(args: argparse.Namespace) -> None:
     from peftkit.training.run import train
 
     run_dir = train(recipe, resume=args.resume or args.force_resume, force_resume=args.force_resume)
-    print(f"run folder: {run_dir}")
+    _print_final_metrics(run_dir / "metrics.json")
+    print(f"run folder: {run_dir} (report.md, metrics.json, adapter/)")
+
+
+def _print_final_metrics(path) -> None:
+    """The scores the user trained for, one line per evaluated split."""
+    import json
+
+    if not path.is_file():  # a non-main process of a multi-process launch
+        return
+    metrics = json.loads(path.read_text(encoding="utf-8"))
+    for split in ("validation", "test"):
+        scores = metrics.get(split) or {}
+        numbers = [f"{name} {value:.4g}" for name, value in scores.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)]
+        if numbers:
+            print(f"{split}: {', '.join(numbers)}")
 
 
 def _sweep(args: argparse.Namespace) -> None:

@@ -527,6 +527,12 @@ class TrainingSection(Section):
     abort_grad_norm: float | None = Field(
         None, gt=0, description="Treat a gradient norm above this as divergence (handled like on_nonfinite)."
     )
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Experiment trackers that receive the training curves, the final metrics and the report's plots: "
+        "`tensorboard` (`<run>/tensorboard`), `mlflow` ($MLFLOW_TRACKING_URI, else `<run>/mlruns`), `wandb` (online "
+        "with WANDB_API_KEY, else offline in `<run>/wandb`); `[]` for none. mlflow and wandb are optional extras.",
+    )
     trainer_args: dict[str, Any] = Field(
         default_factory=dict,
         description="Further `transformers.TrainingArguments`, passed unchanged and checked against its fields "
@@ -578,7 +584,9 @@ class OutputSection(Section):
         False, description="Replace an existing run folder instead of refusing.",
         validation_alias=AliasChoices("overwrite", "overwrite_output_dir"),
     )
-    tensorboard: bool = Field(True, description="Write TensorBoard logs to `<run>/tensorboard`.")
+    tensorboard: bool = Field(
+        True, description="false leaves `tensorboard` out of training.report_to (the key of older recipes)."
+    )
 
 
 class Recipe(Section):
@@ -597,6 +605,12 @@ class Recipe(Section):
         default_factory=GenerationSection, description="Decoding settings for tasks that generate text."
     )
     output: OutputSection = Field(default_factory=OutputSection, description="Where results go.")
+
+    @model_validator(mode="after")
+    def _tensorboard_switch(self) -> Recipe:
+        if not self.output.tensorboard and "tensorboard" in self.training.report_to:
+            self.training.report_to = [name for name in self.training.report_to if name != "tensorboard"]
+        return self
 
     @model_validator(mode="after")
     def _combinations_are_possible(self) -> Recipe:

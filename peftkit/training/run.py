@@ -17,7 +17,6 @@ from pathlib import Path
 
 from accelerate import PartialState
 from transformers import EarlyStoppingCallback, set_seed
-from transformers.integrations import TensorBoardCallback
 
 from peftkit.adapters import (
     ADAPTER_RECORD,
@@ -57,6 +56,7 @@ from peftkit.training.arguments import build_training_args, training_setup
 from peftkit.training.checkpoints import CheckSavedWeights, check_saved_weights, last_complete_checkpoint
 from peftkit.errors import Preempted
 from peftkit.training.result import FitResult
+from peftkit.training.tracking import final_metrics, open_trackers
 from peftkit.training.trainer import PeftkitTrainer, PreemptionCallback
 
 log = logging.getLogger("peftkit")
@@ -93,10 +93,12 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
             write_text_atomic(run_dir / "recipe.yaml", recipe_as_yaml(recipe))
             write_sharding_configs(run_dir, recipe, world_size)
 
+        trackers = open_trackers(recipe, run_dir) if state.is_main_process else []
         set_seed(recipe.training.seed)
         # Tasks that need no gradient steps (feature extraction) bring their own fit step.
         fit = getattr(task, "fit", None) or functools.partial(fit_with_trainer, args, preemption)
-        result = fit(recipe, task, info, tokenized, tokenizer, run_dir, checkpoint, list(callbacks))
+        tracking = [tracker.callback() for tracker in trackers]
+        result = fit(recipe, task, info, tokenized, tokenizer, run_dir, checkpoint, [*tracking, *callbacks])
         if state.is_main_process:
             check_saved_weights(run_dir / ADAPTER_DIR)
             write_json(run_dir / ADAPTER_DIR / ADAPTER_RECORD, adapter_record(recipe, base_config, info))
@@ -118,6 +120,10 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
                 **result.summary,
             }
             _write_results(run_dir, recipe, task, info, summary, split_results, result.log_history)
+            results = final_metrics({split: metrics for split, (_, metrics) in split_results.items()})
+            pictures = sorted((run_dir / "plots").glob("*.png"))
+            for tracker in trackers:
+                tracker.log_results(results, pictures, result.train_metrics.get("global_step", 0))
     state.wait_for_everyone()
     return run_dir
 
@@ -143,7 +149,7 @@ def fit_with_trainer(
         data_collator=task.collator(tokenizer, recipe),
         processing_class=tokenizer,
         compute_metrics=task.compute_metrics(info),
-        callbacks=[*_callbacks(recipe, run_dir, args.should_save), preemption, *callbacks, *adapter_callbacks(recipe)],
+        callbacks=[*_callbacks(recipe), preemption, *callbacks, *adapter_callbacks(recipe)],
         on_nonfinite=recipe.training.on_nonfinite,
         abort_grad_norm=recipe.training.abort_grad_norm,
     )
@@ -172,12 +178,8 @@ def fit_with_trainer(
     )
 
 
-def _callbacks(recipe: Recipe, run_dir: Path, is_main_process: bool) -> list:
+def _callbacks(recipe: Recipe) -> list:
     callbacks = [CheckSavedWeights()]
-    if recipe.output.tensorboard and is_main_process:  # one event file, written by the main process
-        from torch.utils.tensorboard import SummaryWriter
-
-        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard"))))
     if recipe.training.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.training.early_stopping_patience))
     return callbacks
