@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
+from peftkit.console import configure as configure_console
 from peftkit.errors import Preempted, UserError
 
 EXIT_USER_ERROR = 2
@@ -47,27 +47,56 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe keys")
 
 
+VERBOSE_HELP = "also print what the libraries log (otherwise it goes to the run folder's peftkit.log)"
+
+
+def _command(commands, name: str, example: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help starts with what it does and ends with an example."""
+    command = commands.add_parser(
+        name, help=help, description=help[0].upper() + help[1:] + ".", epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    # Accepted after the command too; SUPPRESS keeps a `peftkit -v COMMAND` from being reset to False.
+    command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning from one YAML recipe.")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("peftkit")
+    except PackageNotFoundError:  # run from a source tree without installing
+        installed = "unknown (not installed)"
+    parser = argparse.ArgumentParser(
+        prog="peftkit", description="Parameter-efficient fine-tuning from one YAML recipe.",
+        epilog="example:\n  peftkit train recipes/quickstart.yaml\n\n`peftkit COMMAND --help` describes each command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"peftkit {installed}")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true",
+        help=VERBOSE_HELP,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train, evaluate and write a run folder")
+    train = _command(commands, "train", "peftkit train recipes/quickstart.yaml training.num_train_epochs=2 output.dir=runs/try", help="train, evaluate and write a run folder")
     _add_recipe_arguments(train)
     train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     train.add_argument("--force-resume", action="store_true", help="resume even if the recipe changed since")
     train.set_defaults(handler=_train)
 
-    sweep = commands.add_parser("sweep", help="search recipe keys with optuna; one run folder per trial")
+    sweep = _command(commands, "sweep", "peftkit sweep recipes/quickstart.yaml --space recipes/sweep_space_lora.yaml --trials 8", help="search recipe keys with optuna; one run folder per trial")
     _add_recipe_arguments(sweep)
     sweep.add_argument("--space", required=True, help="search space YAML: recipe key paths -> ranges or choices")
     sweep.add_argument("--trials", type=int, default=10, help="number of trials (default 10)")
     sweep.set_defaults(handler=_sweep)
 
-    validate = commands.add_parser("validate", help="print the fully resolved recipe")
+    validate = _command(commands, "validate", "peftkit validate recipes/quickstart.yaml adapter.method=ia3", help="print the fully resolved recipe")
     _add_recipe_arguments(validate)
     validate.set_defaults(handler=_validate)
 
-    merge = commands.add_parser("merge", help="merge a run's adapter into its base and write a standalone model")
+    merge = _command(commands, "merge", "peftkit merge runs/quickstart --out merged/quickstart --dtype bf16", help="merge a run's adapter into its base and write a standalone model")
     merge.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by `peftkit train`")
     merge.add_argument("--out", required=True, help="folder for the merged model")
     merge.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the saved weights")
@@ -83,8 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     merge.set_defaults(handler=_merge)
 
-    predict = commands.add_parser(
-        "predict",
+    predict = _command(commands, "predict", "peftkit predict runs/quickstart --input reviews.jsonl --output answers.jsonl",
         help="write predictions (JSONL) for an input file: RUN_DIR alone uses the run's task, base and adapter; "
         "--adapter NAME=PATH (repeatable) attaches several adapters to one base",
     )
@@ -98,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_source_arguments(predict)
     predict.set_defaults(handler=_predict)
 
-    serve = commands.add_parser("serve", help="serve one base with named adapters over HTTP")
+    serve = _command(commands, "serve", "peftkit serve --adapter sentiment=runs/quickstart --port 8000", help="serve one base with named adapters over HTTP")
     _add_base_and_adapter_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default)")
     serve.add_argument("--port", type=int, default=8000)
@@ -117,14 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-new-tokens", type=int, default=512, help="most tokens a request may generate (422 above)")
     serve.set_defaults(handler=_serve)
 
-    plan = commands.add_parser("plan", help="predict per-GPU training memory; --fit finds recipe changes that fit")
+    plan = _command(commands, "plan", "peftkit plan recipes/sft_alpaca.yaml --gpus 2 --gpu-memory 24GiB --fit", help="predict per-GPU training memory; --fit finds recipe changes that fit")
     _add_recipe_arguments(plan)
     plan.add_argument("--gpus", type=int, default=None, help="GPUs to train on (default: the visible ones, or 1)")
     plan.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 24GiB or 80GB (default: the visible GPU's)")
     plan.add_argument("--fit", action="store_true", help="search recipe changes that fit, cheapest slowdown first")
     plan.set_defaults(handler=_plan)
 
-    evaluate = commands.add_parser("eval", help="re-evaluate a finished run on its own or other data")
+    evaluate = _command(commands, "eval", "peftkit eval runs/sst2 --data stsa.binary.dev --format label_text --encoding latin-1", help="re-evaluate a finished run on its own or other data")
     evaluate.add_argument("run_dir", help="run folder written by `peftkit train`")
     evaluate.add_argument("--data", help="data file or hub dataset to score (default: the run's own split)")
     evaluate.add_argument("--split", help="the run's split (train, validation, test) or, with --data, the hub split")
@@ -319,7 +347,7 @@ def _plan(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[peftkit] %(message)s")
+    configure_console(args.verbose)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args.handler(args)

@@ -21,6 +21,7 @@ from peftkit.recipe.schema import Recipe
 
 CHECKPOINTS = "checkpoints"
 ADAPTER_DIR = "adapter"  # the deployable result: PEFT adapter, full model, or a features classifier
+LOG_FILE = "peftkit.log"  # what the libraries underneath logged (the console shows peftkit's own messages)
 LIBRARIES = ("peftkit", "torch", "transformers", "peft", "accelerate", "datasets", "trl", "bitsandbytes", "deepspeed")
 
 

@@ -12,12 +12,13 @@ from types import ModuleType
 import yaml
 from transformers import Trainer
 
+from peftkit.console import attach_log_file
 from peftkit.data.sources import data_source, load_source, load_splits
 from peftkit.errors import UserError
 from peftkit.models.load import load_tokenizer
 from peftkit.recipe.load import validate_recipe
 from peftkit.recipe.schema import Recipe
-from peftkit.run_folder import write_json, write_jsonl, write_text_atomic
+from peftkit.run_folder import LOG_FILE, write_json, write_jsonl, write_text_atomic
 from peftkit.tasks import get_task
 from peftkit.training.arguments import build_training_args
 from peftkit.training.run import ADAPTER_DIR
@@ -47,6 +48,7 @@ def load_run(run_dir: str | Path) -> SavedRun:
     for name in ("recipe.yaml", "task.json", ADAPTER_DIR):
         if not (run_dir / name).exists():
             raise UserError(f"`{run_dir}` is not a finished run folder: it has no {name} (train it with `peftkit train`)")
+    attach_log_file(run_dir / LOG_FILE)
     recipe = validate_recipe(yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")))
     info = json.loads((run_dir / "task.json").read_text(encoding="utf-8"))
     info.pop("type", None)

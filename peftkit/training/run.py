@@ -27,6 +27,7 @@ from peftkit.adapters import (
     count_parameters,
     save_adapter,
 )
+from peftkit.console import attach_log_file
 from peftkit.data.sources import load_splits
 from peftkit.distributed import (
     adopt_recipe_sharding,
@@ -42,6 +43,7 @@ from peftkit.plan.preflight import warn_if_recipe_will_not_fit
 from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import (
     ADAPTER_DIR,
+    LOG_FILE,
     check_resume_matches,
     manifest,
     run_dir_for,
@@ -84,6 +86,8 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
     tokenized, info = task.prepare(recipe, raw_splits, tokenizer)
 
     with run_folder(recipe, resume, state.is_main_process) as run_dir, PreemptionCallback() as preemption:
+        if state.is_main_process:
+            attach_log_file(run_dir / LOG_FILE)
         state.wait_for_everyone()
         checkpoint = last_complete_checkpoint(run_dir) if resume else None
         if resume:
