@@ -31,6 +31,7 @@ from peftkit.errors import UserError
 from peftkit.models.fingerprint import architecture, fingerprint
 from peftkit.models.load import is_decoder_only, model_location
 from peftkit.recipe.schema import AdapterSection, Recipe
+from peftkit.references import hub_id
 
 # peft names of the LoRA initializations; pissa/olora move the principal part of W into the adapter.
 LORA_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": True}
@@ -163,6 +164,9 @@ def attach_adapter(model, recipe: Recipe, task_type: str, head_modules: list[str
         # training; gradient checkpointing is left to the Trainer (training.gradient_checkpointing).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, config)
+    shared_name = hub_id(recipe.model.name, recipe.model.hub_id)
+    if shared_name:  # peft records the local path it loaded from; the hub id is what others can load
+        model.peft_config[model.active_adapter].base_model_name_or_path = shared_name
     has_weights = not next(model.parameters()).is_meta  # planners build the model on the meta device
     if recipe.adapter.init == "loftq" and has_weights:
         # LoftQ re-reads the unquantized weights from the checkpoint's safetensors (a local folder or the hub cache).
@@ -240,6 +244,7 @@ def adapter_record(recipe: Recipe, base_config: PretrainedConfig, task_info: dic
         "base": {
             "name": recipe.model.name,
             "location": model_location(recipe.model),
+            "hub_id": hub_id(recipe.model.name, recipe.model.hub_id),
             "revision": recipe.model.revision,
             "architecture": fields,
             "fingerprint": fingerprint(fields),

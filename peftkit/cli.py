@@ -152,6 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--fit", action="store_true", help="search recipe changes that fit, cheapest slowdown first")
     plan.set_defaults(handler=_plan)
 
+    push = _command(
+        commands, "push", "peftkit push runs/quickstart --repo me/minilm-sentiment-lora",
+        help="upload a run's adapter (or a merged model folder) with its model card to the Hugging Face Hub",
+    )
+    push.add_argument("run_dir", metavar="RUN_OR_FOLDER", help="run folder, or a folder written by `peftkit merge`")
+    push.add_argument("--repo", required=True, help="hub repository id, e.g. user/name (created when missing)")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--token", help="hub token with write access (default: HF_TOKEN or `hf auth login`)")
+    push.set_defaults(handler=_push)
+
     evaluate = _command(commands, "eval", "peftkit eval runs/sst2 --data stsa.binary.dev --format label_text --encoding latin-1", help="re-evaluate a finished run on its own or other data")
     evaluate.add_argument("run_dir", help="run folder written by `peftkit train`")
     evaluate.add_argument("--data", help="data file or hub dataset to score (default: the run's own split)")
@@ -171,6 +181,12 @@ def _eval(args: argparse.Namespace) -> None:
     headline = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
     print(json.dumps(headline, indent=2))
     print(f"evaluation folder: {out}")
+
+
+def _push(args: argparse.Namespace) -> None:
+    from peftkit.deploy.push import push_folder
+
+    print(f"pushed: {push_folder(args.run_dir, args.repo, args.private, args.token)}")
 
 
 def _predict_run(args: argparse.Namespace) -> None:

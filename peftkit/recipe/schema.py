@@ -58,6 +58,11 @@ class ModelSection(Section):
         validation_alias=AliasChoices("name", "model_name_or_path", "base_model"),
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    hub_id: str | None = Field(
+        None,
+        description="Hub id of the base when `name` is a local folder, recorded as the adapter's "
+        "`base_model_name_or_path` and in its model card so that others can load it (packaged models know theirs).",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype of the (unquantized) base weights; `auto` uses the checkpoint's dtype.",
         validation_alias=AliasChoices("dtype", "torch_dtype"),

@@ -29,6 +29,7 @@ from peftkit.adapters import (
 )
 from peftkit.console import attach_log_file
 from peftkit.data.sources import load_splits
+from peftkit.deploy.model_card import adapter_card
 from peftkit.distributed import (
     adopt_recipe_sharding,
     check_launcher_agrees,
@@ -124,6 +125,7 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
                 **result.summary,
             }
             _write_results(run_dir, recipe, task, info, summary, split_results, result.log_history)
+            write_text_atomic(run_dir / ADAPTER_DIR / "README.md", adapter_card(recipe, run_dir))
             results = final_metrics({split: metrics for split, (_, metrics) in split_results.items()})
             pictures = sorted((run_dir / "plots").glob("*.png"))
             for tracker in trackers:
