@@ -10,7 +10,6 @@ from pathlib import Path
 from types import ModuleType
 
 import yaml
-from transformers import Trainer
 
 from peftkit.console import attach_log_file
 from peftkit.data.sources import data_source, load_source, load_splits
@@ -21,6 +20,7 @@ from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import LOG_FILE, write_json, write_jsonl, write_text_atomic
 from peftkit.tasks import get_task
 from peftkit.training.arguments import build_training_args
+from peftkit.training.trainer import PeftkitTrainer
 from peftkit.training.run import ADAPTER_DIR
 
 log = logging.getLogger("peftkit")
@@ -59,7 +59,7 @@ def load_run(run_dir: str | Path) -> SavedRun:
     return SavedRun(run_dir, recipe, task, info, tokenizer, load_predictor(recipe, info, run_dir, tokenizer))
 
 
-def _prediction_trainer(recipe: Recipe, info: dict, run_dir: Path, tokenizer) -> Trainer:
+def _prediction_trainer(recipe: Recipe, info: dict, run_dir: Path, tokenizer) -> PeftkitTrainer:
     """A prediction-only Trainer around the base model with the run's adapter (or its fully fine-tuned weights)."""
     task = get_task(recipe.task.type)
     saved = run_dir / ADAPTER_DIR
@@ -71,7 +71,7 @@ def _prediction_trainer(recipe: Recipe, info: dict, run_dir: Path, tokenizer) ->
         model = PeftModel.from_pretrained(task.load_model(recipe, info), str(saved))
     # The recipe's batch size, precision and device, without its evaluation and checkpoint cadence.
     predicting = recipe.training.model_copy(update={"eval_strategy": "no", "save_strategy": "no"})
-    return Trainer(
+    return PeftkitTrainer(
         model=model,
         args=build_training_args(recipe.model_copy(update={"training": predicting}), run_dir, task.DEFAULT_METRIC),
         data_collator=task.collator(tokenizer, recipe),
