@@ -3,6 +3,8 @@ command-line overrides (raw text, null, switching adapter method)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -11,6 +13,7 @@ from peftkit.recipe.load import load_recipe, validate_recipe
 from peftkit.recipe.schema import Recipe, aliases_of
 
 QUICKSTART = "recipes/quickstart.yaml"
+QUICKSTART_PATH = Path(__file__).resolve().parents[1] / QUICKSTART
 BASE = {"model": {"name": "m"}, "data": {"train": {"path": "t.jsonl"}}, "training": {"eval_strategy": "no"}}
 
 
@@ -88,6 +91,8 @@ def test_overrides_take_raw_text_null_and_switch_methods(tmp_path):
     assert (ia3.method, ia3.r) == ("ia3", 8)
     assert load_recipe(QUICKSTART, ["adapter.method=ia3", "adapter.r=null", "adapter.alpha=null"]).adapter.method == "ia3"
     assert load_recipe(QUICKSTART, ["training.learning_rate=null"]).training.learning_rate == 2e-4  # the default
+    (tmp_path / "full.yaml").write_text(f"extends: {QUICKSTART_PATH}\nadapter: {{method: none}}\n")
+    assert load_recipe(tmp_path / "full.yaml").adapter.method == "none"  # a later file switches method too
     with pytest.raises(UserError, match="adapter.r applies to method lora / adalora"):
         load_recipe(QUICKSTART, ["adapter.method=ia3", "adapter.r=4"])  # set explicitly with the switch: still an error
 

@@ -29,8 +29,9 @@ Options peftkit does not model go unchanged to the library through `training.tra
 (`TrainingArguments`) and `adapter.peft_args` (the method's peft config), checked against its fields.
 
 On the command line, a text key takes the raw text after `=` (`task.prompt=Translate to German: {en}`),
-other values are YAML, and `key=null` returns a key to its default. Overriding `adapter.method` drops the
-file's options of other methods (`adapter.method=ia3` on a LoRA recipe needs no `adapter.r=null`).
+other values are YAML, and `key=null` returns a key to its default. A later file or override that sets
+`adapter.method` drops the earlier layers' options of other methods (`adapter.method=ia3` on a LoRA recipe
+needs no `adapter.r=null`).
 """
 
 

@@ -22,7 +22,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, compose, override and validate a recipe file.
 
     Overrides: a text field takes the raw text after `=`; other values are YAML; `null` returns a key to its
-    default. Overriding `adapter.method` drops the file's options of other methods (e.g. `r` for `ia3`).
+    default. A layer (later file or override) that sets `adapter.method` drops the earlier layers' options of
+    other methods (e.g. `r` for `ia3`).
     """
     path = Path(path)
     merged = _read_with_extends(path, chain=())
@@ -37,18 +38,19 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         set_key_path(merged, key_path, value)
         overridden.append(key_path)
     if ["adapter", "method"] in overridden:
-        _drop_options_of_other_methods(merged, overridden)
+        _drop_options_of_other_methods(merged, {path[1] for path in overridden if path[0] == "adapter"})
     merged.setdefault("name", path.stem)
     return validate_recipe(merged)
 
 
-def _drop_options_of_other_methods(merged: dict[str, Any], overridden: list[list[str]]) -> None:
-    """Switching method on the command line keeps only the file's adapter options that the new method reads."""
+def _drop_options_of_other_methods(merged: dict[str, Any], kept: set[str]) -> None:
+    """A layer that switches adapter.method (a later file or an override) keeps only the earlier layers' adapter
+    options that the new method reads, and the `kept` ones it sets itself."""
     adapter = merged.get("adapter")
     if not isinstance(adapter, dict):
         return
     for option, methods in ADAPTER_OPTION_METHODS.items():
-        if adapter.get("method") not in methods and ["adapter", option] not in overridden:
+        if adapter.get("method") not in methods and option not in kept:
             adapter.pop(option, None)
 
 
@@ -90,8 +92,16 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for fragment in extends:
         fragment_path = _find_fragment(path.parent, fragment)
-        merged = deep_merge(merged, _read_with_extends(fragment_path, (*chain, resolved)))
-    return deep_merge(merged, content)
+        merged = _merge_layer(merged, _read_with_extends(fragment_path, (*chain, resolved)))
+    return _merge_layer(merged, content)
+
+
+def _merge_layer(merged: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    merged = deep_merge(merged, layer)
+    adapter = layer.get("adapter")
+    if isinstance(adapter, dict) and "method" in adapter:
+        _drop_options_of_other_methods(merged, set(adapter))
+    return merged
 
 
 def _find_fragment(base_dir: Path, name: str) -> Path:
