@@ -12,8 +12,8 @@ from peftkit.errors import UserError
 from peftkit.recipe.load import load_recipe, validate_recipe
 from peftkit.recipe.schema import Recipe, aliases_of
 
-QUICKSTART = "recipes/quickstart.yaml"
-QUICKSTART_PATH = Path(__file__).resolve().parents[1] / QUICKSTART
+QUICKSTART_PATH = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml"
+QUICKSTART = str(QUICKSTART_PATH)
 BASE = {"model": {"name": "m"}, "data": {"train": {"path": "t.jsonl"}}, "training": {"eval_strategy": "no"}}
 
 
