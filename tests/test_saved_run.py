@@ -79,3 +79,19 @@ def test_eval_and_predict_read_data_like_a_recipe(trained_run, tmp_path, capfd):
     capfd.readouterr()
     assert main(["eval", str(run_dir), "--data", str(lines), "--rows", "x"]) == 2
     assert "--rows: String should match pattern" in capfd.readouterr().err
+
+
+def test_a_file_the_run_read_keeps_its_options():
+    from peftkit.evaluation.saved_run import _with_test_source
+    from peftkit.recipe.load import validate_recipe
+
+    recipe = validate_recipe({
+        "model": {"name": "m"}, "training": {"eval_strategy": "no"},
+        "data": {"train": {"path": "d/train.txt", "format": "label_text", "encoding": "latin-1", "rows": "0:900",
+                           "rename": {"text": "sentence"}}},
+    })
+    source = _with_test_source(recipe, "d/train.txt", None, {"rows": "900:"}).data.test
+    assert (source.format, source.encoding, source.rename, source.rows) == ("label_text", "iso8859-1",
+                                                                            {"text": "sentence"}, "900:")
+    other = _with_test_source(recipe, "d/other.jsonl", None, {"limit": 5}).data.test
+    assert (other.format, other.rename, other.limit) == ("auto", {}, 5)
