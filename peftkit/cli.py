@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _eval(args: argparse.Namespace) -> None:
     import json
 
-    from peftkit.evaluation.saved_run import evaluate_run
+    from peftkit.saved_run import evaluate_run
 
     out, metrics = evaluate_run(args.run_dir, args.data, args.split, _source_options(args))
     headline = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
@@ -190,7 +190,7 @@ def _push(args: argparse.Namespace) -> None:
 
 
 def _predict_run(args: argparse.Namespace) -> None:
-    from peftkit.evaluation.saved_run import predict_file
+    from peftkit.saved_run import predict_file
 
     count = predict_file(args.run_dir, args.input, args.output, _source_options(args))
     print(f"wrote {count} predictions to {args.output}")
@@ -217,8 +217,10 @@ def _train(args: argparse.Namespace) -> None:
     from peftkit.training.run import train
 
     run_dir = train(recipe, resume=args.resume or args.force_resume, force_resume=args.force_resume)
-    _print_final_metrics(run_dir / "metrics.json")
-    print(f"run folder: {run_dir} (report.md, metrics.json, adapter/)")
+    from peftkit.run_folder import ADAPTER_DIR, METRICS_FILE, REPORT_FILE
+
+    _print_final_metrics(run_dir / METRICS_FILE)
+    print(f"run folder: {run_dir} ({REPORT_FILE}, {METRICS_FILE}, {ADAPTER_DIR}/)")
 
 
 def _print_final_metrics(path) -> None:

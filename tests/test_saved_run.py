@@ -82,7 +82,7 @@ def test_eval_and_predict_read_data_like_a_recipe(trained_run, tmp_path, capfd):
 
 
 def test_a_file_the_run_read_keeps_its_options():
-    from peftkit.evaluation.saved_run import _with_test_source
+    from peftkit.saved_run import _with_test_source
     from peftkit.recipe.load import validate_recipe
 
     recipe = validate_recipe({

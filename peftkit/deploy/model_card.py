@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from peftkit.deploy.adapter_folder import AdapterSource
+from peftkit.deploy.verification import MergeResult
+from peftkit.evaluation.model_card import metric_table
 from peftkit.recipe.schema import Recipe
 from peftkit.references import hub_id
+from peftkit.run_folder import read_metrics
 from peftkit.tasks import get_task
-
-if TYPE_CHECKING:
-    from peftkit.deploy.adapter_folder import AdapterSource
-    from peftkit.deploy.merge import MergeResult
 
 
 def model_card(recipe: Recipe, run_dir: Path, adapter: AdapterSource, result: MergeResult) -> str:
-    metrics = _read_json(run_dir / "metrics.json")
+    metrics = read_metrics(run_dir)
     auto_class = get_task(adapter.task).AUTO_CLASS.__name__
     adapter_section = recipe.adapter
     quant = recipe.quantization
@@ -54,7 +52,7 @@ def model_card(recipe: Recipe, run_dir: Path, adapter: AdapterSource, result: Me
         "",
         "## Metrics of the run (adapter before merging)",
         "",
-        *_metric_table(metrics),
+        *metric_table(metrics),
         "## Merge verification",
         "",
         f"On {result.verification.rows} samples of the run's data, merged vs adapter-attached outputs: max |logit difference| "
@@ -68,70 +66,3 @@ def model_card(recipe: Recipe, run_dir: Path, adapter: AdapterSource, result: Me
             f"{result.vs_trained.max_abs_diff:.3g}, predictions agree on {result.vs_trained.agreement:.2%}.",
         ]
     return "\n".join(lines) + "\n"
-
-
-def _metric_table(metrics: dict) -> list[str]:
-    """Headline (scalar) metrics of every evaluated split."""
-    rows = []
-    for split in ("validation", "test"):
-        values = {k: v for k, v in metrics.get(split, {}).items() if isinstance(v, (int, float))}
-        if values:
-            rows.append(f"| {split} | " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()) + " |")
-    if not rows:
-        return ["No evaluation metrics were recorded.", ""]
-    return ["| split | metrics |", "|---|---|", *rows, ""]
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def adapter_card(recipe: Recipe, run_dir: Path) -> str:
-    """The adapter folder's README.md (replacing peft's empty template): base, data, recipe and metrics, with hub
-    metadata (`base_model`, `library_name: peft`) so that the hub links it to its base."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from peftkit.run_folder import recipe_as_yaml
-
-    metrics = _read_json(run_dir / "metrics.json")
-    base = hub_id(recipe.model.name, recipe.model.hub_id)
-    full = recipe.adapter.method == "none"
-    data = ModelCardData(
-        base_model=base, library_name="transformers" if full else "peft",
-        tags=["peftkit", recipe.task.type, recipe.adapter.method], model_name=run_dir.name,
-    )
-    load = (
-        ["from transformers import AutoModel", 'model = AutoModel.from_pretrained("path/to/this/folder")'] if full else
-        ["from peft import AutoPeftModel", 'model = AutoPeftModel.from_pretrained("path/to/this/folder")']
-    )
-    body = [
-        f"# {run_dir.name}",
-        "",
-        f"{'Full fine-tuning' if full else recipe.adapter.method + ' adapter'} of `{base or recipe.model.name}` for "
-        f"{recipe.task.type}, trained with peftkit (recipe `{recipe.name}`).",
-        "",
-        "```python",
-        *load,
-        "```",
-        "",
-        "## Base model",
-        "",
-        f"- hub id: `{base}`" if base else f"- local model `{recipe.model.name}` (set model.hub_id to record its hub id)",
-        *([f"- revision: {recipe.model.revision}"] if recipe.model.revision else []),
-        "",
-        "## Data",
-        "",
-        *(f"- {split}: `{source.path}`" + (f", {metrics['examples'][split]} examples"
-                                          if split in metrics.get("examples", {}) else "")
-          for split, source in recipe.data if source is not None and hasattr(source, "path")),
-        "",
-        "## Metrics",
-        "",
-        *_metric_table(metrics),
-        "## Recipe",
-        "",
-        "```yaml",
-        recipe_as_yaml(recipe).rstrip(),
-        "```",
-    ]
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n"))

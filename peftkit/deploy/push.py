@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftkit.errors import UserError
-from peftkit.run_folder import ADAPTER_DIR
+from peftkit.run_folder import ADAPTER_DIR, MODEL_CARD
 
 
 def push_folder(run_or_folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:
@@ -19,7 +19,7 @@ def push_folder(run_or_folder: str | Path, repo_id: str, private: bool = False, 
 
     path = Path(run_or_folder)
     folder = path / ADAPTER_DIR if (path / ADAPTER_DIR).is_dir() else path
-    if not (folder / "README.md").is_file() or not any(folder.glob("*.safetensors")):
+    if not (folder / MODEL_CARD).is_file() or not any(folder.glob("*.safetensors")):
         raise UserError(
             f"`{path}` is neither a finished run folder nor a model folder with safetensors weights and a README.md; "
             "give a run folder written by `peftkit train` or a folder written by `peftkit merge`"

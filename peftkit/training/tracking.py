@@ -16,10 +16,9 @@ from transformers import TrainerCallback
 
 from peftkit.errors import UserError
 from peftkit.recipe.schema import Recipe
+from peftkit.run_folder import MLFLOW_DIR, TENSORBOARD_DIR
 
 log = logging.getLogger("peftkit")
-
-TENSORBOARD_DIR = "tensorboard"
 
 
 class Tracker(Protocol):
@@ -59,7 +58,7 @@ class MLflow:
         mlflow = _import_extra("mlflow", "mlflow")
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks before using a folder
-            mlflow.set_tracking_uri((run_dir / "mlruns").resolve().as_uri())
+            mlflow.set_tracking_uri((run_dir / MLFLOW_DIR).resolve().as_uri())
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "peftkit"))
         self.mlflow = mlflow
         self.run = mlflow.start_run(run_name=recipe.name)
