@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
 from peftkit.data.sources import require_columns, split_origin
@@ -251,7 +252,7 @@ def response_losses(model, examples: list[dict]) -> list[tuple[float, int]]:
     """Summed negative log-likelihood and token count of each example's response tokens."""
     device = next(model.parameters()).device
     results = []
-    for example in examples:
+    for example in tqdm(examples, desc="scoring responses", unit="example", disable=not examples):
         input_ids = torch.tensor([example["input_ids"]], device=device)
         labels = torch.tensor([example["labels"]], device=device)
         logits = model(input_ids=input_ids).logits[:, :-1].float()
@@ -268,7 +269,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], recipe: Recipe, batch_
     decoding = Decoding.from_settings(recipe.generation)
     device = next(model.parameters()).device
     outputs = []
-    for start in range(0, len(prompts), batch_size):
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generating", unit="batch", disable=not prompts):
         texts = [_chat_text(tokenizer, messages, add_generation_prompt=True) for messages in prompts[start : start + batch_size]]
         batch = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt").to(device)
         answers = generation.generate(model, tokenizer, batch, batch["input_ids"].shape[1], recipe.generation.max_new_tokens, decoding)

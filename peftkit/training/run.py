@@ -17,7 +17,6 @@ from pathlib import Path
 
 from accelerate import PartialState
 from transformers import EarlyStoppingCallback, set_seed
-from transformers.integrations import TensorBoardCallback
 
 from peftkit.adapters import (
     adapter_callbacks,
@@ -27,6 +26,7 @@ from peftkit.adapters import (
     count_parameters,
     save_adapter,
 )
+from peftkit.console import attach_log_file
 from peftkit.data.sources import load_splits
 from peftkit.training.distributed import (
     adopt_recipe_sharding,
@@ -35,6 +35,7 @@ from peftkit.training.distributed import (
     launched_world_size,
     write_sharding_configs,
 )
+from peftkit.evaluation.model_card import adapter_card
 from peftkit.evaluation.plots import plot_losses
 from peftkit.evaluation.report import write_report
 from peftkit.models.load import load_config, load_tokenizer
@@ -42,14 +43,16 @@ from peftkit.plan.preflight import warn_if_recipe_will_not_fit
 from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import (
     ADAPTER_DIR,
+    LOG_FILE,
     ADAPTER_RECORD,
     LOG_HISTORY_FILE,
     LOSS_PLOT,
     MANIFEST_FILE,
     METRICS_FILE,
+    MODEL_CARD,
+    PLOTS_DIR,
     PREDICTIONS_FILE,
     RECIPE_FILE,
-    TENSORBOARD_DIR,
     TRAINER_ARGUMENTS,
     check_run_folder,
     checkpoint_step,
@@ -74,6 +77,7 @@ from peftkit.training.checkpoints import (
 )
 from peftkit.errors import Preempted
 from peftkit.tasks.base import FitResult, fits_itself
+from peftkit.training.tracking import final_metrics, open_trackers
 from peftkit.training.trainer import PeftkitTrainer, PreemptionCallback
 
 log = logging.getLogger("peftkit")
@@ -102,6 +106,8 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
     tokenized, info = task.prepare(recipe, raw_splits, tokenizer)
 
     with run_folder(recipe, resume, state.is_main_process) as run_dir, PreemptionCallback() as preemption:
+        if state.is_main_process:
+            attach_log_file(run_dir / LOG_FILE)
         state.wait_for_everyone()
         checkpoint = usable_checkpoint(run_dir) if resume else None
         if resume:
@@ -114,10 +120,12 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
             write_text_atomic(run_dir / RECIPE_FILE, recipe_as_yaml(recipe))
             write_sharding_configs(run_dir, recipe, world_size, args.deepspeed)
 
+        trackers = open_trackers(recipe, run_dir) if state.is_main_process else []
         set_seed(recipe.training.seed)
         # Tasks that need no gradient steps (feature extraction) bring their own fit step.
         fit = task.fit if fits_itself(task) else functools.partial(fit_with_trainer, args, preemption, best_metric)
-        result = fit(recipe, task, info, tokenized, tokenizer, run_dir, checkpoint, list(callbacks))
+        tracking = [tracker.callback() for tracker in trackers]
+        result = fit(recipe, task, info, tokenized, tokenizer, run_dir, checkpoint, [*tracking, *callbacks])
         if state.is_main_process:
             check_saved_weights(run_dir / ADAPTER_DIR)
             write_json(run_dir / ADAPTER_DIR / ADAPTER_RECORD, adapter_record(recipe, base_config, info))
@@ -139,6 +147,11 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
                 **result.summary,
             }
             _write_results(run_dir, recipe, task, info, summary, split_results, result.log_history)
+            write_text_atomic(run_dir / ADAPTER_DIR / MODEL_CARD, adapter_card(recipe, run_dir))
+            results = final_metrics({split: metrics for split, (_, metrics) in split_results.items()})
+            pictures = sorted((run_dir / PLOTS_DIR).glob("*.png"))
+            for tracker in trackers:
+                tracker.log_results(results, pictures, result.train_metrics.get("global_step", 0))
     state.wait_for_everyone()
     return run_dir
 
@@ -164,7 +177,7 @@ def fit_with_trainer(
         data_collator=task.collator(tokenizer, recipe),
         processing_class=tokenizer,
         compute_metrics=task.compute_metrics(info),
-        callbacks=[*_callbacks(recipe, run_dir, args.should_save), preemption, *callbacks, *adapter_callbacks(recipe)],
+        callbacks=[*_callbacks(recipe), preemption, *callbacks, *adapter_callbacks(recipe)],
         on_nonfinite=recipe.training.on_nonfinite,
         abort_grad_norm=recipe.training.abort_grad_norm,
     )
@@ -193,12 +206,8 @@ def fit_with_trainer(
     )
 
 
-def _callbacks(recipe: Recipe, run_dir: Path, is_main_process: bool) -> list:
+def _callbacks(recipe: Recipe) -> list:
     callbacks = [CheckSavedWeights()]
-    if recipe.output.tensorboard and is_main_process:  # one event file, written by the main process
-        from torch.utils.tensorboard import SummaryWriter
-
-        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))))
     if recipe.training.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.training.early_stopping_patience))
     return callbacks

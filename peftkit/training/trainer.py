@@ -82,6 +82,14 @@ class PeftkitTrainer(Trainer):
             write_text_atomic(checkpoint / TRAINER_STATE, json.dumps(dataclasses.asdict(self.state), indent=2, sort_keys=True) + "\n")
             (checkpoint / EVALUATION_PENDING).unlink()
 
+    def _get_eval_sampler(self, eval_dataset):
+        # Under `train_sampling_strategy: group_by_length` transformers length-groups evaluation and prediction
+        # batches too, and predictions then come back in that shuffled order while the tasks pair them with rows in
+        # dataset order (seen: SST-2 dev accuracy 0.50 instead of 0.86). Evaluation keeps the dataset's order.
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_eval_sampler(eval_dataset)
+        return torch.utils.data.SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
+
     # --- numeric guards -------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
