@@ -113,6 +113,14 @@ class CausalLMTask(Section):
         description="Instruction / chat SFT of a decoder; loss on responses only. Downstream tasks are learned "
         "generatively and scored on generated text (see response_metric).",
     )
+    format: Literal["auto", "template", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
+        "auto",
+        description="Row format: `messages` (OpenAI `[{role, content}]`), `sharegpt` (`conversations` of `{from, value}`), "
+        "`alpaca` (`instruction`, `input`, `output`), `prompt_completion` (strings or message lists), `text` (raw text "
+        "for continued pre-training: loss on every token, long texts cut into data.max_length pieces), `template` "
+        "(`prompt`/`response` templates over any columns). `auto` uses `template` when the templates are changed, "
+        "else detects the format from the columns.",
+    )
     messages_column: str | None = Field(
         None,
         description="Column of chat messages (`[{role, content}, ...]`); every assistant turn is trained. "
@@ -199,6 +207,9 @@ class DataSection(Section):
         0.0, ge=0.0, lt=1.0, description="Split this fraction off the training data when no validation source is set."
     )
     max_length: int = Field(256, gt=0, description="Maximum tokens per example; longer inputs are truncated.")
+    num_proc: int | None = Field(
+        None, gt=0, description="Processes that tokenize (`datasets.map`); tokenized data is cached between runs."
+    )
     skip_bad_rows: bool = Field(
         False,
         description="Classification and features: skip rows whose text is empty (counted in a warning) instead of "
