@@ -241,7 +241,7 @@ def _check_new_tokens(requested: int, limits: Limits, field: str) -> None:
 async def _generate(
     attached: AttachedModel, batcher: MicroBatcher, body: GenerationBody, prompts: list[str], limits: Limits,
 ) -> list[dict]:
-    if attached.task is not causal_lm:
+    if attached.task.PEFT_TASK_TYPE != "CAUSAL_LM":  # decoders generate; seq2seq and heads answer /v1/predict
         raise UserError(f"this server serves {attached.task_type} adapters, which do not generate text; use POST /v1/predict")
     if len(prompts) > MAX_INPUTS_PER_REQUEST:
         raise UserError(f"at most {MAX_INPUTS_PER_REQUEST} prompts per request")

@@ -159,8 +159,41 @@ class CausalLMTask(Section):
         return self
 
 
+class PreferenceTask(Section):
+    type: Literal["preference"] = Field(
+        "preference",
+        description="Preference tuning of a decoder (DPO, its variants, ORPO, KTO) on TRL's trainers; the reference "
+        "model is the base with the adapter disabled.",
+    )
+    loss: Literal["dpo", "ipo", "hinge", "robust", "sppo_hard", "nca_pair", "bco_pair", "apo_zero", "apo_down",
+                  "orpo", "kto"] = Field(
+        "dpo",
+        description="`dpo` (sigmoid) and the DPO variants TRL's DPOTrainer computes (`ipo`, `hinge`, `robust`, ...); "
+        "`orpo` (odds-ratio, no reference model); `kto` (pairs or unpaired prompt/completion/label rows).",
+    )
+    beta: float = Field(
+        0.1, gt=0,
+        description="DPO/KTO: strength of the pull towards the reference (higher = closer); ORPO: weight of the "
+        "odds-ratio term (lambda).",
+    )
+    format: Literal["auto", "explicit", "implicit", "unpaired"] = Field(
+        "auto",
+        description="`explicit` (prompt, chosen, rejected), `implicit` (chosen/rejected whole dialogues sharing every "
+        "turn but the last, e.g. Anthropic HH-RLHF text), `unpaired` (prompt, completion, label; KTO only); `auto` "
+        "detects it from the columns. Each value may be a string or a list of {role, content} messages.",
+    )
+    system_prompt: str | None = Field(None, description="System message put before every prompt.")
+    chat_template: Literal["auto", "chatml", "plain"] = Field(
+        "auto", description="`auto` uses the tokenizer's chat template; `chatml` or `plain` for tokenizers without one."
+    )
+    compare_generations: int = Field(
+        3, ge=0, description="Evaluation prompts answered by the tuned model and the base, shown side by side in the report."
+    )
+
+
 Task = Annotated[
-    Union[ClassificationTask, FeaturesTask, CausalLMTask, ExtractiveQATask, TranslationTask, SummarizationTask],
+    Union[ClassificationTask, FeaturesTask, CausalLMTask, ExtractiveQATask, TranslationTask, SummarizationTask,
+          PreferenceTask],
     Field(discriminator="type"),
 ]
 

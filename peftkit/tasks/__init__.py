@@ -20,6 +20,10 @@ A task module provides, for training:
 - `report(records, metrics, split, run_dir, worst) -> markdown`: metrics plus error analysis
   (`peftkit.evaluation.analysis`: score by input length, lowest-scoring examples)
 
+Optionally `trainer_setup(recipe) -> (trainer_class, arguments_class, arguments)`: another `Trainer` subclass (TRL's
+preference trainers; peftkit's behaviour is mixed in with `training.trainer.with_peftkit_training`) and its
+arguments class with extra arguments; `adopt_trainer(trainer, recipe)` and `before_save(trainer)` adjust it.
+
 Optionally `fit(recipe, task, info, tokenized, tokenizer, run_dir, checkpoint, callbacks) -> FitResult`
 (`peftkit.training.result`) for tasks that do not train with the HF Trainer (feature extraction); such a task
 needs no `load_model`/`head_modules`/`collator`/`compute_metrics`, and brings
@@ -42,7 +46,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from peftkit.tasks import causal_lm, classification, extractive_qa, features, summarization, translation
+from peftkit.tasks import causal_lm, classification, extractive_qa, features, preference, summarization, translation
 
 TASKS: dict[str, ModuleType] = {
     "classification": classification,
@@ -51,6 +55,7 @@ TASKS: dict[str, ModuleType] = {
     "extractive_qa": extractive_qa,
     "translation": translation,
     "summarization": summarization,
+    "preference": preference,
 }
 
 

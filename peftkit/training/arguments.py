@@ -35,8 +35,12 @@ def training_setup(recipe: Recipe) -> dict:
     }
 
 
-def build_training_args(recipe: Recipe, run_dir: Path, best_metric: str, world_size: int = 1) -> TrainingArguments:
-    """`world_size` is the number of launched processes; DeepSpeed's batch sizes are computed from it."""
+def build_training_args(
+    recipe: Recipe, run_dir: Path, best_metric: str, world_size: int = 1,
+    arguments_class: type[TrainingArguments] = TrainingArguments, **extra,
+) -> TrainingArguments:
+    """`world_size` is the number of launched processes; DeepSpeed's batch sizes are computed from it.
+    `arguments_class` / `extra`: a subclass such as TRL's DPOConfig and its own options."""
     training = recipe.training
     deepspeed = build_deepspeed_config(recipe, world_size)
     on_cpu = not torch.cuda.is_available()
@@ -45,7 +49,7 @@ def build_training_args(recipe: Recipe, run_dir: Path, best_metric: str, world_s
     fsdp_config = build_fsdp_config(recipe, world_size)
     precision = resolve_precision(training.precision)
     evaluating = training.eval_strategy != "no"
-    return TrainingArguments(
+    return arguments_class(
         output_dir=str(run_dir / CHECKPOINTS),
         num_train_epochs=training.epochs,
         max_steps=training.max_steps or -1,
@@ -84,4 +88,5 @@ def build_training_args(recipe: Recipe, run_dir: Path, best_metric: str, world_s
         deepspeed=deepspeed,
         fsdp=fsdp_config is not None,
         fsdp_config=fsdp_config,
+        **extra,
     )

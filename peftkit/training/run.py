@@ -57,7 +57,7 @@ from peftkit.training.arguments import build_training_args, training_setup
 from peftkit.training.checkpoints import CheckSavedWeights, check_saved_weights, last_complete_checkpoint
 from peftkit.errors import Preempted
 from peftkit.training.result import FitResult
-from peftkit.training.trainer import PeftkitTrainer, PreemptionCallback
+from peftkit.training.trainer import SUPERVISED, PreemptionCallback
 
 log = logging.getLogger("peftkit")
 
@@ -73,7 +73,8 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
     adopt_recipe_sharding()
     best_metric = best_metric_name(recipe)
     # Built before the model is loaded: under ZeRO-3 this makes from_pretrained load partitioned weights.
-    args = build_training_args(recipe, run_dir_for(recipe), best_metric, world_size)
+    setup = task.trainer_setup(recipe) if hasattr(task, "trainer_setup") else SUPERVISED
+    args = build_training_args(recipe, run_dir_for(recipe), best_metric, world_size, setup.arguments_class, **setup.arguments)
     state = PartialState()
 
     base_config = load_config(recipe.model)
@@ -95,7 +96,7 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
 
         set_seed(recipe.training.seed)
         # Tasks that need no gradient steps (feature extraction) bring their own fit step.
-        fit = getattr(task, "fit", None) or functools.partial(fit_with_trainer, args, preemption)
+        fit = getattr(task, "fit", None) or functools.partial(fit_with_trainer, args, preemption, setup.trainer_class)
         result = fit(recipe, task, info, tokenized, tokenizer, run_dir, checkpoint, list(callbacks))
         if state.is_main_process:
             check_saved_weights(run_dir / ADAPTER_DIR)
@@ -123,10 +124,11 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
 
 
 def fit_with_trainer(
-    args, preemption: PreemptionCallback, recipe: Recipe, task, info: dict, tokenized: dict, tokenizer, run_dir: Path,
+    args, preemption: PreemptionCallback, trainer_class: type, recipe: Recipe, task, info: dict, tokenized: dict, tokenizer, run_dir: Path,
     checkpoint, callbacks: list,
 ) -> FitResult:
-    """Gradient training with the HF Trainer: the task's model + adapter, periodic evaluation, best checkpoint."""
+    """Gradient training with `trainer_class` (the HF Trainer, or TRL's for preference tuning, with peftkit's behaviour
+    mixed in): the task's model + adapter, periodic evaluation, best checkpoint."""
     model = task.load_model(recipe, info)
     model = attach_adapter(model, recipe, task.PEFT_TASK_TYPE, task.head_modules(model))
     parameters = count_parameters(model)
@@ -135,7 +137,7 @@ def fit_with_trainer(
         f"{parameters['trainable']:,}", f"{parameters['total']:,}",
         100 * parameters["trainable"] / parameters["total"],
     )
-    trainer = PeftkitTrainer(
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=tokenized["train"],
@@ -150,12 +152,16 @@ def fit_with_trainer(
     # The Trainer rescales losses of models whose forward takes **kwargs as if they were sums over a global
     # item count (x processes, no division by accumulation steps); a per-batch mean loss must not be rescaled.
     trainer.model_accepts_loss_kwargs = trainer.model_accepts_loss_kwargs and getattr(task, "LOSS_SUMS_OVER_ITEMS", False)
+    if hasattr(task, "adopt_trainer"):
+        task.adopt_trainer(trainer, recipe)
     train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if preemption.received:
         raise Preempted(
             f"SIGTERM received: saved {last_complete_checkpoint(run_dir)} at step {trainer.state.global_step}; "
             "continue with `peftkit train RECIPE --resume`"
         )
+    if hasattr(task, "before_save"):
+        task.before_save(trainer)
     save_adapter(trainer, run_dir / ADAPTER_DIR)  # every rank: ZeRO-3/FSDP gather the shards here
     if trainer.is_world_process_zero():
         # The Trainer pickles its arguments next to the weights; a deployable folder holds safetensors only.

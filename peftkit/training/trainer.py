@@ -18,9 +18,10 @@ import shutil
 import signal
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from peftkit.errors import UserError
@@ -128,7 +129,7 @@ class PeftkitTraining:
         if final.exists():  # re-saving the same step (e.g. SIGTERM right after a scheduled save)
             shutil.rmtree(final)
         os.replace(staged, final)
-        staged.parent.rmdir()
+        shutil.rmtree(staged.parent)  # with what a trainer class wrote beside the checkpoint (TRL's model card)
         rotate_checkpoints(
             output_dir=str(final.parent),
             save_total_limit=self.args.save_total_limit,
@@ -142,6 +143,17 @@ class PeftkitTraining:
 
 class PeftkitTrainer(PeftkitTraining, Trainer):
     """The supervised trainer of every task that trains with a plain loss."""
+
+
+class TrainerSetup(NamedTuple):
+    """The trainer class a task trains with, its arguments class and the extra arguments it takes."""
+
+    trainer_class: type
+    arguments_class: type
+    arguments: dict
+
+
+SUPERVISED = TrainerSetup(PeftkitTrainer, TrainingArguments, {})
 
 
 def with_peftkit_training(trainer_class: type) -> type:
