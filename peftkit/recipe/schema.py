@@ -245,8 +245,9 @@ class DataSection(Section):
     )
     skip_bad_rows: bool = Field(
         False,
-        description="Classification and features: skip rows whose text is empty (counted in a warning) instead of "
-        "stopping with an error that names the file and rows.",
+        description="Classification and features: skip rows whose text is empty; preference: skip rows that are not "
+        "valid pairs (identical or empty responses, dialogues that differ before the last turn). Counted in a "
+        "warning instead of stopping with an error that names the file and row.",
     )
 
 

@@ -120,18 +120,42 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
                 f"trains on; use task.loss: kto, or give chosen/rejected pairs for {task.loss}"
             )
         found[split] = data_format
+        source = getattr(recipe.data, split)
+        # Row numbers name the file's rows unless `rows`/`limit` selected (and shuffled) some of them.
+        where = f"`{origin}` row" if source is None or not (source.rows or source.limit) else (
+            f"`{origin}` (selected by data.{split}.rows/limit) row")
         prepared[split] = dataset.map(
             _preference_rows, batched=True, with_indices=True, remove_columns=dataset.column_names,
-            fn_kwargs={"data_format": data_format, "origin": origin, "system_prompt": task.system_prompt},
+            fn_kwargs={"data_format": data_format, "where": where, "system_prompt": task.system_prompt,
+                       "skip_bad_rows": recipe.data.skip_bad_rows},
             num_proc=recipe.data.num_proc, desc=f"Reading preference pairs of data.{split}",
         )
+        skipped = len(dataset) - len(prepared[split])
+        if skipped:
+            log.warning("data.%s: skipped %d of %d rows that are not valid preference pairs (data.skip_bad_rows; %s)",
+                        split, skipped, len(dataset), origin)
+        if not len(prepared[split]):
+            raise UserError(f"data.{split}: no row of `{origin}` is a valid preference pair")
+    if task.loss == "kto" and found.get("train") != "unpaired":
+        # KTO reads its training rows in order (each row's KL completion comes from its batch neighbours), and TRL's
+        # unpairing puts every chosen row before every rejected one: shuffled, batches mix desirable and undesirable.
+        from trl.data_utils import unpair_preference_dataset
+
+        prepared["train"] = unpair_preference_dataset(prepared["train"]).shuffle(seed=recipe.training.seed)
     return prepared, {"loss": task.loss, "beta": task.beta, "formats": found}
 
 
-def _preference_rows(batch: dict, indices: list[int], data_format: str, origin: str, system_prompt: str | None) -> dict:
-    out: dict[str, list] = {}
+def _preference_rows(batch: dict, indices: list[int], data_format: str, where: str, system_prompt: str | None,
+                     skip_bad_rows: bool) -> dict:
+    out: dict[str, list] = {name: [] for name in (("prompt", "completion", "label") if data_format == "unpaired"
+                                                  else ("prompt", "chosen", "rejected"))}
     for index, values in zip(indices, zip(*batch.values())):
-        row = formats.preference_row(dict(zip(batch, values)), data_format, f"`{origin}` row {index + 1}")
+        try:
+            row = formats.preference_row(dict(zip(batch, values)), data_format, f"{where} {index + 1}")
+        except UserError:
+            if skip_bad_rows:
+                continue
+            raise
         if system_prompt and row["prompt"][0]["role"] != "system":
             row["prompt"] = [{"role": "system", "content": system_prompt}, *row["prompt"]]
         for key, value in row.items():
