@@ -175,7 +175,7 @@ def test_implicit_prompt_split_of_hh_dialogues_and_message_lists():
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_rank_zero2_dpo_matches_one_rank(dpo_run, tiny_llama_dir, pair_files, tmp_path):
+def test_two_rank_zero2_dpo_matches_one_rank(tiny_llama_dir, pair_files, tmp_path):
     """accelerate launch, 2 gloo ranks x 4 pairs under ZeRO-2 = 1 rank x 8 pairs: same DPO losses step by step."""
     from tests.test_distributed_training import accelerate, worker_env
 
