@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, DataCollatorWithFlattening
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
 from peftkit.data import formats
 from peftkit.data.chat import (
     IGNORE_INDEX,
-    chat_text,
     conversation,
     encode,
     encode_text,
@@ -29,14 +28,30 @@ from peftkit.data.sources import require_columns, split_origin
 from peftkit.errors import UserError
 from peftkit.evaluation import text_metrics
 from peftkit.evaluation.analysis import markdown_cell
-from peftkit.models.load import load_base_model
 from peftkit.recipe.schema import Recipe
-from peftkit.tasks import classification
+from peftkit.tasks import labelled_text
+from peftkit.tasks.decoder import (  # noqa: F401  (the decoder half of this task's contract)
+    AUTO_CLASS,
+    COMPLETES_PROMPTS,
+    DEFAULT_MAX_NEW_TOKENS,
+    GENERATES,
+    INPUT_FIELDS,
+    WINDOWS_LONG_INPUTS,
+    forward_logits,
+    generate,
+    generate_answers,
+    head_modules,
+    infer,
+    load_model,
+    model_kwargs,
+    prompt_from_messages,
+)
 
 log = logging.getLogger("peftkit")
 
 PEFT_TASK_TYPE = "CAUSAL_LM"
 DEFAULT_METRIC = "loss"
+LOSS_SUMS_OVER_ITEMS = False  # the Trainer is not handed num_items_in_batch: the model averages over each batch's tokens
 
 def detect_format(task, dataset, origin: str, split: str) -> str:
     """The split's row format: `task.format`, else detected from its columns (see `peftkit.data.formats`).
@@ -170,14 +185,6 @@ def _check_label(response: str, names: list[str], split: str, recipe: Recipe) ->
 # ---- training -------------------------------------------------------------------------------------------------
 
 
-def load_model(recipe: Recipe, info: dict):
-    return load_base_model(recipe, AutoModelForCausalLM, keep_unquantized=["lm_head"])
-
-
-def head_modules(model) -> list[str]:
-    return []  # the LM head is the pretrained one; adapters on the body are enough
-
-
 def collator(tokenizer, recipe: Recipe):
     """Packing: one row per batch with position_ids restarting per example, which transformers turns into a
     block-diagonal causal mask (no attention across examples, no pad tokens computed)."""
@@ -218,28 +225,6 @@ def response_losses(model, examples: list[dict]) -> list[tuple[float, int]]:
         )
         results.append((float(losses), int((targets != IGNORE_INDEX).sum())))
     return results
-
-
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[dict]], recipe: Recipe, batch_size: int) -> list[str]:
-    """Continuations of each chat prompt with the recipe's decoding settings (left-padded batches)."""
-    decoding = recipe.generation
-    device = next(model.parameters()).device
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    outputs = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            texts = [chat_text(tokenizer, messages, add_generation_prompt=True) for messages in prompts[start : start + batch_size]]
-            batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
-            generated = model.generate(
-                **batch, max_new_tokens=decoding.max_new_tokens, num_beams=decoding.num_beams,
-                length_penalty=decoding.length_penalty, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-            )
-            new_tokens = generated[:, batch["input_ids"].shape[1] :]
-            outputs += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = padding_side
-    return outputs
 
 
 def predict(trainer, tokenized, raw, recipe: Recipe, info: dict) -> list[dict]:
@@ -307,7 +292,7 @@ def score(records: list[dict], info: dict) -> dict[str, Any]:
     metrics: dict[str, Any] = {"examples": len(records), "loss": loss, "perplexity": math.exp(min(loss, 50))}
     metric = info["response_metric"]
     if metric == "classification":
-        metrics.update(classification.score(records, info))
+        metrics.update(labelled_text.score(records, info))
     elif metric == "qa":
         metrics["exact_match"] = _mean(text_metrics.exact_match(r["generated"], [r["gold"]]) for r in records)
         metrics["f1"] = _mean(text_metrics.token_f1(r["generated"], [r["gold"]]) for r in records)
@@ -336,7 +321,7 @@ def report(records: list[dict], metrics: dict, split: str, run_dir: Path, worst:
     records = _scored(records)
     if "confusion_matrix" in metrics:
         lines = [f"Response loss {metrics['loss']:.4f} (perplexity {metrics['perplexity']:.2f}); labels generated:", ""]
-        lines.append(classification.report(records, metrics, split, run_dir, worst))
+        lines.append(labelled_text.report(records, metrics, split, run_dir, worst))
         return "\n".join(lines)
     shown = [name for name in HEADLINE_METRICS if name in metrics]
     lines = [
@@ -357,16 +342,7 @@ def report(records: list[dict], metrics: dict, split: str, run_dir: Path, worst:
     return "\n".join(lines)
 
 
-# --- inference for deployment (peftkit.deploy): attach adapters, generate, compare logits ---
-
-AUTO_CLASS = AutoModelForCausalLM
-GENERATES = True
-INPUT_FIELDS = {"prompt": True}
-DEFAULT_MAX_NEW_TOKENS = 32
-
-
-def model_kwargs(info: dict) -> dict:
-    return {}
+# --- inference for deployment: the shared decoder half (peftkit.tasks.decoder) plus this task's rows ---
 
 
 def inference_rows(recipe: Recipe, dataset) -> list[dict]:
@@ -377,73 +353,3 @@ def inference_rows(recipe: Recipe, dataset) -> list[dict]:
     if data_format == "text":
         return [{"prompt": row["text"]} for row in dataset]
     return [{"prompt": "\n".join(m["content"] for m in conversation(row, recipe.task, names, data_format))} for row in dataset]
-
-
-def forward_logits(model, tokenizer, rows: list[dict], adapter_names: list[str] | None = None,
-                   infos: list[dict] | None = None) -> list[torch.Tensor]:
-    """Next-token logits at every prompt position, one `[tokens, vocab]` tensor per row.
-
-    Right padding keeps each row's positions identical to running it alone.
-    """
-    inputs = tokenizer([row["prompt"] for row in rows], padding=True, padding_side="right", return_tensors="pt").to(model.device)
-    with torch.inference_mode():
-        logits = model(**inputs, **({"adapter_names": adapter_names} if adapter_names else {})).logits
-    lengths = inputs["attention_mask"].sum(dim=1).tolist()
-    return [row_logits[:length].float().cpu() for row_logits, length in zip(logits, lengths)]
-
-
-def infer(
-    model, tokenizer, rows: list[dict], infos: list[dict], adapter_names: list[str] | None = None,
-    max_new_tokens: list[int] | int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0, top_p: float = 1.0,
-) -> list[dict]:
-    """Greedy (temperature 0) or sampled continuation of each prompt.
-
-    `max_new_tokens` may differ per row: the batch generates the longest and each row keeps its own prefix,
-    which under greedy decoding equals what the row would get alone.
-    """
-    inputs = tokenizer([row["prompt"] for row in rows], padding=True, padding_side="left", return_tensors="pt").to(model.device)
-    return generate_answers(
-        model, tokenizer, inputs, inputs["input_ids"].shape[1], adapter_names, max_new_tokens, temperature, top_p
-    )
-
-
-def generate_answers(
-    model, tokenizer, inputs, new_tokens_start: int, adapter_names: list[str] | None,
-    max_new_tokens: list[int] | int, temperature: float, top_p: float,
-) -> list[dict]:
-    """Generate for a batch (greedy at temperature 0, else sampled) and cut each row's answer at its own limit.
-
-    Output tokens from `new_tokens_start` on are new: after the prompt (decoders) or the decoder start token (seq2seq).
-    """
-    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(inputs["input_ids"])
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-    with torch.inference_mode():
-        output = model.generate(
-            **inputs, max_new_tokens=max(limits), pad_token_id=tokenizer.pad_token_id,
-            **sampling, **({"adapter_names": adapter_names} if adapter_names else {}),
-        )
-    return generated_answers(model, tokenizer, output[:, new_tokens_start:].tolist(), limits)
-
-
-def generated_answers(model, tokenizer, generated: list[list[int]], limits: list[int]) -> list[dict]:
-    """Text, token count and finish reason of each row's new tokens, cut at its own limit and first end token."""
-    answers = []
-    eos = {tokenizer.eos_token_id, *(_as_list(model.generation_config.eos_token_id))} - {None}
-    for tokens, limit in zip(generated, limits):
-        tokens = tokens[:limit]
-        stop = next((i for i, token in enumerate(tokens) if token in eos), None)
-        finish_reason = "stop" if stop is not None else "length"
-        tokens = tokens[:stop] if stop is not None else tokens  # padding only ever follows an end-of-sequence token
-        answers.append({"text": tokenizer.decode(tokens, skip_special_tokens=True), "tokens": len(tokens), "finish_reason": finish_reason})
-    return answers
-
-
-def prompt_from_messages(tokenizer, messages: list[dict]) -> str:
-    """Chat messages as one prompt: the tokenizer's chat template when it has one, else `role: content` lines."""
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "".join(f"{message['role']}: {message['content']}\n" for message in messages) + "assistant:"
-
-
-def _as_list(value) -> list:
-    return value if isinstance(value, list) else [value]

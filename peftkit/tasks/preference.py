@@ -27,14 +27,17 @@ from peftkit.data.sources import split_origin
 from peftkit.errors import UserError
 from peftkit.evaluation.analysis import markdown_cell
 from peftkit.recipe.schema import Recipe
-from peftkit.tasks import causal_lm
+from peftkit.tasks import decoder
+from peftkit.tasks.base import TrainerSetup
 
 # Deployment is that of any causal LM adapter: a preference-tuned adapter is served, merged and attached the same way.
-from peftkit.tasks.causal_lm import (  # noqa: F401  (the task's deployment functions)
+from peftkit.tasks.decoder import (  # noqa: F401  (the decoder half of this task's contract)
     AUTO_CLASS,
+    COMPLETES_PROMPTS,
     DEFAULT_MAX_NEW_TOKENS,
     GENERATES,
     INPUT_FIELDS,
+    WINDOWS_LONG_INPUTS,
     forward_logits,
     head_modules,
     infer,
@@ -46,16 +49,15 @@ log = logging.getLogger("peftkit")
 
 PEFT_TASK_TYPE = "CAUSAL_LM"
 DEFAULT_METRIC = "loss"
+LOSS_SUMS_OVER_ITEMS = False  # TRL's losses are means over the batch's pairs
 # DPO-family losses TRL's DPOTrainer computes (`DPOConfig.loss_type`); `dpo` is its `sigmoid`.
 DPO_LOSSES = {"dpo": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust", "sppo_hard": "sppo_hard",
               "nca_pair": "nca_pair", "bco_pair": "bco_pair", "apo_zero": "apo_zero", "apo_down": "apo_down"}
 REFERENCE_FREE = ("orpo",)  # losses without a reference model: no implicit reward to report
 
 
-def trainer_setup(recipe: Recipe):
-    """TRL's trainer and config class for the recipe's loss, with peftkit's training behaviour mixed in."""
-    from peftkit.training.trainer import TrainerSetup, with_peftkit_training
-
+def trainer_setup(recipe: Recipe) -> TrainerSetup:
+    """TRL's trainer and config class for the recipe's loss (`training.run` mixes peftkit's behaviour into it)."""
     # TRL trainers ping the hub's telemetry endpoint at start; a fine-tuning run sends nothing unless asked.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     task, data = recipe.task, recipe.data
@@ -63,14 +65,14 @@ def trainer_setup(recipe: Recipe):
     if task.loss == "kto":
         from trl import KTOConfig, KTOTrainer
 
-        return TrainerSetup(with_peftkit_training(KTOTrainer), KTOConfig, common)
+        return TrainerSetup(KTOTrainer, KTOConfig, common)
     if task.loss == "orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-        return TrainerSetup(with_peftkit_training(ORPOTrainer), ORPOConfig, common)
+        return TrainerSetup(ORPOTrainer, ORPOConfig, common)
     from trl import DPOConfig, DPOTrainer
 
-    return TrainerSetup(with_peftkit_training(DPOTrainer), DPOConfig, {**common, "loss_type": [DPO_LOSSES[task.loss]]})
+    return TrainerSetup(DPOTrainer, DPOConfig, {**common, "loss_type": [DPO_LOSSES[task.loss]]})
 
 
 def adopt_trainer(trainer, recipe: Recipe) -> None:
@@ -238,9 +240,9 @@ def predict(trainer, tokenized, raw, recipe: Recipe, info: dict) -> list[dict]:
     compared = records[: recipe.task.compare_generations]
     if compared:
         prompts = [prompt for _, prompt in compared]
-        generated = causal_lm.generate(model, tokenizer, prompts, recipe, batch_size)
+        generated = decoder.generate(model, tokenizer, prompts, recipe, batch_size)
         with _adapter_disabled(model):
-            base_generated = causal_lm.generate(model, tokenizer, prompts, recipe, batch_size)
+            base_generated = decoder.generate(model, tokenizer, prompts, recipe, batch_size)
         for (record, _), answer, base_answer in zip(compared, generated, base_generated):
             record.update(generated=answer, base_generated=base_answer)
     return [record for record, _ in records]

@@ -18,10 +18,9 @@ import shutil
 import signal
 import threading
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from peftkit.errors import UserError
@@ -145,19 +144,10 @@ class PeftkitTrainer(PeftkitTraining, Trainer):
     """The supervised trainer of every task that trains with a plain loss."""
 
 
-class TrainerSetup(NamedTuple):
-    """The trainer class a task trains with, its arguments class and the extra arguments it takes."""
-
-    trainer_class: type
-    arguments_class: type
-    arguments: dict
-
-
-SUPERVISED = TrainerSetup(PeftkitTrainer, TrainingArguments, {})
-
-
 def with_peftkit_training(trainer_class: type) -> type:
     """`trainer_class` (a Trainer subclass, e.g. TRL's DPOTrainer) with peftkit's checkpoints, guards and SIGTERM save."""
+    if trainer_class is Trainer:
+        return PeftkitTrainer
     return type(f"Peftkit{trainer_class.__name__}", (PeftkitTraining, trainer_class), {"__doc__": trainer_class.__doc__})
 
 
