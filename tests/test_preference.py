@@ -58,10 +58,15 @@ def _train_losses(run_dir) -> list[float]:
     return [entry["loss"] for entry in json.loads((run_dir / "log_history.json").read_text()) if "loss" in entry]
 
 
-@pytest.mark.parametrize("loss", ["dpo", "orpo", "kto"])
+@pytest.mark.parametrize("loss", ["dpo", "orpo", "kto", "dpo-qlora"])
 def test_a_preference_loss_moves_loss_and_accuracy_the_right_way(loss, dpo_run, tiny_llama_dir, pair_files, tmp_path):
-    run_dir = dpo_run if loss == "dpo" else train(validate_recipe(
-        preference_recipe(tiny_llama_dir, pair_files, tmp_path / loss, task={"loss": loss})))
+    # dpo-qlora: a 4-bit base (bitsandbytes nf4); the reference is the quantized base with the adapter disabled.
+    extra = {"quantization": {"bits": 4}} if loss == "dpo-qlora" else {}
+    loss = loss.removesuffix("-qlora")
+    run_dir = dpo_run if loss == "dpo" and not extra else train(validate_recipe(
+        preference_recipe(tiny_llama_dir, pair_files, tmp_path / loss, task={"loss": loss}, **extra)))
+    if extra:
+        assert json.loads((run_dir / "metrics.json").read_text())["setup"]["quantization_bits"] == 4
     metrics = json.loads((run_dir / "metrics.json").read_text())["validation"]
     history = [entry for entry in json.loads((run_dir / "log_history.json").read_text()) if "loss" in entry]
     if loss == "kto":
