@@ -10,7 +10,7 @@ from types import ModuleType
 
 from transformers import Trainer
 
-from peftkit.data.sources import load_source, load_splits
+from peftkit.data.sources import load_source, load_split, load_splits
 from peftkit.errors import UserError
 from peftkit.models.load import load_tokenizer
 from peftkit.recipe.schema import DataSource, Recipe
@@ -105,7 +105,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
             raise UserError(f"--split: the run's recipe has no `{key}` data; pass --data PATH or another --split")
         name = key
         own = getattr(run.recipe.data, key)
-        dataset = load_source(own, f"data.{key}") if own else load_splits(run.recipe.data)[key]
+        dataset = load_split(own, f"data.{key}") if own else load_splits(run.recipe.data)[key]
     records = run.predict(key, dataset)
     metrics = run.task.score(records, run.info)
     out = run.run_dir / EVALUATIONS_DIR / name

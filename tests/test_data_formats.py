@@ -96,3 +96,43 @@ def test_second_tokenization_of_the_same_file_comes_from_the_datasets_cache(tiny
     longer = recipe.model_copy(update={"data": recipe.data.model_copy(update={"max_length": 13})})
     third, _ = causal_lm.prepare(longer, load_splits(longer.data), AutoTokenizer.from_pretrained(tiny_llama_dir))
     assert third["train"].cache_files != first["train"].cache_files  # other settings tokenize anew
+
+
+def test_several_sources_mix_by_weight_reproducibly(tmp_path):
+    from peftkit.data.sources import load_splits, split_origin
+
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": f"a{i}"} for i in range(10)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"b{i}"} for i in range(4)])
+    recipe = validate_recipe({
+        "model": {"name": "unused"},
+        "task": {"type": "causal_lm"},
+        "data": {"train": [{"path": str(a), "weight": 0.5, "seed": 3}, {"path": str(b), "weight": 2}]},
+        "training": {"eval_strategy": "no", "save_strategy": "no"},
+    })
+    mixed = load_splits(recipe.data)["train"]
+    texts = mixed["text"]
+    assert sum(t.startswith("a") for t in texts) == 5 and len(set(t for t in texts if t.startswith("a"))) == 5
+    assert sorted(t for t in texts if t.startswith("b")) == sorted([f"b{i}" for i in range(4)] * 2)
+    assert mixed.source_rows == [{"path": str(a), "weight": 0.5, "rows": 5}, {"path": str(b), "weight": 2.0, "rows": 8}]
+    assert load_splits(recipe.data)["train"]["text"] == texts  # same seeds, same mixture
+    assert split_origin(recipe.data, "train") == f"{a} + {b}"
+
+
+@pytest.mark.parametrize("weight", [0, -1])
+def test_a_weight_of_zero_or_below_is_refused_with_its_key(weight, tmp_path):
+    with pytest.raises(UserError, match=r"data.train.1.weight.*greater than 0"):
+        validate_recipe({"model": {"name": "m"}, "task": {"type": "causal_lm"},
+                         "data": {"train": [{"path": "a.jsonl"}, {"path": "b.jsonl", "weight": weight}]},
+                         "training": {"eval_strategy": "no", "save_strategy": "no"}})
+
+
+def test_sources_of_one_split_need_the_same_columns(tmp_path):
+    from peftkit.data.sources import load_splits
+
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "x", "completion": "y"}])
+    recipe = validate_recipe({"model": {"name": "m"}, "task": {"type": "causal_lm"},
+                              "data": {"train": [{"path": str(a)}, {"path": str(b)}]},
+                              "training": {"eval_strategy": "no", "save_strategy": "no"}})
+    with pytest.raises(UserError, match=r"data.train\[1\]: .*b.jsonl` has columns \['prompt', 'completion'\] .* same columns"):
+        load_splits(recipe.data)

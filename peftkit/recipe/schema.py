@@ -223,7 +223,13 @@ class DataSource(Section):
         description="Keep the row range `start:end` (Python slice, applied before `limit`), e.g. to split by article.",
     )
     limit: int | None = Field(None, gt=0, description="Keep at most this many rows (after shuffling with `seed`).")
-    seed: int = Field(0, description="Seed of the shuffle applied before `limit`.")
+    seed: int = Field(0, description="Seed of the shuffle applied before `limit` (and of `weight`'s sample).")
+    weight: float | None = Field(
+        None, gt=0,
+        description="When a split lists several sources: rows taken from this one = weight x its rows (after `rows`/"
+        "`limit`): a whole part repeats them, a fraction samples them with `seed`; unset is 1. The mixture is "
+        "shuffled with the first source's seed; metrics.json counts the rows of each source.",
+    )
 
     @model_validator(mode="after")
     def _languages_are_files(self) -> DataSource:
@@ -232,10 +238,14 @@ class DataSource(Section):
         return self
 
 
+# A split is one source, or several mixed (each with an optional weight).
+Sources = Union[DataSource, Annotated[list[DataSource], Field(min_length=1)]]
+
+
 class DataSection(Section):
-    train: DataSource = Field(description="Training data.")
-    validation: DataSource | None = Field(None, description="Validation data, used for periodic evaluation.")
-    test: DataSource | None = Field(None, description="Held-out test data, evaluated once at the end.")
+    train: Sources = Field(description="Training data: one source, or a list of sources mixed by `weight`.")
+    validation: Sources | None = Field(None, description="Validation data, used for periodic evaluation.")
+    test: Sources | None = Field(None, description="Held-out test data, evaluated once at the end.")
     validation_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Split this fraction off the training data when no validation source is set."
     )

@@ -123,9 +123,10 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
             )
         found[split] = data_format
         source = getattr(recipe.data, split)
-        # Row numbers name the file's rows unless `rows`/`limit` selected (and shuffled) some of them.
-        where = f"`{origin}` row" if source is None or not (source.rows or source.limit) else (
-            f"`{origin}` (selected by data.{split}.rows/limit) row")
+        sources = source if isinstance(source, list) else [source] if source else []
+        # Row numbers name the file's rows unless `rows`/`limit` selected (and shuffled) some or sources were mixed.
+        selected = len(sources) > 1 or any(part.rows or part.limit for part in sources)
+        where = f"`{origin}` (rows as selected/mixed by data.{split}) row" if selected else f"`{origin}` row"
         prepared[split] = dataset.map(
             _preference_rows, batched=True, with_indices=True, remove_columns=dataset.column_names,
             fn_kwargs={"data_format": data_format, "where": where, "system_prompt": task.system_prompt,

@@ -92,6 +92,7 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
     warn_if_recipe_will_not_fit(recipe, base_config)
     tokenizer = load_tokenizer(recipe.model)
     raw_splits = load_splits(recipe.data)
+    sources = {split: dataset.source_rows for split, dataset in raw_splits.items() if hasattr(dataset, "source_rows")}
     tokenized, info = task.prepare(recipe, raw_splits, tokenizer)
 
     with run_folder(recipe, resume, state.is_main_process) as run_dir, PreemptionCallback() as preemption:
@@ -123,6 +124,7 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
                 "parameters": result.parameters,
                 "setup": training_setup(recipe),
                 "examples": {split: len(dataset) for split, dataset in raw_splits.items()},
+                **({"sources": sources} if sources else {}),
                 "train": result.train_metrics,
                 "best_checkpoint": result.best_checkpoint,
                 "best_metric_name": result.best_metric_name,
