@@ -231,4 +231,5 @@ def adapter_record(recipe: Recipe, base_config: PretrainedConfig, task_info: dic
         },
         "task": {"type": recipe.task.type, **task_info},
         "quantization": recipe.quantization.model_dump(mode="json"),
+        "generation": recipe.generation.model_dump(mode="json"),  # deployment decodes as the run's evaluation did
     }

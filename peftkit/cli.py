@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", required=True, help="JSONL file for the answers")
     predict.add_argument("--adapter-column", help="input column naming each row's adapter (mixed-adapter batches)")
     predict.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
-    predict.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (generative tasks)")
+    predict.add_argument(
+        "--max-new-tokens", type=int, help="most tokens to generate per row (generative tasks; default: the run's generation.max_new_tokens)"
+    )
     predict.set_defaults(handler=_predict)
 
     serve = commands.add_parser("serve", help="serve one base with named adapters over HTTP")
@@ -81,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--adapter-root", action="append", default=[], metavar="DIR",
         help="allow POST /v1/adapters to load adapters from inside DIR (repeatable); without it runtime loading is off",
+    )
+    serve.add_argument(
+        "--allowed-host", action="append", default=[], metavar="NAME",
+        help="a name clients may send in the Host header besides loopback and --host (repeatable; guards against "
+        "DNS rebinding); with --host 0.0.0.0 and none given, any Host is accepted",
     )
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
     serve.add_argument("--max-input-tokens", type=int, default=4096, help="most tokens per input (422 above)")
@@ -221,7 +228,10 @@ def _serve(args: argparse.Namespace) -> None:
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
     limits = Limits(args.max_body_bytes, args.max_input_tokens, args.max_new_tokens)
-    serve(_attached_model(args), args.host, args.port, args.batch_window_ms, args.max_batch_size, limits, token, args.adapter_root)
+    serve(
+        _attached_model(args), args.host, args.port, args.batch_window_ms, args.max_batch_size, limits, token,
+        args.adapter_root, args.allowed_host,
+    )
 
 
 def parse_memory_size(text: str) -> int:

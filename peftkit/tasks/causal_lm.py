@@ -33,13 +33,11 @@ from peftkit.tasks import labelled_text
 from peftkit.tasks.decoder import (  # noqa: F401  (the decoder half of this task's contract)
     AUTO_CLASS,
     COMPLETES_PROMPTS,
-    DEFAULT_MAX_NEW_TOKENS,
     GENERATES,
     INPUT_FIELDS,
     WINDOWS_LONG_INPUTS,
     forward_logits,
     generate,
-    generate_answers,
     head_modules,
     infer,
     load_model,

@@ -34,7 +34,6 @@ from peftkit.tasks.base import TrainerSetup
 from peftkit.tasks.decoder import (  # noqa: F401  (the decoder half of this task's contract)
     AUTO_CLASS,
     COMPLETES_PROMPTS,
-    DEFAULT_MAX_NEW_TOKENS,
     GENERATES,
     INPUT_FIELDS,
     WINDOWS_LONG_INPUTS,
