@@ -9,7 +9,7 @@ from pathlib import Path
 from types import ModuleType
 
 from peftkit.console import attach_log_file
-from peftkit.data.sources import data_source, load_source, load_splits
+from peftkit.data.sources import data_source, load_source, load_split, load_splits
 from peftkit.errors import UserError
 from peftkit.models.load import load_tokenizer
 from peftkit.recipe.schema import Recipe
@@ -126,7 +126,7 @@ def evaluate_run(
             raise UserError(f"--split: the run's recipe has no `{key}` data; pass --data PATH or another --split")
         name = key
         own = getattr(run.recipe.data, key)
-        dataset = load_source(own, f"data.{key}") if own else load_splits(run.recipe.data)[key]
+        dataset = load_split(own, f"data.{key}") if own else load_splits(run.recipe.data)[key]
     gold = _gold_column(run.recipe)
     if gold is not None and gold not in dataset.column_names:
         raise UserError(

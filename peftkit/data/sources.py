@@ -6,6 +6,7 @@ import codecs
 import csv
 import json
 import tempfile
+import random
 from pathlib import Path
 
 import datasets
@@ -26,9 +27,9 @@ _EXTENSION_FORMATS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".tsv":
 
 def load_splits(data: DataSection) -> dict[str, datasets.Dataset]:
     """Every split the recipe defines, with `validation_fraction` carved off train when asked."""
-    splits = {name: load_source(getattr(data, name), f"data.{name}") for name in SPLITS if getattr(data, name)}
+    splits = {name: load_split(getattr(data, name), f"data.{name}") for name in SPLITS if getattr(data, name)}
     if data.validation is None and data.validation_fraction:
-        parts = splits["train"].train_test_split(test_size=data.validation_fraction, seed=data.train.seed)
+        parts = splits["train"].train_test_split(test_size=data.validation_fraction, seed=first_source(data.train).seed)
         splits["train"], splits["validation"] = parts["train"], parts["test"]
     return splits
 
@@ -45,6 +46,46 @@ def data_source(fields: dict) -> DataSource:
             for error in exc.errors()
         )
         raise UserError(f"data options for `{fields.get('path')}`: {problems}") from None
+
+
+def first_source(spec: DataSource | list[DataSource]) -> DataSource:
+    return spec[0] if isinstance(spec, list) else spec
+
+
+def load_split(spec: DataSource | list[DataSource], key_path: str) -> datasets.Dataset:
+    """One source, or several mixed: each weighted (repeated / sampled with its seed), concatenated, shuffled with
+    the first source's seed. A mixed split carries `source_rows` (path, weight, rows) for the run's metrics."""
+    if isinstance(spec, DataSource):
+        return load_source(spec, key_path)
+    parts = [_weighted(load_source(source, f"{key_path}[{i}]"), source, f"{key_path}[{i}]") for i, source in enumerate(spec)]
+    columns = parts[0].column_names
+    for i, part in enumerate(parts[1:], start=1):
+        if sorted(part.column_names) != sorted(columns):
+            raise UserError(
+                f"{key_path}[{i}]: `{spec[i].path}` has columns {part.column_names} but `{spec[0].path}` has {columns}; "
+                f"the sources of one split need the same columns (rename them with {key_path}[{i}].rename)"
+            )
+    try:
+        mixed = datasets.concatenate_datasets([part.select_columns(columns).cast(parts[0].features) for part in parts])
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{key_path}: the sources' columns hold different types ({_first_line(exc)}); "
+                        "write each column as one type in every file") from None
+    mixed = mixed.shuffle(seed=spec[0].seed)
+    mixed.source_rows = [{"path": source.path, "weight": source.weight or 1.0, "rows": len(part)}
+                         for source, part in zip(spec, parts)]
+    return mixed
+
+
+def _weighted(dataset: datasets.Dataset, source: DataSource, key_path: str) -> datasets.Dataset:
+    if source.weight is None or source.weight == 1:
+        return dataset
+    whole, fraction = int(source.weight), source.weight - int(source.weight)
+    sampled = random.Random(source.seed).sample(range(len(dataset)), round(fraction * len(dataset)))
+    indices = [*range(len(dataset))] * whole + sorted(sampled)
+    if not indices:
+        raise UserError(f"{key_path}.weight: {source.weight} x {len(dataset)} rows of `{source.path}` selects no row; "
+                        "raise the weight or remove the source")
+    return dataset.select(indices)
 
 
 def load_source(source: DataSource, key_path: str) -> datasets.Dataset:
@@ -305,5 +346,5 @@ def split_origin(data: DataSection, split: str) -> str:
     """The file or hub name a split came from, for error messages (a carved-off validation names train's)."""
     source = getattr(data, split)
     if source is None:
-        return f"{data.train.path} (validation_fraction)"
-    return source.path
+        return f"{split_origin(data, 'train')} (validation_fraction)"
+    return " + ".join(part.path for part in source) if isinstance(source, list) else source.path

@@ -29,7 +29,8 @@ def converted_folder(gguf_file: Path) -> Path:
     """The cached HF folder for `gguf_file`, converting it on first use (keyed by path, size and mtime)."""
     gguf_file = Path(gguf_file).resolve()
     stat = gguf_file.stat()
-    key = hashlib.sha256(f"{gguf_file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    # v2: folders converted before carried the GGUF quantization_config, which made trainers refuse the model.
+    key = hashlib.sha256(f"v2|{gguf_file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     folder = cache_root() / "gguf" / f"{gguf_file.stem}-{key}"
     if (folder / COMPLETE_MARKER).is_file():
         return folder
@@ -43,7 +44,12 @@ def _convert(gguf_file: Path, folder: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    # The weights are dequantized: a leftover GGUF quantization_config would mark the saved model as quantized
+    # (not trainable, and loaded through the GGUF quantizer again).
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -154,6 +154,14 @@ class CausalLMTask(Section):
         description="Instruction / chat SFT of a decoder; loss on responses only. Downstream tasks are learned "
         "generatively and scored on generated text (see response_metric).",
     )
+    format: Literal["auto", "template", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
+        "auto",
+        description="Row format: `messages` (OpenAI `[{role, content}]`), `sharegpt` (`conversations` of `{from, value}`), "
+        "`alpaca` (`instruction`, `input`, `output`), `prompt_completion` (strings or message lists), `text` (raw text "
+        "for continued pre-training: loss on every token, long texts cut into data.max_length pieces), `template` "
+        "(`prompt`/`response` templates over any columns). `auto` uses `template` when the templates are changed, "
+        "else detects the format from the columns.",
+    )
     messages_column: str | None = Field(
         None,
         description="Column of chat messages (`[{role, content}, ...]`); every assistant turn is trained. "
@@ -192,8 +200,41 @@ class CausalLMTask(Section):
         return self
 
 
+class PreferenceTask(Section):
+    type: Literal["preference"] = Field(
+        "preference",
+        description="Preference tuning of a decoder (DPO, its variants, ORPO, KTO) on TRL's trainers; the reference "
+        "model is the base with the adapter disabled.",
+    )
+    loss: Literal["dpo", "ipo", "hinge", "robust", "sppo_hard", "nca_pair", "bco_pair", "apo_zero", "apo_down",
+                  "orpo", "kto"] = Field(
+        "dpo",
+        description="`dpo` (sigmoid) and the DPO variants TRL's DPOTrainer computes (`ipo`, `hinge`, `robust`, ...); "
+        "`orpo` (odds-ratio, no reference model); `kto` (pairs or unpaired prompt/completion/label rows).",
+    )
+    beta: float = Field(
+        0.1, gt=0,
+        description="DPO/KTO: strength of the pull towards the reference (higher = closer); ORPO: weight of the "
+        "odds-ratio term (lambda).",
+    )
+    format: Literal["auto", "explicit", "implicit", "unpaired"] = Field(
+        "auto",
+        description="`explicit` (prompt, chosen, rejected), `implicit` (chosen/rejected whole dialogues sharing every "
+        "turn but the last, e.g. Anthropic HH-RLHF text), `unpaired` (prompt, completion, label; KTO only); `auto` "
+        "detects it from the columns. Each value may be a string or a list of {role, content} messages.",
+    )
+    system_prompt: str | None = Field(None, description="System message put before every prompt.")
+    chat_template: Literal["auto", "chatml", "plain"] = Field(
+        "auto", description="`auto` uses the tokenizer's chat template; `chatml` or `plain` for tokenizers without one."
+    )
+    compare_generations: int = Field(
+        3, ge=0, description="Evaluation prompts answered by the tuned model and the base, shown side by side in the report."
+    )
+
+
 Task = Annotated[
-    Union[ClassificationTask, FeaturesTask, CausalLMTask, ExtractiveQATask, TranslationTask, SummarizationTask],
+    Union[ClassificationTask, FeaturesTask, CausalLMTask, ExtractiveQATask, TranslationTask, SummarizationTask,
+          PreferenceTask],
     Field(discriminator="type"),
 ]
 
@@ -230,7 +271,13 @@ class DataSource(Section):
         description="Keep the row range `start:end` (Python slice, applied before `limit`), e.g. to split by article.",
     )
     limit: int | None = Field(None, gt=0, description="Keep at most this many rows (after shuffling with `seed`).")
-    seed: int = Field(0, ge=0, lt=2**32, description="Seed of the shuffle applied before `limit`.")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed of the shuffle applied before `limit` (and of `weight`'s sample).")
+    weight: float | None = Field(
+        None, gt=0,
+        description="When a split lists several sources: rows taken from this one = weight x its rows (after `rows`/"
+        "`limit`): a whole part repeats them, a fraction samples them with `seed`; unset is 1. The mixture is "
+        "shuffled with the first source's seed; metrics.json counts the rows of each source.",
+    )
 
     @field_validator("encoding")
     @classmethod
@@ -247,10 +294,14 @@ class DataSource(Section):
         return self
 
 
+# A split is one source, or several mixed (each with an optional weight).
+Sources = Union[DataSource, Annotated[list[DataSource], Field(min_length=1)]]
+
+
 class DataSection(Section):
-    train: DataSource = Field(description="Training data.")
-    validation: DataSource | None = Field(None, description="Validation data, used for periodic evaluation.")
-    test: DataSource | None = Field(None, description="Held-out test data, evaluated once at the end.")
+    train: Sources = Field(description="Training data: one source, or a list of sources mixed by `weight`.")
+    validation: Sources | None = Field(None, description="Validation data, used for periodic evaluation.")
+    test: Sources | None = Field(None, description="Held-out test data, evaluated once at the end.")
     validation_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Split this fraction off the training data when no validation source is set."
     )
@@ -258,10 +309,14 @@ class DataSection(Section):
         256, gt=0, description="Maximum tokens per example; longer inputs are truncated.",
         validation_alias=AliasChoices("max_length", "max_seq_length", "sequence_len"),
     )
+    num_proc: int | None = Field(
+        None, gt=0, description="Processes that tokenize (`datasets.map`); tokenized data is cached between runs."
+    )
     skip_bad_rows: bool = Field(
         False,
-        description="Classification and features: skip rows whose text is empty (counted in a warning) instead of "
-        "stopping with an error that names the file and rows.",
+        description="Classification and features: skip rows whose text is empty; preference: skip rows that are not "
+        "valid pairs (identical or empty responses, dialogues that differ before the last turn). Counted in a "
+        "warning instead of stopping with an error that names the file and row.",
     )
 
 

@@ -29,8 +29,12 @@ def training_setup(recipe: Recipe) -> dict:
     }
 
 
-def build_training_args(recipe: Recipe, run_dir: Path, best_metric: str, world_size: int = 1) -> TrainingArguments:
-    """`world_size` is the number of launched processes; DeepSpeed's batch sizes are computed from it."""
+def build_training_args(
+    recipe: Recipe, run_dir: Path, best_metric: str, world_size: int = 1,
+    arguments_class: type[TrainingArguments] = TrainingArguments, **extra,
+) -> TrainingArguments:
+    """`world_size` is the number of launched processes; DeepSpeed's batch sizes are computed from it.
+    `arguments_class` / `extra`: a subclass such as TRL's DPOConfig and its own options."""
     training = recipe.training
     deepspeed = build_deepspeed_config(recipe, world_size)
     on_cpu = not torch.cuda.is_available()
@@ -78,6 +82,7 @@ def build_training_args(recipe: Recipe, run_dir: Path, best_metric: str, world_s
         deepspeed=deepspeed,
         fsdp=fsdp_config is not None,
         fsdp_config=fsdp_config,
+        **extra,
     )
     set_by_peftkit = sorted(set(training.trainer_args) & set(arguments))
     if set_by_peftkit:
@@ -86,6 +91,6 @@ def build_training_args(recipe: Recipe, run_dir: Path, best_metric: str, world_s
             "cadence, precision, sharding); remove them from trainer_args"
         )
     try:
-        return TrainingArguments(**arguments, **training.trainer_args)
+        return arguments_class(**arguments, **training.trainer_args)
     except (TypeError, ValueError) as exc:
         raise UserError(f"training.trainer_args: transformers rejects {training.trainer_args}: {exc}") from None

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from accelerate import PartialState
-from transformers import EarlyStoppingCallback, set_seed
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
 from peftkit.adapters import (
     adapter_callbacks,
@@ -76,11 +76,12 @@ from peftkit.training.checkpoints import (
     usable_checkpoint,
 )
 from peftkit.errors import Preempted
-from peftkit.tasks.base import FitResult, fits_itself
+from peftkit.tasks.base import FitResult, TrainerSetup, fits_itself, trains_with_own_trainer
 from peftkit.training.tracking import final_metrics, open_trackers
-from peftkit.training.trainer import PeftkitTrainer, PreemptionCallback
+from peftkit.training.trainer import PreemptionCallback, with_peftkit_training
 
 log = logging.getLogger("peftkit")
+SUPERVISED = TrainerSetup(Trainer, TrainingArguments, {})  # tasks trained with transformers' own Trainer
 
 
 def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, callbacks: list = ()) -> Path:
@@ -95,7 +96,8 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
     adopt_recipe_sharding()
     best_metric = best_metric_name(recipe)
     # Built before the model is loaded: under ZeRO-3 this makes from_pretrained load partitioned weights.
-    args = build_training_args(recipe, run_dir_for(recipe), best_metric, world_size)
+    setup = task.trainer_setup(recipe) if trains_with_own_trainer(task) else SUPERVISED
+    args = build_training_args(recipe, run_dir_for(recipe), best_metric, world_size, setup.arguments_class, **setup.arguments)
     state = PartialState()
 
     base_config = load_config(recipe.model)
@@ -103,6 +105,7 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
     warn_if_recipe_will_not_fit(recipe, base_config)
     tokenizer = load_tokenizer(recipe.model)
     raw_splits = load_splits(recipe.data)
+    sources = {split: dataset.source_rows for split, dataset in raw_splits.items() if hasattr(dataset, "source_rows")}
     tokenized, info = task.prepare(recipe, raw_splits, tokenizer)
 
     with run_folder(recipe, resume, state.is_main_process) as run_dir, PreemptionCallback() as preemption:
@@ -123,7 +126,9 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
         trackers = open_trackers(recipe, run_dir) if state.is_main_process else []
         set_seed(recipe.training.seed)
         # Tasks that need no gradient steps (feature extraction) bring their own fit step.
-        fit = task.fit if fits_itself(task) else functools.partial(fit_with_trainer, args, preemption, best_metric)
+        fit = task.fit if fits_itself(task) else functools.partial(
+            fit_with_trainer, args, preemption, best_metric, with_peftkit_training(setup.trainer_class)
+        )
         tracking = [tracker.callback() for tracker in trackers]
         result = fit(recipe, task, info, tokenized, tokenizer, run_dir, checkpoint, [*tracking, *callbacks])
         if state.is_main_process:
@@ -139,6 +144,7 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
                 "parameters": result.parameters,
                 "setup": training_setup(recipe),
                 "examples": {split: len(dataset) for split, dataset in raw_splits.items()},
+                **({"sources": sources} if sources else {}),
                 "train": result.train_metrics,
                 "best_checkpoint": result.best_checkpoint,
                 "best_metric_name": result.best_metric_name,
@@ -157,10 +163,11 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
 
 
 def fit_with_trainer(
-    args, preemption: PreemptionCallback, best_metric: str, recipe: Recipe, task, info: dict, tokenized: dict, tokenizer,
-    run_dir: Path, checkpoint, callbacks: list,
+    args, preemption: PreemptionCallback, best_metric: str, trainer_class: type, recipe: Recipe, task, info: dict,
+    tokenized: dict, tokenizer, run_dir: Path, checkpoint, callbacks: list,
 ) -> FitResult:
-    """Gradient training with the HF Trainer: the task's model + adapter, periodic evaluation, best checkpoint."""
+    """Gradient training with `trainer_class` (the HF Trainer, or TRL's for preference tuning, with peftkit's behaviour
+    mixed in): the task's model + adapter, periodic evaluation, best checkpoint."""
     model = task.load_model(recipe, info)
     model = attach_adapter(model, recipe, task.PEFT_TASK_TYPE, task.head_modules(model))
     parameters = count_parameters(model)
@@ -169,7 +176,7 @@ def fit_with_trainer(
         f"{parameters['trainable']:,}", f"{parameters['total']:,}",
         100 * parameters["trainable"] / parameters["total"],
     )
-    trainer = PeftkitTrainer(
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=tokenized["train"],
@@ -184,12 +191,16 @@ def fit_with_trainer(
     # The Trainer rescales losses of models whose forward takes **kwargs as if they were sums over a global
     # item count (x processes, no division by accumulation steps); a per-batch mean loss must not be rescaled.
     trainer.model_accepts_loss_kwargs = trainer.model_accepts_loss_kwargs and task.LOSS_SUMS_OVER_ITEMS
+    if trains_with_own_trainer(task):
+        task.adopt_trainer(trainer, recipe)
     train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if preemption.received:
         raise Preempted(
             f"SIGTERM received: saved {last_complete_checkpoint(run_dir)} at step {trainer.state.global_step}; "
             "continue with `peftkit train RECIPE --resume`"
         )
+    if trains_with_own_trainer(task):
+        task.before_save(trainer)
     save_adapter(trainer, run_dir / ADAPTER_DIR)  # every rank: ZeRO-3/FSDP gather the shards here
     if trainer.is_world_process_zero():
         # The Trainer pickles its arguments next to the weights; a deployable folder holds safetensors only.
