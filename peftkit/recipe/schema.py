@@ -365,6 +365,13 @@ class TrainingSection(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Mixed precision; `auto` is bf16 on GPUs that support it, else fp32."
     )
+    lm_loss: Literal["auto", "standard", "chunked", "liger", "cut_cross_entropy"] = Field(
+        "auto",
+        description="Language-model loss (causal LM, seq2seq): `chunked` computes the cross-entropy from the hidden "
+        "states in token chunks, never holding float32 logits over the whole vocabulary (any device); `liger` / "
+        "`cut_cross_entropy` are fused CUDA kernels (packages liger-kernel / cut-cross-entropy); `standard` is "
+        "transformers' loss; `auto` is chunked where the model's logits are its head's output, else standard.",
+    )
     eval_strategy: Literal["steps", "epoch", "no"] = Field("epoch", description="When to evaluate on validation.")
     eval_steps: int = Field(100, gt=0, description="Steps between evaluations when eval_strategy is `steps`.")
     save_strategy: Literal["steps", "epoch", "no"] = Field("epoch", description="When to save a checkpoint.")

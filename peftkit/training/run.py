@@ -57,6 +57,7 @@ from peftkit.training.arguments import build_training_args, training_setup
 from peftkit.training.checkpoints import CheckSavedWeights, check_saved_weights, last_complete_checkpoint
 from peftkit.errors import Preempted
 from peftkit.training.result import FitResult
+from peftkit.training.lm_loss import check_kernel_available
 from peftkit.training.trainer import PeftkitTrainer, PreemptionCallback
 
 log = logging.getLogger("peftkit")
@@ -70,6 +71,7 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
     world_size = launched_world_size()
     check_launcher_agrees(recipe, os.environ, world_size)
     check_strategy_runs_here(recipe, world_size)
+    check_kernel_available(recipe.training.lm_loss)
     adopt_recipe_sharding()
     best_metric = best_metric_name(recipe)
     # Built before the model is loaded: under ZeRO-3 this makes from_pretrained load partitioned weights.
@@ -146,6 +148,7 @@ def fit_with_trainer(
         callbacks=[*_callbacks(recipe, run_dir, args.should_save), preemption, *callbacks, *adapter_callbacks(recipe)],
         on_nonfinite=recipe.training.on_nonfinite,
         abort_grad_norm=recipe.training.abort_grad_norm,
+        lm_loss=recipe.training.lm_loss,
     )
     # The Trainer rescales losses of models whose forward takes **kwargs as if they were sums over a global
     # item count (x processes, no division by accumulation steps); a per-batch mean loss must not be rescaled.
