@@ -24,9 +24,15 @@ class ModelSection(Section):
         "shipped inside an installed Python package."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "float32", description="Dtype of the (unquantized) base weights; `auto` uses the checkpoint's dtype."
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="Dtype of the (unquantized) base weights; `auto` uses the checkpoint's dtype; unset is `auto` on "
+        "a GPU (a float32 copy of a bfloat16 checkpoint doubles its memory) and float32 on CPU.",
     )
+
+    def resolved_dtype(self, on_gpu: bool) -> str:
+        """The dtype the base is loaded in (`auto`: the checkpoint's)."""
+        return self.dtype or ("auto" if on_gpu else "float32")
     trust_remote_code: bool = Field(
         False, description="Allow the model repository to run its own Python code. Off unless you trust it."
     )
