@@ -171,3 +171,28 @@ def test_benchmark_smoke_mode_runs_on_cpu():
     assert result.returncode == 0, result.stderr[-2000:]
     rows_ = [line for line in result.stdout.splitlines() if line.startswith("| tiny-llama")]
     assert len(rows_) == 2 and all("GiB" in line for line in rows_)
+
+
+def test_fit_ranks_single_changes_first_and_offers_16_bit_weights():
+    # The user's report: an 8B model at 4,096 tokens per micro-batch on one 24 GiB GPU.
+    original = recipe(model={"name": "meta-llama/Llama-3.1-8B", "dtype": "float32"},
+                      training={"batch_size": 8, "eval_strategy": "no"})
+    candidates = fit.search(original, 1, 24 * GiB, limit=8)
+    assert candidates[0].overrides == {"quantization.bits": 4, "quantization.compute_dtype": "bfloat16"}
+    assert any(c.overrides.get("model.dtype") == "bfloat16" for c in candidates)
+    assert not any(key.startswith("distributed.") for c in candidates[:3] for key in c.overrides)
+    for candidate in candidates:  # each suggestion, re-planned as the user would run it, fits
+        assert fit.plan_recipe(validate_recipe(_apply(original, candidate.overrides)), 1, 24 * GiB).fits
+
+
+def test_overrides_may_follow_the_options(tmp_path, tiny_llama_dir):
+    path = write_recipe(tmp_path / "tiny.yaml", {
+        "model": {"name": str(tiny_llama_dir)}, "data": {"train": {"path": "x.jsonl"}, "max_length": 64},
+        "training": {"batch_size": 4, "eval_strategy": "no"},
+    })
+    result = run_cli_in_process("plan", str(path), "--gpus", "1", "--gpu-memory", "24GiB", "training.batch_size=2")
+    assert result.returncode == 0, result.stderr
+    assert "128 tokens per micro-batch" in result.stdout
+    with pytest.raises(SystemExit) as wrong:  # argparse's usage error: exit code 2
+        run_cli_in_process("plan", str(path), "--gpus", "1", "--no-such-option")
+    assert wrong.value.code == 2

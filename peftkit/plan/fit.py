@@ -97,7 +97,7 @@ def _options(recipe: Recipe, gpus: int) -> list[list[tuple[dict[str, Any], float
             {"distributed.strategy": "fsdp", "distributed.offload_params": True},
             SLOWDOWN["distributed.strategy=fsdp"] * SLOWDOWN["distributed.offload_params=True"],
         ))
-    sharding = [(o, c) for o, c in sharding if not _already(recipe, o)] or [keep]
+    sharding = [keep] + [(o, c) for o, c in sharding[1:] if not _already(recipe, o)]  # `keep` is always "already"
     micro_batch = [keep]
     batch, accumulation, halvings = recipe.training.batch_size, recipe.training.gradient_accumulation, 0
     while batch % 2 == 0:
