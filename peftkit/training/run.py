@@ -15,6 +15,8 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+
 from accelerate import PartialState
 from transformers import EarlyStoppingCallback, set_seed
 from transformers.integrations import TensorBoardCallback
@@ -72,6 +74,7 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
     check_launcher_agrees(recipe, os.environ, world_size)
     check_strategy_runs_here(recipe, world_size)
     check_kernel_available(recipe.training.lm_loss)
+    share_cpu_threads()
     adopt_recipe_sharding()
     best_metric = best_metric_name(recipe)
     # Built before the model is loaded: under ZeRO-3 this makes from_pretrained load partitioned weights.
@@ -122,6 +125,16 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
             _write_results(run_dir, recipe, task, info, summary, split_results, result.log_history)
     state.wait_for_everyone()
     return run_dir
+
+
+def share_cpu_threads() -> None:
+    """On CPU, split the cores among the processes launched on this machine: torch's default (every core in
+    every process) oversubscribes them, which ran 1.5x slower per step than one thread each (benchmarks/peers.py).
+    An explicit OMP_NUM_THREADS wins."""
+    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+        return
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_processes))
 
 
 def fit_with_trainer(
