@@ -41,7 +41,9 @@ def assert_same_loss_and_gradients(model, batch: dict, num_items_in_batch=None, 
 
 
 def test_chunked_kernel_matches_cross_entropy_across_chunks(monkeypatch):
-    monkeypatch.setattr(lm_loss, "CHUNK_BYTES", 4 * 50 * 7)  # 64-token chunks: several chunks and a remainder
+    monkeypatch.setattr(lm_loss, "MIN_CHUNK", 8)
+    # chunk logits about the size of the hidden states: 150 tokens in chunks of 64 (and a remainder)
+    assert lm_loss.chunk_tokens(150, 50, 16) == 64 and lm_loss.chunk_tokens(2048, 49152, 576) == 32
     torch.manual_seed(0)
     hidden = torch.randn(150, 16, requires_grad=True)
     weight, bias = torch.randn(50, 16, requires_grad=True), torch.randn(50, requires_grad=True)

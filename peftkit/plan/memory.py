@@ -219,7 +219,7 @@ def loss_row(recipe: Recipe, counts: ParameterCounts, tokens: int, element: int)
     vocab, hidden = counts.logits_width, counts.dims.get("hidden", 0)
     if recipe.training.lm_loss == "standard":
         return Row("logits + loss", tokens * vocab * (2 * element + 12), f"{tokens:,} tokens x {vocab:,} vocabulary")
-    chunk = min(tokens, chunk_tokens(vocab))
+    chunk = min(tokens, chunk_tokens(tokens, vocab, hidden))
     size = chunk * vocab * (4 + 4 + element) + 2 * tokens * hidden * element
     return Row("logits + loss", size, f"chunked: {chunk:,} of {tokens:,} tokens x {vocab:,} vocabulary at a time")
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 
 import torch
 from torch import nn
@@ -31,13 +32,16 @@ from peftkit.errors import UserError
 log = logging.getLogger("peftkit")
 
 IGNORE_INDEX = -100
-CHUNK_BYTES = 256 * 2**20  # float32 logits of one chunk
+MIN_CHUNK = 64
 GPU_KERNELS = ("liger", "cut_cross_entropy")
 PROBE_TOKENS = 16
 
 
-def chunk_tokens(vocab_size: int) -> int:
-    return max(64, CHUNK_BYTES // (4 * vocab_size))
+def chunk_tokens(tokens: int, vocab_size: int, hidden_size: int) -> int:
+    """Tokens per chunk such that one chunk's logits hold about as many elements as all the hidden states
+    (Liger's rule): the loss then never needs more than a few copies of the hidden states' memory."""
+    chunk = math.ceil(tokens / math.ceil(vocab_size / hidden_size))
+    return max(MIN_CHUNK, 1 << max(chunk - 1, 0).bit_length())
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -88,7 +92,8 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bia
         torch.is_grad_enabled() and weight.requires_grad,
         torch.is_grad_enabled() and bias is not None and bias.requires_grad,
     )
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_tokens(weight.shape[0]), grads_needed)
+    chunk = chunk_tokens(hidden.shape[0], weight.shape[0], weight.shape[1])
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk, grads_needed)
 
 
 def _liger(hidden, weight, bias, targets):
