@@ -98,7 +98,8 @@ def run_trl(work: Path, data_file: Path, steps: int, batch: int) -> float:
     )
     args = SFTConfig(
         output_dir=str(work / "trl"), max_steps=steps, per_device_train_batch_size=batch, learning_rate=LR,
-        warmup_steps=0, padding_free=True, completion_only_loss=True, max_length=MAX_LENGTH, report_to=[],
+        # TRL enforces no max_length when padding-free without packing; main() checks that no row exceeds it
+        warmup_steps=0, padding_free=True, completion_only_loss=True, max_length=None, report_to=[],
         save_strategy="no", logging_steps=1000, use_cpu=True, seed=42,
     )
     trainer = SFTTrainer(
@@ -194,6 +195,9 @@ def main() -> None:
     data = rows(args.steps * args.batch)
     folder = model_folder()
     tokens = real_tokens(data, folder)
+    longest = max(real_tokens([row], folder) for row in data)
+    if longest >= MAX_LENGTH:  # TRL's padding-free path does not truncate: the work would differ
+        sys.exit(f"a row has {longest} tokens >= max length {MAX_LENGTH}; pick rows that fit")
     runtimes: dict[str, list[float]] = {tool: [] for tool in args.tools.split(",")}
     skipped: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as temporary:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 CACHE_ENV = "PEFTKIT_CACHE"
 COMPLETE_MARKER = ".converted"
+FORMAT = 2  # part of the cache key: folders of format 1 kept GGUF's quantization_config in config.json
 
 
 def cache_root() -> Path:
@@ -29,7 +30,7 @@ def converted_folder(gguf_file: Path) -> Path:
     """The cached HF folder for `gguf_file`, converting it on first use (keyed by path, size and mtime)."""
     gguf_file = Path(gguf_file).resolve()
     stat = gguf_file.stat()
-    key = hashlib.sha256(f"{gguf_file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{gguf_file}|{stat.st_size}|{stat.st_mtime_ns}|{FORMAT}".encode()).hexdigest()[:12]
     folder = cache_root() / "gguf" / f"{gguf_file.stem}-{key}"
     if (folder / COMPLETE_MARKER).is_file():
         return folder
@@ -43,7 +44,11 @@ def _convert(gguf_file: Path, folder: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    # The loaded config records the GGUF quantization; the converted weights are plain float32, and the
+    # Trainer refuses to train a model whose config says GGUF.
+    config.__dict__.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     folder.parent.mkdir(parents=True, exist_ok=True)
