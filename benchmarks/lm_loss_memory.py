@@ -34,7 +34,7 @@ def measure(model_name: str, setting: str, steps: int, batch: int, seq: int) -> 
     from peftkit.adapters import attach_adapter
     from peftkit.models.load import load_base_model
     from peftkit.recipe.load import validate_recipe
-    from peftkit.training.lm_loss import EfficientLMLoss
+    from peftkit.tasks.lm_loss import EfficientLMLoss
 
     recipe = validate_recipe({
         "model": {"name": model_name}, "task": {"type": "causal_lm"}, "data": {"train": {"path": "unused.jsonl"}},

@@ -26,7 +26,7 @@ from peftkit.plan.memory import GiB, estimate
 from peftkit.plan.shapes import count_parameters, known_models
 from peftkit.recipe.load import deep_merge, validate_recipe
 from peftkit.training.arguments import build_training_args
-from peftkit.training.lm_loss import EfficientLMLoss
+from peftkit.tasks.lm_loss import EfficientLMLoss
 
 LORA = {"adapter": {"r": 16, "alpha": 32, "dropout": 0.05}}
 QLORA = deep_merge(LORA, {"quantization": {"bits": 4, "compute_dtype": "bfloat16"}})

@@ -8,8 +8,8 @@ from peft import LoraConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, Gemma2Config, Gemma2ForCausalLM
 
 from peftkit.errors import UserError
-from peftkit.training import lm_loss
-from peftkit.training.lm_loss import EfficientLMLoss, chunked_linear_cross_entropy
+from peftkit.tasks import lm_loss
+from peftkit.tasks.lm_loss import EfficientLMLoss, chunked_linear_cross_entropy
 
 
 def _batch(vocab: int, rows: int = 3, length: int = 11, seed: int = 0) -> dict:

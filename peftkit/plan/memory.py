@@ -12,8 +12,8 @@ import torch
 from peftkit.errors import UserError
 from peftkit.plan.shapes import ParameterCounts
 from peftkit.recipe.schema import Recipe
-from peftkit.training.arguments import resolve_gradient_checkpointing
-from peftkit.training.lm_loss import chunk_tokens
+from peftkit.recipe.resolved import resolve_gradient_checkpointing
+from peftkit.tasks.lm_loss import chunk_tokens
 
 GiB = 2**30
 

@@ -17,11 +17,7 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForQuestionAnswering,
-    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
     PretrainedConfig,
 )
 
@@ -30,19 +26,10 @@ from peftkit.errors import UserError
 from peftkit.models.load import load_config
 from peftkit.models.quantization import build_quantization_config, torch_dtype
 from peftkit.recipe.schema import ModelSection, Recipe
-from peftkit.tasks import get_task
+from peftkit.tasks import auto_class_for_peft_type, get_task
+from peftkit.tasks.base import fits_itself
 
 KNOWN_MODELS_FILE = Path(__file__).with_name("known_models.json")
-
-# The model class a task trains, keyed by the peft task type every task module declares.
-AUTO_CLASS_BY_PEFT_TASK = {
-    "SEQ_CLS": AutoModelForSequenceClassification,
-    "CAUSAL_LM": AutoModelForCausalLM,
-    "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM,
-    "QUESTION_ANS": AutoModelForQuestionAnswering,
-    "TOKEN_CLS": AutoModelForTokenClassification,
-    "FEATURE_EXTRACTION": AutoModel,
-}
 
 BNB_4BIT_BLOCK = 64  # elements per absmax of a 4-bit weight (bitsandbytes default)
 BNB_NESTED_BLOCK = 256  # absmax values per second-level constant under double quantization
@@ -126,14 +113,14 @@ def build_meta_model(recipe: Recipe, config: PretrainedConfig, peft_task_type: s
     """
     task = get_task(recipe.task.type)
     peft_task_type = peft_task_type or task.PEFT_TASK_TYPE
-    auto_class = AUTO_CLASS_BY_PEFT_TASK.get(peft_task_type, AutoModel)
+    auto_class = auto_class_for_peft_type(peft_task_type, default=AutoModel)  # the task registry's
     dtype = base_dtype(recipe, config)
     config = copy.deepcopy(config)
     if auto_class is AutoModelForSequenceClassification:
         config.num_labels = len(getattr(recipe.task, "labels", None) or []) or 2
     with torch.device("meta"):
         model = auto_class.from_config(config, dtype=dtype, trust_remote_code=recipe.model.trust_remote_code)
-    heads = task.head_modules(model) if hasattr(task, "head_modules") and peft_task_type == task.PEFT_TASK_TYPE else []
+    heads = task.head_modules(model) if not fits_itself(task) and peft_task_type == task.PEFT_TASK_TYPE else []
     _quantize_on_meta(model, recipe, heads, dtype)
     _keep_in_fp32(model, dtype)
     with torch.device("meta"):

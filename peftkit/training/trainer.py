@@ -21,7 +21,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from peftkit.errors import UserError
-from peftkit.training.lm_loss import EfficientLMLoss
+from peftkit.tasks.lm_loss import EfficientLMLoss
 from peftkit.training.checkpoints import TRAINER_STATE, last_complete_checkpoint
 
 STAGING = ".staging"
