@@ -31,7 +31,7 @@ mkdir -p "$WORK"
         # One process per measurement, so that peak-memory counters and allocator caches start clean;
         # a failing or slow measurement is reported and the others still run.
         if ! timeout 120 "$PYTHON" -m benchmarks.gpu_check --shape "$SHAPE" --dir "$WORK/$SHAPE" \
-            --setting "$setting" --stack "$stack" --steps "$STEPS" --seq "$SEQ" --batch "$BATCH" \
+            --setting "$setting" --stack "$stack" --steps "$STEPS" --seq "$SEQ" --batch "$BATCH" < /dev/null \
             > "$WORK/$setting-$stack.out" 2> "$WORK/$setting-$stack.err"; then
             echo "FAILED: $setting / $stack (last lines of its stderr follow)"; tail -n 5 "$WORK/$setting-$stack.err"
             continue
