@@ -231,10 +231,12 @@ class EfficientLMLoss:
         seen = {}
         try:
             reference = model(**probe).logits
-            with self._bypassed_head(lambda hidden, linear: seen.update(hidden=hidden, linear=linear)):
+            # Applied inside the head's forward, where ZeRO-3 / FSDP have gathered its weight.
+            with self._bypassed_head(lambda hidden, linear: seen.update(
+                    logits=nn.functional.linear(hidden, linear.weight, linear.bias))):
                 placeholder = model(**probe).logits
-            from_head = nn.functional.linear(seen["hidden"], seen["linear"].weight, seen["linear"].bias)
-            self.checked = placeholder.shape == reference.shape and torch.allclose(from_head, reference, rtol=1e-5, atol=1e-6)
+            self.checked = placeholder.shape == reference.shape and torch.allclose(
+                seen["logits"].to(reference.dtype), reference, rtol=1e-5, atol=1e-6)
         finally:
             model.train(training)
         if self.checked:
