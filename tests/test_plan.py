@@ -173,6 +173,7 @@ def test_benchmark_smoke_mode_runs_on_cpu():
     assert len(rows_) == 2 and all("GiB" in line for line in rows_)
 
 
+@pytest.mark.slow
 def test_fit_ranks_single_changes_first_and_offers_16_bit_weights():
     # The user's report: an 8B model at 4,096 tokens per micro-batch on one 24 GiB GPU.
     original = recipe(model={"name": "meta-llama/Llama-3.1-8B", "dtype": "float32"},
