@@ -6,6 +6,7 @@ generic: `attach_adapter` before training, `adapter_callbacks` during, `save_ada
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from peftkit.errors import UserError
 from peftkit.models.fingerprint import architecture, fingerprint
 from peftkit.models.load import is_decoder_only, model_location
 from peftkit.recipe.schema import AdapterSection, Recipe
+from peftkit.references import hub_id
 
 # peft names of the LoRA initializations; pissa/olora move the principal part of W into the adapter.
 LORA_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": True}
@@ -115,7 +117,23 @@ def build_peft_config(recipe: Recipe, task_type: str, head_modules: list[str] = 
     if adapter.method == "none":
         return None
     modules_to_save = sorted({*(adapter.modules_to_save or []), *head_modules}) or None
-    return PEFT_CONFIG_BUILDERS[adapter.method](adapter, task_type, modules_to_save)
+    config = PEFT_CONFIG_BUILDERS[adapter.method](adapter, task_type, modules_to_save)
+    if not adapter.peft_args:
+        return config
+    defaults = {
+        field.name: field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+        for field in dataclasses.fields(config)
+    }
+    set_by_peftkit = sorted(key for key in adapter.peft_args if getattr(config, key) != defaults[key])
+    if set_by_peftkit:
+        raise UserError(
+            f"adapter.peft_args: {set_by_peftkit} are set by peftkit from the recipe for method {adapter.method}; "
+            "remove them from peft_args"
+        )
+    try:  # replace() runs peft's own checks of the combined options again
+        return dataclasses.replace(config, **adapter.peft_args)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"adapter.peft_args: peft rejects {adapter.peft_args}: {exc}") from None
 
 
 def check_adapter_fits_model(recipe: Recipe, config: PretrainedConfig, task_type: str) -> None:
@@ -126,6 +144,16 @@ def check_adapter_fits_model(recipe: Recipe, config: PretrainedConfig, task_type
             "adapter.init: loftq is computed by peft on a CUDA GPU and none is available; "
             "use init: default or gaussian with quantization"
         )
+    hidden = _hidden_size(config)
+    rank = max(recipe.adapter.r, recipe.adapter.adalora_init_r if method == "adalora" else 0)
+    if method in ("lora", "adalora") and hidden and rank > hidden:
+        # A factor of rank above min(in, out) of a layer adds memory and no capacity; a huge r would only fail
+        # (out of memory) after the model is loaded.
+        raise UserError(
+            f"adapter.r{'/adalora_init_r' if method == 'adalora' else ''}={rank} exceeds the hidden size {hidden} of "
+            f"`{recipe.model.name}`: LoRA rank cannot usefully exceed a layer's smaller dimension; use r <= {hidden} "
+            "(typically 4 to 64)"
+        )
     if method in ("prompt_tuning", "p_tuning") and task_type == "SEQ_CLS" and is_decoder_only(config):
         raise UserError(
             f"adapter.method: {method} cannot classify with the decoder-only model `{recipe.model.name}` "
@@ -133,6 +161,15 @@ def check_adapter_fits_model(recipe: Recipe, config: PretrainedConfig, task_type
             "cannot skip padding and the result changes with batch composition; use lora, adalora or ia3, "
             "or an encoder model (BERT-like) for prompt methods"
         )
+
+
+def _hidden_size(config: PretrainedConfig) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("hidden_size", "d_model", "n_embd", "dim"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def attach_adapter(model, recipe: Recipe, task_type: str, head_modules: list[str] = ()):
@@ -145,6 +182,9 @@ def attach_adapter(model, recipe: Recipe, task_type: str, head_modules: list[str
         # training; gradient checkpointing is left to the Trainer (training.gradient_checkpointing).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, config)
+    shared_name = hub_id(recipe.model.name, recipe.model.hub_id)
+    if shared_name:  # peft records the local path it loaded from; the hub id is what others can load
+        model.peft_config[model.active_adapter].base_model_name_or_path = shared_name
     has_weights = not next(model.parameters()).is_meta  # planners build the model on the meta device
     if recipe.adapter.init == "loftq" and has_weights:
         # LoftQ re-reads the unquantized weights from the checkpoint's safetensors (a local folder or the hub cache).
@@ -225,10 +265,12 @@ def adapter_record(recipe: Recipe, base_config: PretrainedConfig, task_info: dic
         "base": {
             "name": recipe.model.name,
             "location": model_location(recipe.model),
+            "hub_id": hub_id(recipe.model.name, recipe.model.hub_id),
             "revision": recipe.model.revision,
             "architecture": fields,
             "fingerprint": fingerprint(fields),
         },
         "task": {"type": recipe.task.type, **task_info},
         "quantization": recipe.quantization.model_dump(mode="json"),
+        "generation": recipe.generation.model_dump(mode="json"),  # deployment decodes as the run's evaluation did
     }

@@ -5,9 +5,11 @@ from __future__ import annotations
 import codecs
 import csv
 import json
+import tempfile
 from pathlib import Path
 
 import datasets
+from pydantic import ValidationError
 
 from peftkit.data.parallel import read_parallel
 from peftkit.data.squad import read_nested_squad
@@ -31,6 +33,20 @@ def load_splits(data: DataSection) -> dict[str, datasets.Dataset]:
     return splits
 
 
+def data_source(fields: dict) -> DataSource:
+    """A data source given outside a recipe (`eval --data`, `predict --input` and their `--rename`, `--format`, ...
+    flags), validated like a recipe's, with each problem named by its flag."""
+    try:
+        return DataSource.model_validate(fields)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{'-'.join(str(part).replace('_', '-') for part in error['loc']) or 'data'}: "
+            f"{error['msg'].removeprefix('Value error, ')}"
+            for error in exc.errors()
+        )
+        raise UserError(f"data options for `{fields.get('path')}`: {problems}") from None
+
+
 def load_source(source: DataSource, key_path: str) -> datasets.Dataset:
     location = resolve_reference(source.path, f"{key_path}.path")
     data_format = "parallel" if source.languages else _detect_format(source, location, key_path)
@@ -39,15 +55,18 @@ def load_source(source: DataSource, key_path: str) -> datasets.Dataset:
         if data_format == "hub":
             dataset = datasets.load_dataset(location, source.subset, split=source.split or key_path.split(".")[-1])
         elif data_format == "parallel":
-            dataset = datasets.Dataset.from_dict(read_parallel(location, source.languages, key_path))
+            dataset = datasets.Dataset.from_dict(read_parallel(location, source.languages, key_path, source.encoding))
+        elif data_format == "label_text":
+            dataset = datasets.Dataset.from_dict(read_label_text(location, source.encoding))
         else:
-            dataset = _load_file(location, data_format)
+            dataset = _load_file(location, data_format, source.encoding)
+        if data_format not in ("hub", "parallel"):
             _refuse_huge_cells(dataset, location)
     except UserError:
         raise
     except Exception as exc:  # datasets raises many types for unreadable files and unknown hub names
         what = "hub dataset" if data_format == "hub" else f"{data_format} file"
-        detail = _locate_file_problem(location, data_format) or _first_line(exc)
+        detail = _locate_file_problem(location, data_format, source.encoding) or _first_line(exc)
         raise UserError(f"{key_path}.path: could not read {what} `{location}`: {detail}") from None
     finally:
         datasets.enable_progress_bars()
@@ -66,6 +85,15 @@ def load_source(source: DataSource, key_path: str) -> datasets.Dataset:
 
 
 def _detect_format(source: DataSource, location: str, key_path: str) -> str:
+    if source.format == "auto" and Path(location).is_dir():
+        # datasets would read whatever files the folder holds, without saying which; a dataset repository
+        # folder (files named by split) is read only when asked for with format: hub.
+        found = sorted(p.name for p in Path(location).iterdir() if p.suffix.lower() in _EXTENSION_FORMATS)[:5]
+        raise UserError(
+            f"{key_path}.path: `{location}` is a folder; name one data file"
+            + (f" (it holds {', '.join(found)})" if found else "")
+            + f", or set {key_path}.format: hub to read it as a dataset repository whose files are named by split"
+        )
     if source.format != "auto":
         if source.format != "hub" and not Path(location).is_file():
             raise UserError(f"{key_path}.path: file `{location}` does not exist")
@@ -77,7 +105,7 @@ def _detect_format(source: DataSource, location: str, key_path: str) -> str:
             allowed = ", ".join(_EXTENSION_FORMATS)
             raise UserError(
                 f"{key_path}.path: cannot tell the format of `{location}` from its extension; use one of "
-                f"{allowed} or set {key_path}.format"
+                f"{allowed} or set {key_path}.format (e.g. `label_text` for lines of `<label> <text>`)"
             )
         return data_format
     if looks_like_local_path(source.path):
@@ -85,9 +113,9 @@ def _detect_format(source: DataSource, location: str, key_path: str) -> str:
     return "hub"
 
 
-def _require_utf8(location: str) -> None:
-    """Loaders silently mangle non-UTF-8 text; check it first, in chunks, and name the line."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
+def _require_decodable(location: str, encoding: str) -> None:
+    """Loaders silently mangle text in another encoding; check it first, in chunks, and name the line."""
+    decoder = codecs.getincrementaldecoder(encoding)()
     lines_before = 0
     with open(location, "rb") as handle:
         while True:
@@ -96,10 +124,33 @@ def _require_utf8(location: str) -> None:
                 decoder.decode(chunk, final=not chunk)  # the final call catches a character cut off at the end
             except UnicodeDecodeError as exc:
                 line = lines_before + chunk[: exc.start].count(b"\n") + 1
-                raise UserError(f"`{location}` line {line} is not UTF-8 text; re-save the file as UTF-8") from None
+                hint = "set the source's `encoding` (e.g. latin-1) or re-save the file as UTF-8"
+                raise UserError(f"`{location}` line {line} is not {encoding.upper()} text; {hint}") from None
             if not chunk:
                 break
             lines_before += chunk.count(b"\n")
+
+
+def read_label_text(location: str, encoding: str) -> dict[str, list]:
+    """`<label> <text>` lines (SST, SentEval, TREC releases) -> columns `label`, `text`; integer labels stay integers
+    so that `task.labels` names index them, and a line without text is an error naming it."""
+    _require_decodable(location, encoding)
+    labels, texts = [], []
+    with open(location, encoding=encoding) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            parts = line.split(maxsplit=1)
+            if len(parts) < 2:
+                raise UserError(
+                    f"`{location}` line {number} has a label but no text; format label_text expects `<label> <text>` "
+                    "on every line"
+                )
+            labels.append(parts[0])
+            texts.append(parts[1].rstrip("\r\n"))
+    if labels and all(label.lstrip("-").isdigit() for label in labels):
+        labels = [int(label) for label in labels]
+    return {"label": labels, "text": texts}
 
 
 def _require_even_rows(location: str, data_format: str) -> None:
@@ -122,9 +173,21 @@ def _require_even_rows(location: str, data_format: str) -> None:
         csv.field_size_limit(limit)
 
 
-def _load_file(location: str, data_format: str) -> datasets.Dataset:
-    if data_format != "parquet":
-        _require_utf8(location)
+def _load_file(location: str, data_format: str, encoding: str) -> datasets.Dataset:
+    if data_format == "parquet" or encoding == "utf-8":
+        if data_format != "parquet":
+            _require_decodable(location, encoding)
+        return _load_utf8_file(location, data_format)
+    # The loaders read UTF-8 only: decode a file in another encoding once into a UTF-8 copy (the loaded rows live in
+    # the datasets cache, so the copy is not needed afterwards).
+    _require_decodable(location, encoding)
+    with tempfile.TemporaryDirectory(prefix="peftkit-utf8-") as folder:
+        copy = Path(folder) / Path(location).name
+        copy.write_text(Path(location).read_text(encoding=encoding), encoding="utf-8")
+        return _load_utf8_file(str(copy), data_format)
+
+
+def _load_utf8_file(location: str, data_format: str) -> datasets.Dataset:
     if data_format in ("csv", "tsv"):
         _require_even_rows(location, data_format)
     if data_format == "json":
@@ -215,11 +278,11 @@ def require_columns(dataset: datasets.Dataset, columns: list[str], split: str, s
         )
 
 
-def _locate_file_problem(location: str, data_format: str) -> str | None:
+def _locate_file_problem(location: str, data_format: str, encoding: str) -> str | None:
     """Name the line that breaks a text file, which the loaders' own errors often do not."""
-    if data_format == "hub" or data_format == "parquet":
+    if data_format in ("hub", "parquet", "parallel"):
         return None
-    text = Path(location).read_text(encoding="utf-8")
+    text = Path(location).read_text(encoding=encoding)
     if data_format == "jsonl":
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():

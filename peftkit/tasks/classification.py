@@ -28,6 +28,12 @@ def model_kwargs(info: dict) -> dict:
     return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
 
 
+def info_from_config(config) -> dict:
+    """Task info of an adapter trained outside peftkit (no record): label names from the model config's id2label."""
+    id2label = {int(i): name for i, name in (getattr(config, "id2label", None) or {}).items()}
+    return {"labels": [id2label.get(i, f"LABEL_{i}") for i in range(max(id2label, default=1) + 1)]}
+
+
 def load_model(recipe: Recipe, info: dict):
     return load_base_model(recipe, AUTO_CLASS, keep_unquantized=list(HEAD_NAMES), **model_kwargs(info))
 

@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments
 
-from peftkit.training.distributed import build_deepspeed_config, build_fsdp_config, configure_cpu_deepspeed_processes
+from peftkit.errors import UserError
+from peftkit.recipe.resolved import resolve_gradient_checkpointing, resolve_precision
 from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import CHECKPOINTS
-from peftkit.recipe.resolved import resolve_gradient_checkpointing, resolve_precision
+from peftkit.training.distributed import build_deepspeed_config, build_fsdp_config, configure_cpu_deepspeed_processes
 
 
 def training_setup(recipe: Recipe) -> dict:
@@ -38,7 +39,7 @@ def build_training_args(recipe: Recipe, run_dir: Path, best_metric: str, world_s
     fsdp_config = build_fsdp_config(recipe, world_size)
     precision = resolve_precision(training.precision)
     evaluating = training.eval_strategy != "no"
-    return TrainingArguments(
+    arguments = dict(
         output_dir=str(run_dir / CHECKPOINTS),
         num_train_epochs=training.epochs,
         max_steps=training.max_steps or -1,
@@ -78,3 +79,13 @@ def build_training_args(recipe: Recipe, run_dir: Path, best_metric: str, world_s
         fsdp=fsdp_config is not None,
         fsdp_config=fsdp_config,
     )
+    set_by_peftkit = sorted(set(training.trainer_args) & set(arguments))
+    if set_by_peftkit:
+        raise UserError(
+            f"training.trainer_args: {set_by_peftkit} are set by peftkit (run folder, evaluation and checkpoint "
+            "cadence, precision, sharding); remove them from trainer_args"
+        )
+    try:
+        return TrainingArguments(**arguments, **training.trainer_args)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"training.trainer_args: transformers rejects {training.trainer_args}: {exc}") from None

@@ -19,7 +19,6 @@ import torch
 
 from accelerate import PartialState
 from transformers import EarlyStoppingCallback, set_seed
-from transformers.integrations import TensorBoardCallback
 
 from peftkit.adapters import (
     adapter_callbacks,
@@ -29,6 +28,7 @@ from peftkit.adapters import (
     count_parameters,
     save_adapter,
 )
+from peftkit.console import attach_log_file
 from peftkit.data.sources import load_splits
 from peftkit.training.distributed import (
     adopt_recipe_sharding,
@@ -37,6 +37,7 @@ from peftkit.training.distributed import (
     launched_world_size,
     write_sharding_configs,
 )
+from peftkit.evaluation.model_card import adapter_card
 from peftkit.evaluation.plots import plot_losses
 from peftkit.evaluation.report import write_report
 from peftkit.models.load import load_config, load_tokenizer
@@ -44,16 +45,22 @@ from peftkit.plan.preflight import warn_if_recipe_will_not_fit
 from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import (
     ADAPTER_DIR,
+    LOG_FILE,
     ADAPTER_RECORD,
     LOG_HISTORY_FILE,
     LOSS_PLOT,
     MANIFEST_FILE,
     METRICS_FILE,
+    MODEL_CARD,
+    PLOTS_DIR,
     PREDICTIONS_FILE,
     RECIPE_FILE,
-    TENSORBOARD_DIR,
     TRAINER_ARGUMENTS,
-    check_resume_matches,
+    check_run_folder,
+    checkpoint_step,
+    keep_replaced_recipe,
+    last_complete_checkpoint,
+    replaced_recipe_name,
     manifest,
     run_dir_for,
     recipe_as_yaml,
@@ -65,9 +72,14 @@ from peftkit.run_folder import (
 )
 from peftkit.tasks import best_metric_name, get_task
 from peftkit.training.arguments import build_training_args, training_setup
-from peftkit.training.checkpoints import CheckSavedWeights, check_saved_weights, last_complete_checkpoint
+from peftkit.training.checkpoints import (
+    CheckSavedWeights,
+    check_saved_weights,
+    usable_checkpoint,
+)
 from peftkit.errors import Preempted
 from peftkit.tasks.base import FitResult, fits_itself
+from peftkit.training.tracking import final_metrics, open_trackers
 from peftkit.tasks.lm_loss import check_kernel_available
 from peftkit.training.trainer import PeftkitTrainer, PreemptionCallback
 
@@ -82,6 +94,7 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
     world_size = launched_world_size()
     check_launcher_agrees(recipe, os.environ, world_size)
     check_strategy_runs_here(recipe, world_size)
+    check_run_folder(recipe, resume, force_resume, resumable_when_finished=fits_itself(task))
     check_kernel_available(recipe.training.lm_loss)
     share_cpu_threads()
     adopt_recipe_sharding()
@@ -98,19 +111,26 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
     tokenized, info = task.prepare(recipe, raw_splits, tokenizer)
 
     with run_folder(recipe, resume, state.is_main_process) as run_dir, PreemptionCallback() as preemption:
+        if state.is_main_process:
+            attach_log_file(run_dir / LOG_FILE)
         state.wait_for_everyone()
-        checkpoint = last_complete_checkpoint(run_dir) if resume else None
+        checkpoint = usable_checkpoint(run_dir) if resume else None
         if resume:
-            check_resume_matches(run_dir, recipe, force_resume)
             log.info("resuming from %s", checkpoint or "the start (no complete checkpoint yet)")
         if state.is_main_process:
+            if force_resume:
+                kept = keep_replaced_recipe(run_dir, recipe, checkpoint_step(checkpoint))
+                if kept:
+                    log.warning("--force-resume with changed settings: the recipe that ran until here is kept as %s", kept)
             write_text_atomic(run_dir / RECIPE_FILE, recipe_as_yaml(recipe))
             write_sharding_configs(run_dir, recipe, world_size, args.deepspeed)
 
+        trackers = open_trackers(recipe, run_dir) if state.is_main_process else []
         set_seed(recipe.training.seed)
         # Tasks that need no gradient steps (feature extraction) bring their own fit step.
         fit = task.fit if fits_itself(task) else functools.partial(fit_with_trainer, args, preemption, best_metric)
-        result = fit(recipe, task, info, tokenized, tokenizer, run_dir, checkpoint, list(callbacks))
+        tracking = [tracker.callback() for tracker in trackers]
+        result = fit(recipe, task, info, tokenized, tokenizer, run_dir, checkpoint, [*tracking, *callbacks])
         if state.is_main_process:
             check_saved_weights(run_dir / ADAPTER_DIR)
             write_json(run_dir / ADAPTER_DIR / ADAPTER_RECORD, adapter_record(recipe, base_config, info))
@@ -132,6 +152,11 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
                 **result.summary,
             }
             _write_results(run_dir, recipe, task, info, summary, split_results, result.log_history)
+            write_text_atomic(run_dir / ADAPTER_DIR / MODEL_CARD, adapter_card(recipe, run_dir))
+            results = final_metrics({split: metrics for split, (_, metrics) in split_results.items()})
+            pictures = sorted((run_dir / PLOTS_DIR).glob("*.png"))
+            for tracker in trackers:
+                tracker.log_results(results, pictures, result.train_metrics.get("global_step", 0))
     state.wait_for_everyone()
     return run_dir
 
@@ -167,7 +192,7 @@ def fit_with_trainer(
         data_collator=task.collator(tokenizer, recipe),
         processing_class=tokenizer,
         compute_metrics=task.compute_metrics(info),
-        callbacks=[*_callbacks(recipe, run_dir, args.should_save), preemption, *callbacks, *adapter_callbacks(recipe)],
+        callbacks=[*_callbacks(recipe), preemption, *callbacks, *adapter_callbacks(recipe)],
         on_nonfinite=recipe.training.on_nonfinite,
         abort_grad_norm=recipe.training.abort_grad_norm,
         lm_loss=recipe.training.lm_loss,
@@ -197,12 +222,8 @@ def fit_with_trainer(
     )
 
 
-def _callbacks(recipe: Recipe, run_dir: Path, is_main_process: bool) -> list:
+def _callbacks(recipe: Recipe) -> list:
     callbacks = [CheckSavedWeights()]
-    if recipe.output.tensorboard and is_main_process:  # one event file, written by the main process
-        from torch.utils.tensorboard import SummaryWriter
-
-        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))))
     if recipe.training.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.training.early_stopping_patience))
     return callbacks
@@ -227,4 +248,6 @@ def _write_results(run_dir: Path, recipe: Recipe, task, info: dict, summary: dic
         for split, (records, metrics) in split_results.items()
     }
     write_report(run_dir, recipe, summary, sections, has_loss_plot)
-    write_json(run_dir / MANIFEST_FILE, manifest(recipe, parameters=summary["parameters"], setup=summary["setup"]))
+    replaced = sorted(path.name for path in run_dir.glob(replaced_recipe_name("*")))
+    facts = {"parameters": summary["parameters"], "setup": summary["setup"], **({"replaced_recipes": replaced} if replaced else {})}
+    write_json(run_dir / MANIFEST_FILE, manifest(recipe, **facts))
