@@ -21,10 +21,15 @@ from pathlib import Path
 
 from benchmarks.random_llama import save_random_llama
 
+# `loss` is peftkit's training.lm_loss; the baseline always uses transformers' loss, so a setting with a
+# memory-efficient loss is compared with the baseline of the same model preparation (`compare`).
 SETTINGS = {
-    "lora-bf16": {"bits": None, "gradient_checkpointing": False},
-    "qlora-nf4": {"bits": 4, "gradient_checkpointing": False},
-    "qlora-nf4-gc": {"bits": 4, "gradient_checkpointing": True},
+    "lora-bf16": {"bits": None, "gradient_checkpointing": False, "loss": "standard"},
+    "qlora-nf4": {"bits": 4, "gradient_checkpointing": False, "loss": "standard"},
+    "qlora-nf4-gc": {"bits": 4, "gradient_checkpointing": True, "loss": "standard"},
+    "lora-bf16-chunked": {"bits": None, "gradient_checkpointing": False, "loss": "chunked", "compare": "lora-bf16"},
+    "lora-bf16-liger": {"bits": None, "gradient_checkpointing": False, "loss": "liger", "compare": "lora-bf16"},
+    "qlora-nf4-gc-chunked": {"bits": 4, "gradient_checkpointing": True, "loss": "chunked", "compare": "qlora-nf4-gc"},
 }
 STACKS = ("peftkit", "baseline")
 LORA = {"r": 16, "alpha": 32}
@@ -55,7 +60,7 @@ def _peftkit_model_and_args(model_dir: Path, setting: dict, args, output_dir: Pa
         "training": {
             "max_steps": args.steps, "batch_size": args.batch, "learning_rate": 1e-4, "warmup_ratio": 0.0,
             "gradient_checkpointing": setting["gradient_checkpointing"], "precision": args.precision,
-            "eval_strategy": "no", "save_strategy": "no", "logging_steps": args.steps,
+            "eval_strategy": "no", "save_strategy": "no", "logging_steps": args.steps, "lm_loss": setting["loss"],
         },
         "output": {"dir": str(output_dir), "tensorboard": False},
     })
@@ -113,8 +118,15 @@ def measure(model_dir: Path, setting_name: str, stack: str, args) -> dict:
                 step_ends.append(time.perf_counter())
 
         dataset = _random_tokens(model.config.vocab_size, args.steps * args.batch, args.seq)
-        trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=default_data_collator,
-                          callbacks=[StepClock()])
+        if stack == "peftkit":
+            from peftkit.training.trainer import PeftkitTrainer
+
+            trainer = PeftkitTrainer(model=model, args=training_args, train_dataset=dataset,
+                                     data_collator=default_data_collator, callbacks=[StepClock()],
+                                     lm_loss=setting["loss"])
+        else:
+            trainer = Trainer(model=model, args=training_args, train_dataset=dataset,
+                              data_collator=default_data_collator, callbacks=[StepClock()])
         trainer.train()
     # The first step includes one-off work (allocator warm-up, kernel selection); throughput uses the others.
     timed_steps = len(step_ends) - 1
@@ -129,16 +141,23 @@ def measure(model_dir: Path, setting_name: str, stack: str, args) -> dict:
     }
 
 
+def runs_here(setting: str, stack: str, cuda: bool) -> bool:
+    """Baselines run once per model preparation; CUDA-only kernels need a GPU."""
+    if stack == "baseline" and "compare" in SETTINGS[setting]:
+        return False
+    return cuda or SETTINGS[setting]["loss"] not in ("liger", "cut_cross_entropy")
+
+
 def summarize(rows: list[dict]) -> str:
     """A table with each peftkit row next to its baseline and their ratios."""
-    lines = [f"{'setting':<14} {'stack':<9} {'peak GiB':>9} {'weights GiB':>12} {'tokens/s':>10} {'peak ratio':>11} {'speed ratio':>12}"]
+    lines = [f"{'setting':<21} {'stack':<9} {'peak GiB':>9} {'weights GiB':>12} {'tokens/s':>10} {'peak ratio':>11} {'speed ratio':>12}"]
     baselines = {row["setting"]: row for row in rows if row["stack"] == "baseline"}
     for row in rows:
-        base = baselines.get(row["setting"], {})
+        base = baselines.get(SETTINGS[row["setting"]].get("compare", row["setting"]), {})
         peak_ratio = row["peak_gib"] / base["peak_gib"] if row.get("peak_gib") and base.get("peak_gib") else None
         speed_ratio = row["tokens_per_s"] / base["tokens_per_s"] if row.get("tokens_per_s") and base.get("tokens_per_s") else None
         lines.append(
-            f"{row['setting']:<14} {row['stack']:<9} {_number(row.get('peak_gib'), 2):>9} {_number(row.get('model_gib'), 2):>12} "
+            f"{row['setting']:<21} {row['stack']:<9} {_number(row.get('peak_gib'), 2):>9} {_number(row.get('model_gib'), 2):>12} "
             f"{_number(row.get('tokens_per_s'), 0):>10} {_number(peak_ratio, 3):>11} {_number(speed_ratio, 3):>12}"
         )
     return "\n".join(lines)
@@ -156,6 +175,7 @@ def main() -> None:
     parser.add_argument("--setting", choices=SETTINGS)
     parser.add_argument("--stack", choices=STACKS)
     parser.add_argument("--summarize", type=Path, help="print the table for a JSON-lines file of results")
+    parser.add_argument("--list", action="store_true", help="print the setting/stack pairs that run on this machine")
     parser.add_argument("--dry-run", action="store_true", help="every setting x stack on a tiny shape, on CPU")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=4)
@@ -163,7 +183,14 @@ def main() -> None:
     args = parser.parse_args()
     args.dtype, args.precision = "bfloat16", "bf16"
 
-    if args.summarize:
+    if args.list:
+        import torch
+
+        for setting in SETTINGS:
+            for stack in STACKS:
+                if runs_here(setting, stack, torch.cuda.is_available()):
+                    print(setting, stack)
+    elif args.summarize:
         print(summarize([json.loads(line) for line in args.summarize.read_text().splitlines() if line.strip()]))
     elif args.prepare:
         save_random_llama(args.dir, args.shape, dtype="bfloat16")
@@ -174,7 +201,8 @@ def main() -> None:
         args.dtype, args.precision, args.steps, args.batch, args.seq = "float32", "fp32", 2, 2, 16
         with tempfile.TemporaryDirectory() as temporary:
             model_dir = save_random_llama(Path(temporary) / "tiny", "tiny")
-            rows = [measure(model_dir, setting, stack, args) for setting in SETTINGS for stack in STACKS]
+            rows = [measure(model_dir, setting, stack, args) for setting in SETTINGS for stack in STACKS
+                    if runs_here(setting, stack, cuda=False)]
         print(summarize(rows))
     else:
         print(json.dumps(measure(args.dir, args.setting, args.stack, args)))

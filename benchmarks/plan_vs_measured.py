@@ -26,6 +26,7 @@ from peftkit.plan.memory import GiB, estimate
 from peftkit.plan.shapes import count_parameters, known_models
 from peftkit.recipe.load import deep_merge, validate_recipe
 from peftkit.training.arguments import build_training_args
+from peftkit.tasks.lm_loss import EfficientLMLoss
 
 LORA = {"adapter": {"r": 16, "alpha": 32, "dropout": 0.05}}
 QLORA = deep_merge(LORA, {"quantization": {"bits": 4, "compute_dtype": "bfloat16"}})
@@ -52,6 +53,7 @@ GRID = {
     "meta-llama/Llama-3.1-8B": [
         deep_merge(deep_merge(LORA, CHECKPOINTED), shape(2, 2048)),
         deep_merge(deep_merge(QLORA, CHECKPOINTED), shape(2, 2048)),
+        deep_merge(deep_merge(QLORA, CHECKPOINTED), shape(2, 2048, lm_loss="standard")),
         deep_merge(deep_merge(INT8, CHECKPOINTED), shape(1, 1024)),
     ],
     "Qwen/Qwen2-7B": [
@@ -90,13 +92,17 @@ def train_steps(recipe, steps: int, device: str, workdir: Path) -> None:
     if recipe.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = attach_adapter(model, recipe, "CAUSAL_LM")
+    efficient = EfficientLMLoss.for_model(model, recipe.training.lm_loss)  # the loss the plan assumes
     optimizer = Trainer(model=model, args=build_training_args(recipe, workdir, "loss")).create_optimizer()
     vocab = model.config.vocab_size
     shape_ = (recipe.training.batch_size, recipe.data.max_length)
     for _ in range(steps):
         tokens = torch.randint(0, vocab, shape_, device=device)
         with torch.autocast(device, dtype=torch.bfloat16, enabled=recipe.training.precision == "bf16"):
-            loss = model(input_ids=tokens, labels=tokens).loss
+            if efficient is None:
+                loss = model(input_ids=tokens, labels=tokens).loss
+            else:
+                loss = efficient.loss(model, {"input_ids": tokens, "labels": tokens})[0]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -112,6 +118,7 @@ def describe(recipe) -> str:
         parts.append(recipe.model.attn_implementation)
     if recipe.training.optimizer != "adamw_torch":
         parts.append(recipe.training.optimizer)
+    parts.append(f"{recipe.training.lm_loss} loss")
     return " ".join(parts)
 
 
@@ -151,16 +158,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny Llama on CPU (no GPU needed)")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--models", help="comma-separated subset of the grid's models (default: all)")
     args = parser.parse_args()
     if args.smoke:
-        grid = {"tiny-llama": [deep_merge(LORA, shape(2, 32)), deep_merge(FULL, shape(2, 32))]}
+        grid = {"tiny-llama": [deep_merge(LORA, shape(2, 32)), deep_merge(FULL, shape(2, 32)),
+                               deep_merge(LORA, shape(2, 32, lm_loss="standard"))]}
         configs = {"tiny-llama": AutoConfig.for_model(**TINY_LLAMA)}
         run(grid, configs, steps=1, device="cpu")
         return
     if not torch.cuda.is_available():
         raise SystemExit("no GPU visible: run with --smoke for the CPU check")
-    configs = {name: AutoConfig.for_model(**known_models()[name]) for name in GRID}
-    run(GRID, configs, args.steps, "cuda")
+    grid = {name: GRID[name] for name in args.models.split(",")} if args.models else GRID
+    configs = {name: AutoConfig.for_model(**known_models()[name]) for name in grid}
+    run(grid, configs, args.steps, "cuda")
 
 
 if __name__ == "__main__":

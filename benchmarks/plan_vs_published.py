@@ -56,7 +56,7 @@ PUBLISHED = [
     (
         "Llama-2-70B FSDP+QLoRA, 2x24GB, CPU offload (PEFT docs)", 19.6 * GB, "GPU memory in use",
         "same page, fsdp_offload_params: true",
-        deep_merge(PEFT_FSDP_QLORA_70B, {"distributed": {"offload_params": True}}),
+        deep_merge(PEFT_FSDP_QLORA_70B, {"distributed": {"offload_params": True, "offload_optimizer": True}}),
         2,
     ),
 ]

@@ -395,8 +395,22 @@ def _plan(args: argparse.Namespace) -> None:
         print(f"  x{candidate.slowdown:.2f} step time, {candidate.plan.total / 2**30:.2f} GiB: {candidate.as_overrides()}")
 
 
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """Like `parse_args`, but `key.path=value` overrides may also follow the options (`RECIPE --gpus 1 a.b=c`):
+    argparse stops filling a positional list at the first option, leaving later overrides unrecognized."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    late_overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    if late_overrides and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *late_overrides]
+        extra = [item for item in extra if item not in late_overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     configure_console(args.verbose)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

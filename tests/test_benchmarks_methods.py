@@ -49,3 +49,7 @@ def test_gpu_check_dry_run_measures_every_setting_and_stack():
         (setting, stack) for setting in ("lora-bf16", "qlora-nf4", "qlora-nf4-gc") for stack in ("peftkit", "baseline")
     )
     assert all(float(row[4]) > 0 for row in rows)  # tokens/s measured (memory columns need CUDA: "-")
+    # the memory-efficient loss runs through peftkit only (liger needs CUDA) and is compared with the HF-loss baseline
+    efficient = [line.split() for line in result.stdout.splitlines() if line.split()[:1] and line.split()[0].endswith("-chunked")]
+    assert sorted(row[0] for row in efficient) == ["lora-bf16-chunked", "qlora-nf4-gc-chunked"]
+    assert all(row[1] == "peftkit" and float(row[6]) > 0 for row in efficient)

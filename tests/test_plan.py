@@ -19,10 +19,10 @@ from peftkit.recipe.load import validate_recipe
 from tests.conftest import REPO_ROOT, run_cli, run_cli_in_process, write_recipe
 
 DIMS = {"hidden": 1024, "heads": 16, "head_dim": 64, "kv_heads": 4, "intermediate": 4096, "layers": 8,
-        "vocab": 32000, "gated_mlp": 1}
+        "vocab": 32000, "gated_mlp": 1, "element_bytes": 2}
 COUNTS = ParameterCounts(
     frozen_bytes={"bfloat16": 8 * GiB}, trainable=[(2**20, torch.float32)] * 8,
-    largest_layer_bytes=GiB // 2, adapter_inputs=0, adapter_ranks=0, logits_width=0, dims=DIMS,
+    largest_layer_bytes=GiB // 2, largest_outer_bytes=GiB // 8, adapter_inputs=0, adapter_ranks=0, logits_width=0, dims=DIMS,
 )
 
 
@@ -87,8 +87,17 @@ def test_activation_model_scales_with_tokens_and_shrinks_with_checkpointing():
     assert doubled == 2 * plain
     assert checkpointed["activations"] < plain / 2
     assert eager > plain
-    with_logits = rows(estimate(recipe(), replace(COUNTS, logits_width=32000)))
-    assert with_logits["logits + loss"] == 4 * 512 * 32000 * (2 * 2 + 12)
+    training = {"batch_size": 16, "eval_strategy": "no"}
+    standard = rows(estimate(recipe(training={**training, "lm_loss": "standard"}), replace(COUNTS, logits_width=32000)))
+    assert standard["logits + loss"] == 16 * 512 * 32000 * (2 * 2 + 12)
+    chunked = rows(estimate(recipe(training=training), replace(COUNTS, logits_width=32000)))  # auto: chunked
+    assert chunked["logits + loss"] < standard["logits + loss"] / 4
+
+
+def test_gathered_size_counts_a_head_larger_than_a_layer():
+    zero3 = recipe(distributed={"strategy": "deepspeed", "zero_stage": 3})
+    big_head = rows(estimate(zero3, replace(COUNTS, largest_outer_bytes=2 * GiB), 4))
+    assert big_head["gathered layers"] == COUNTS.largest_layer_bytes + 2 * GiB
 
 
 def test_fit_finds_cheapest_changes_that_really_fit():
@@ -162,3 +171,29 @@ def test_benchmark_smoke_mode_runs_on_cpu():
     assert result.returncode == 0, result.stderr[-2000:]
     rows_ = [line for line in result.stdout.splitlines() if line.startswith("| tiny-llama")]
     assert len(rows_) == 2 and all("GiB" in line for line in rows_)
+
+
+@pytest.mark.slow
+def test_fit_ranks_single_changes_first_and_offers_16_bit_weights():
+    # The user's report: an 8B model at 4,096 tokens per micro-batch on one 24 GiB GPU.
+    original = recipe(model={"name": "meta-llama/Llama-3.1-8B", "dtype": "float32"},
+                      training={"batch_size": 8, "eval_strategy": "no"})
+    candidates = fit.search(original, 1, 24 * GiB, limit=8)
+    assert candidates[0].overrides == {"quantization.bits": 4, "quantization.compute_dtype": "bfloat16"}
+    assert any(c.overrides.get("model.dtype") == "bfloat16" for c in candidates)
+    assert not any(key.startswith("distributed.") for c in candidates[:3] for key in c.overrides)
+    for candidate in candidates:  # each suggestion, re-planned as the user would run it, fits
+        assert fit.plan_recipe(validate_recipe(_apply(original, candidate.overrides)), 1, 24 * GiB).fits
+
+
+def test_overrides_may_follow_the_options(tmp_path, tiny_llama_dir):
+    path = write_recipe(tmp_path / "tiny.yaml", {
+        "model": {"name": str(tiny_llama_dir)}, "data": {"train": {"path": "x.jsonl"}, "max_length": 64},
+        "training": {"batch_size": 4, "eval_strategy": "no"},
+    })
+    result = run_cli_in_process("plan", str(path), "--gpus", "1", "--gpu-memory", "24GiB", "training.batch_size=2")
+    assert result.returncode == 0, result.stderr
+    assert "128 tokens per micro-batch" in result.stdout
+    with pytest.raises(SystemExit) as wrong:  # argparse's usage error: exit code 2
+        run_cli_in_process("plan", str(path), "--gpus", "1", "--no-such-option")
+    assert wrong.value.code == 2

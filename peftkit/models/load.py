@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from peftkit.errors import UserError
@@ -76,10 +77,8 @@ def load_base_model(recipe: Recipe, auto_class: type, keep_unquantized: list[str
     model = recipe.model
     # use_safetensors=None lets transformers fall back to .bin, which it reads with torch.load(weights_only=True).
     kwargs: dict[str, Any] = {**_hub_kwargs(model), **task_kwargs, "use_safetensors": None if model.allow_pickle_weights else True}
-    if model.dtype != "auto":
-        kwargs["dtype"] = torch_dtype(model.dtype)
-    else:
-        kwargs["dtype"] = "auto"
+    dtype = model.resolved_dtype(on_gpu=torch.cuda.is_available())
+    kwargs["dtype"] = "auto" if dtype == "auto" else torch_dtype(dtype)
     if model.attn_implementation:
         kwargs["attn_implementation"] = model.attn_implementation
     quantization_config = build_quantization_config(recipe.quantization, keep_unquantized)

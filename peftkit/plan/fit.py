@@ -13,7 +13,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from peftkit.errors import UserError
-from peftkit.plan.memory import MemoryPlan, estimate
+from peftkit.plan.memory import MemoryPlan, estimate, planning_precision
 from peftkit.plan.shapes import ParameterCounts, count_parameters, load_model_config
 from peftkit.recipe.load import set_key_path, validate_recipe
 from peftkit.recipe.schema import Recipe
@@ -21,6 +21,9 @@ from peftkit.recipe.resolved import resolve_gradient_checkpointing
 
 # Expected step-time factor of each change, relative to the recipe as written.
 SLOWDOWN = {
+    "model.dtype=bfloat16": 1.0,  # 16-bit base weights: what mixed precision computes in anyway
+    "training.lm_loss=chunked": 1.0,  # measured equal or faster (docs/plan.md)
+    "data.max_length_halving": 1.3,  # not slower, but it truncates examples: tried after changes that keep the data
     "quantization.bits=8": 1.6,  # LLM.int8 matmuls with outlier decomposition
     "quantization.bits=4": 1.25,  # dequantize every 4-bit weight in forward and backward
     "training.gradient_checkpointing=True": 1.33,  # one extra forward pass
@@ -60,11 +63,20 @@ def plan_recipe(
 def _options(recipe: Recipe, gpus: int) -> list[list[tuple[dict[str, Any], float]]]:
     """Per axis, the alternatives to the recipe as written (the first, empty one keeps it)."""
     keep = ({}, 1.0)
+    weights = [keep]
+    if recipe.quantization.bits is None and recipe.model.resolved_dtype(on_gpu=True) == "float32":
+        weights.append(({"model.dtype": "bfloat16"}, SLOWDOWN["model.dtype=bfloat16"]))
+    loss = [keep]
+    if recipe.training.lm_loss == "standard":
+        loss.append(({"training.lm_loss": "chunked"}, SLOWDOWN["training.lm_loss=chunked"]))
     quantization = [keep]
     if recipe.adapter.method != "none" and recipe.quantization.bits != 4:
+        # k-bit layers compute in the training precision, not float32 (which would also double the activations)
+        compute = {} if planning_precision(recipe) == "fp32" or recipe.quantization.compute_dtype != "float32" else {
+            "quantization.compute_dtype": "bfloat16" if planning_precision(recipe) == "bf16" else "float16"}
         if recipe.quantization.bits is None:
             quantization.append(({"quantization.bits": 8}, SLOWDOWN["quantization.bits=8"]))
-        quantization.append(({"quantization.bits": 4}, SLOWDOWN["quantization.bits=4"]))
+        quantization.append(({"quantization.bits": 4, **compute}, SLOWDOWN["quantization.bits=4"]))
     checkpointing = [keep]
     if not resolve_gradient_checkpointing(recipe):
         checkpointing.append(({"training.gradient_checkpointing": True}, SLOWDOWN["training.gradient_checkpointing=True"]))
@@ -91,7 +103,7 @@ def _options(recipe: Recipe, gpus: int) -> list[list[tuple[dict[str, Any], float
             {"distributed.strategy": "fsdp", "distributed.offload_params": True},
             SLOWDOWN["distributed.strategy=fsdp"] * SLOWDOWN["distributed.offload_params=True"],
         ))
-    sharding = [(o, c) for o, c in sharding if not _already(recipe, o)] or [keep]
+    sharding = [keep] + [(o, c) for o, c in sharding[1:] if not _already(recipe, o)]  # `keep` is always "already"
     micro_batch = [keep]
     batch, accumulation, halvings = recipe.training.batch_size, recipe.training.gradient_accumulation, 0
     while batch % 2 == 0:
@@ -100,7 +112,12 @@ def _options(recipe: Recipe, gpus: int) -> list[list[tuple[dict[str, Any], float
             {"training.batch_size": batch, "training.gradient_accumulation": accumulation},
             SLOWDOWN["micro_batch_halving"] ** halvings,
         ))
-    return [quantization, checkpointing, optimizer, sharding, micro_batch]
+    length = [keep]
+    max_length = recipe.data.max_length
+    for halvings in (1, 2):
+        if max_length >> halvings >= 128:
+            length.append(({"data.max_length": max_length >> halvings}, SLOWDOWN["data.max_length_halving"] ** halvings))
+    return [weights, loss, quantization, checkpointing, optimizer, sharding, micro_batch, length]
 
 
 def _already(recipe: Recipe, overrides: dict[str, Any]) -> bool:
@@ -131,7 +148,11 @@ def _sharded_4bit_storage(recipe: Recipe, overrides: dict[str, Any]) -> dict[str
 
 
 def search(recipe: Recipe, gpus: int, gpu_memory: int, limit: int = 5) -> list[Candidate]:
-    """Recipe changes that fit `gpu_memory` per GPU, cheapest first, without ones that merely add to a cheaper fit."""
+    """Recipe changes that fit `gpu_memory` per GPU, cheapest first, without ones that merely add to a cheaper fit.
+
+    Each candidate's plan is that of the changed recipe, re-validated and re-counted (its model dtype and
+    quantization change the parameter counts), so a suggestion fits by the same estimate `peftkit plan` prints.
+    """
     counts_by_quantization: dict[Any, ParameterCounts] = {}
     config = load_model_config(recipe.model)
     fitting: list[Candidate] = []
@@ -145,7 +166,7 @@ def search(recipe: Recipe, gpus: int, gpu_memory: int, limit: int = 5) -> list[C
         changed = _with_overrides(recipe, overrides)
         if changed is None:
             continue
-        key = changed.quantization.model_dump_json()
+        key = changed.quantization.model_dump_json(), changed.model.dtype
         if key not in counts_by_quantization:
             counts_by_quantization[key] = count_parameters(changed, config)
         plan = estimate(changed, counts_by_quantization[key], gpus, gpu_memory)

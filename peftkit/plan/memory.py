@@ -13,6 +13,7 @@ from peftkit.errors import UserError
 from peftkit.plan.shapes import ParameterCounts
 from peftkit.recipe.schema import Recipe
 from peftkit.recipe.resolved import resolve_gradient_checkpointing
+from peftkit.tasks.lm_loss import chunk_tokens
 
 GiB = 2**30
 
@@ -20,10 +21,12 @@ GiB = 2**30
 # workspaces and NCCL buffers (fixed), and allocator fragmentation (a share of what is allocated).
 RUNTIME_FIXED_BYTES = 1 * GiB
 FRAGMENTATION_SHARE = 0.05
+PLAN_ERROR = 0.10  # worst relative error on the published table of docs/plan.md, rounded up
 
 BNB_OPTIMIZER_BLOCK = 256  # elements per absmax of a blockwise 8-bit optimizer state
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps smaller tensors' states in float32
 BNB_QMAP_BYTES = 2 * 256 * 4  # the two float32 quantization maps, shared by all tensors of one optimizer
+DEEPSPEED_MAX_LIVE_PARAMETERS = 10**9  # DeepSpeed's stage3_max_live_parameters default
 ADAM_STEP_BYTES = 4  # torch AdamW's float32 `step` counter per tensor (kept on the host unless fused)
 
 
@@ -175,17 +178,26 @@ def estimate(recipe: Recipe, counts: ParameterCounts, gpus: int = 1, gpu_memory:
     rows.append(Row("optimizer states", int(states), optimizer_note))
 
     if params_sharded:
-        rows.append(Row("gathered layers", 2 * counts.largest_layer_bytes, "current + prefetched layer, unsharded"))
+        # The embeddings and LM head are gathered whole too, and are often larger than a layer (Llama-3's
+        # 128k-vocabulary head); at most one of them is live next to one layer.
+        layer, outer = counts.largest_layer_bytes, counts.largest_outer_bytes
+        if deepspeed and mixed and recipe.quantization.bits is None:  # DeepSpeed casts float weights to 16-bit
+            layer, outer = layer * 2 // counts.element_bytes, outer * 2 // counts.element_bytes
+        gathered = layer + max(layer, outer)
+        note = "current + prefetched layer" if layer >= outer else "a layer + the embeddings or LM head"
+        rows.append(Row("gathered layers", gathered, note + ", unsharded"))
+    if offload_params and deepspeed:
+        # ZeRO-3 keeps fetched parameters on the GPU until `stage3_max_live_parameters` (DeepSpeed's default 1e9)
+        # are live, so offloading does not bring a large model's GPU share down to one layer.
+        live = min(DEEPSPEED_MAX_LIVE_PARAMETERS, counts.frozen_numel) * 2
+        rows.append(Row("live offloaded parameters", live, "ZeRO-3 stage3_max_live_parameters (1e9) in 16-bit"))
 
     tokens = micro_batch_sequences(recipe) * recipe.data.max_length
     activation_bytes, activation_note = activations(recipe, counts, precision)
     rows.append(Row("activations", activation_bytes, activation_note))
     if counts.logits_width:
         element = 2 if mixed else 4
-        rows.append(
-            Row("logits + loss", tokens * counts.logits_width * (2 * element + 12),
-                f"{tokens:,} tokens x {counts.logits_width:,} vocabulary")
-        )
+        rows.append(loss_row(recipe, counts, tokens, element))
         passes = reference_passes(recipe)
         if passes:
             # The reference forward runs without gradients while the policy's activations are held: its logits
@@ -220,6 +232,19 @@ def reference_passes(recipe: Recipe) -> int:
     if task.type != "preference" or task.loss == "orpo":
         return 0
     return 2 if task.loss == "kto" else 1
+
+
+def loss_row(recipe: Recipe, counts: ParameterCounts, tokens: int, element: int) -> Row:
+    """The language-model loss. Standard: logits in the compute dtype, their float32 copy, the log-softmax and
+    its gradient (2a + 12 bytes per token and vocabulary entry). Chunked (and the fused kernels, assumed alike):
+    one chunk's float32 logits, their softmax-gradient and its cast, plus the labelled hidden rows and their
+    gradient; every token is assumed labelled (response-only masks make it smaller)."""
+    vocab, hidden = counts.logits_width, counts.dims.get("hidden", 0)
+    if recipe.training.lm_loss == "standard" or recipe.task.type == "preference":  # TRL's trainers: their own loss
+        return Row("logits + loss", tokens * vocab * (2 * element + 12), f"{tokens:,} tokens x {vocab:,} vocabulary")
+    chunk = min(tokens, chunk_tokens(tokens, vocab, hidden))
+    size = chunk * vocab * (4 + 4 + element) + 2 * tokens * hidden * element
+    return Row("logits + loss", size, f"chunked: {chunk:,} of {tokens:,} tokens x {vocab:,} vocabulary at a time")
 
 
 def activations(recipe: Recipe, counts: ParameterCounts, precision: str) -> tuple[int, str]:
@@ -277,4 +302,7 @@ def format_plan(plan: MemoryPlan) -> str:
         verdict = "fits" if plan.fits else "does NOT fit"
         lines.append(f"{verdict} in {format_bytes(plan.gpu_memory)} per GPU "
                      f"({format_bytes(abs(plan.gpu_memory - plan.total))} {'spare' if plan.fits else 'over'})")
+        if abs(plan.total - plan.gpu_memory) <= PLAN_ERROR * plan.gpu_memory:
+            lines.append(f"  borderline: within the planner's error (~{PLAN_ERROR:.0%}, docs/plan.md) of the GPU's "
+                         "memory; runs this close have been published both ways, so measure one step first")
     return "\n".join(lines)

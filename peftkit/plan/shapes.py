@@ -68,10 +68,20 @@ class ParameterCounts:
     frozen_bytes: dict[str, int]  # storage kind ("bfloat16", "4-bit nf4", "8-bit int8", ...) -> bytes
     trainable: list[tuple[int, torch.dtype]]  # (elements, dtype) of each trainable tensor, in model order
     largest_layer_bytes: int  # parameter bytes of the biggest repeated block (gathered whole under ZeRO-3/FSDP)
+    largest_outer_bytes: int  # the larger of the input embeddings and the output head (gathered whole too)
     adapter_inputs: int  # summed input width of all adapted modules (each keeps its own dropout copy of the input)
     adapter_ranks: int  # summed rank of all adapted modules (each keeps its low-rank activation)
     logits_width: int  # vocabulary of a language-model head (its logits dominate peak memory); 0 for small heads
     dims: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def frozen_numel(self) -> int:
+        return self.dims.get("frozen_numel", 0)
+
+    @property
+    def element_bytes(self) -> int:
+        """Bytes per element of the unquantized base weights."""
+        return self.dims.get("element_bytes", 4)
 
     @property
     def trainable_numel(self) -> int:
@@ -87,8 +97,9 @@ class ParameterCounts:
 
 
 def base_dtype(recipe: Recipe, config: PretrainedConfig) -> torch.dtype:
-    if recipe.model.dtype != "auto":
-        return torch_dtype(recipe.model.dtype)
+    dtype = recipe.model.resolved_dtype(on_gpu=True)  # plans are for GPUs
+    if dtype != "auto":
+        return torch_dtype(dtype)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -171,20 +182,23 @@ def count_parameters(
     model = build_meta_model(recipe, config, peft_task_type)
     frozen: dict[str, int] = {}
     trainable = []
+    frozen_numel = 0
     for _, param in model.named_parameters():
         if param.requires_grad:
             trainable.append((param.numel(), param.dtype))
             continue
+        frozen_numel += param.numel()
         kind, size = quantized_bytes(param) or (str(param.dtype).removeprefix("torch."), param.numel() * param.itemsize)
         frozen[kind] = frozen.get(kind, 0) + size
     return ParameterCounts(
         frozen_bytes=frozen,
         trainable=trainable,
         largest_layer_bytes=_largest_layer_bytes(model),
+        largest_outer_bytes=_largest_outer_bytes(model),
         adapter_inputs=sum(module.in_features for module in _lora_layers(model)),
         adapter_ranks=sum(sum(module.r.values()) for module in _lora_layers(model)),
         logits_width=_logits_width(model),
-        dims=model_dims(config),
+        dims={**model_dims(config), "frozen_numel": frozen_numel, "element_bytes": base_dtype(recipe, config).itemsize},
     )
 
 
@@ -198,16 +212,23 @@ def _logits_width(model) -> int:
     return getattr(head, "out_features", 0) if head is not None else 0
 
 
+def _module_bytes(module) -> int:
+    return sum((quantized_bytes(p) or ("", p.numel() * p.itemsize))[1] for p in module.parameters())
+
+
+def _largest_outer_bytes(model) -> int:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    modules = [getattr(base, name)() for name in ("get_input_embeddings", "get_output_embeddings") if hasattr(base, name)]
+    return max((_module_bytes(module) for module in modules if module is not None), default=0)
+
+
 def _largest_layer_bytes(model) -> int:
     """Bytes of the biggest direct child of the model's repeated-layer list (what FSDP/ZeRO-3 gather at once)."""
     largest = 0
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) > 1:
             for layer in module:
-                size = sum(
-                    (quantized_bytes(p) or ("", p.numel() * p.itemsize))[1] for p in layer.parameters()
-                )
-                largest = max(largest, size)
+                largest = max(largest, _module_bytes(layer))
     return largest
 
 

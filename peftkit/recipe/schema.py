@@ -64,10 +64,16 @@ class ModelSection(Section):
         description="Hub id of the base when `name` is a local folder, recorded as the adapter's "
         "`base_model_name_or_path` and in its model card so that others can load it (packaged models know theirs).",
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "float32", description="Dtype of the (unquantized) base weights; `auto` uses the checkpoint's dtype.",
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="Dtype of the (unquantized) base weights; `auto` uses the checkpoint's dtype; unset is `auto` on "
+        "a GPU (a float32 copy of a bfloat16 checkpoint doubles its memory) and float32 on CPU.",
         validation_alias=AliasChoices("dtype", "torch_dtype"),
     )
+
+    def resolved_dtype(self, on_gpu: bool) -> str:
+        """The dtype the base is loaded in (`auto`: the checkpoint's)."""
+        return self.dtype or ("auto" if on_gpu else "float32")
     trust_remote_code: bool = Field(
         False, description="Allow the model repository to run its own Python code. Off unless you trust it."
     )
@@ -561,6 +567,13 @@ class TrainingSection(Section):
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Mixed precision; `auto` is bf16 on GPUs that support it, else fp32."
+    )
+    lm_loss: Literal["auto", "standard", "chunked", "liger", "cut_cross_entropy"] = Field(
+        "auto",
+        description="Language-model loss (causal LM, seq2seq): `chunked` computes the cross-entropy from the hidden "
+        "states in token chunks, never holding float32 logits over the whole vocabulary (any device); `liger` / "
+        "`cut_cross_entropy` are fused CUDA kernels (packages liger-kernel / cut-cross-entropy); `standard` is "
+        "transformers' loss; `auto` is chunked where the model's logits are its head's output, else standard.",
     )
     eval_strategy: Literal["steps", "epoch", "no"] = Field(
         "epoch", description="When to evaluate on validation.",

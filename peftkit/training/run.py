@@ -15,6 +15,8 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+
 from accelerate import PartialState
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
@@ -78,6 +80,7 @@ from peftkit.training.checkpoints import (
 from peftkit.errors import Preempted
 from peftkit.tasks.base import FitResult, TrainerSetup, fits_itself, trains_with_own_trainer
 from peftkit.training.tracking import final_metrics, open_trackers
+from peftkit.tasks.lm_loss import check_kernel_available
 from peftkit.training.trainer import PreemptionCallback, with_peftkit_training
 
 log = logging.getLogger("peftkit")
@@ -93,6 +96,8 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
     check_launcher_agrees(recipe, os.environ, world_size)
     check_strategy_runs_here(recipe, world_size)
     check_run_folder(recipe, resume, force_resume, resumable_when_finished=fits_itself(task))
+    check_kernel_available(recipe.training.lm_loss)
+    share_cpu_threads()
     adopt_recipe_sharding()
     best_metric = best_metric_name(recipe)
     # Built before the model is loaded: under ZeRO-3 this makes from_pretrained load partitioned weights.
@@ -162,6 +167,16 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
     return run_dir
 
 
+def share_cpu_threads() -> None:
+    """On CPU, split the cores among the processes launched on this machine: torch's default (every core in
+    every process) oversubscribes them, which ran 1.5x slower per step than one thread each (benchmarks/peers.py).
+    An explicit OMP_NUM_THREADS wins."""
+    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
+        return
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_processes))
+
+
 def fit_with_trainer(
     args, preemption: PreemptionCallback, best_metric: str, trainer_class: type, recipe: Recipe, task, info: dict,
     tokenized: dict, tokenizer, run_dir: Path, checkpoint, callbacks: list,
@@ -187,6 +202,8 @@ def fit_with_trainer(
         callbacks=[*_callbacks(recipe), preemption, *callbacks, *adapter_callbacks(recipe)],
         on_nonfinite=recipe.training.on_nonfinite,
         abort_grad_norm=recipe.training.abort_grad_norm,
+        # TRL's preference trainers compute their own losses from the logits.
+        lm_loss="standard" if trains_with_own_trainer(task) else recipe.training.lm_loss,
     )
     # The Trainer rescales losses of models whose forward takes **kwargs as if they were sums over a global
     # item count (x processes, no division by accumulation steps); a per-batch mean loss must not be rescaled.

@@ -29,6 +29,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from peftkit.errors import UserError, out_of_space
 from peftkit.run_folder import TRAINER_STATE, last_complete_checkpoint, write_text_atomic
 from peftkit.training.checkpoints import last_good_checkpoint
+from peftkit.tasks.lm_loss import EfficientLMLoss
 
 STAGING = ".staging"
 # In a checkpoint saved on SIGTERM at a step whose evaluation was skipped to save in time: resuming runs it first.
@@ -55,8 +56,10 @@ class PeftkitTraining:
     batching and logging (TRL's trainers override `training_step` and `_save_checkpoint` themselves).
     """
 
-    def __init__(self, *args, on_nonfinite: str = "stop", abort_grad_norm: float | None = None, **kwargs):
+    def __init__(self, *args, on_nonfinite: str = "stop", abort_grad_norm: float | None = None,
+                 lm_loss: str = "standard", **kwargs):
         super().__init__(*args, **kwargs)
+        self.efficient_loss = EfficientLMLoss.for_model(self.model, lm_loss)
         self.on_nonfinite = on_nonfinite
         self.abort_grad_norm = abort_grad_norm
         self.skipped_steps: list[int] = []
@@ -98,6 +101,21 @@ class PeftkitTraining:
         if self.args.train_sampling_strategy != "group_by_length":
             return super()._get_eval_sampler(eval_dataset)
         return torch.utils.data.SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """A language model's loss from its hidden states (`training.lm_loss`), scaled as the Trainer scales
+        a model's own token-sum loss; every other model's loss is the Trainer's."""
+        computed = None
+        # Outside training the placeholder logits must not reach compute_metrics.
+        logits_unused = model.training or self.compute_metrics is None
+        if self.efficient_loss is not None and "labels" in inputs and logits_unused:
+            computed = self.efficient_loss.loss(model, inputs, num_items_in_batch if self.model_accepts_loss_kwargs else None)
+        if computed is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = computed
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # gradients are averaged over ranks; the divisor is global
+        return (loss, outputs) if return_outputs else loss
 
     # --- numeric guards -------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
