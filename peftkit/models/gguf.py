@@ -31,10 +31,17 @@ def converted_folder(gguf_file: Path) -> Path:
     stat = gguf_file.stat()
     key = hashlib.sha256(f"{gguf_file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     folder = cache_root() / "gguf" / f"{gguf_file.stem}-{key}"
-    if (folder / COMPLETE_MARKER).is_file():
+    if (folder / COMPLETE_MARKER).is_file() and is_plain_model_folder(folder):
         return folder
     _convert(gguf_file, folder)
     return folder
+
+
+def is_plain_model_folder(folder: Path) -> bool:
+    """False for a folder converted by an older peftkit, whose config still claims GGUF quantization."""
+    import json
+
+    return "quantization_config" not in json.loads((folder / "config.json").read_text())
 
 
 def _convert(gguf_file: Path, folder: Path) -> None:
@@ -43,7 +50,13 @@ def _convert(gguf_file: Path, folder: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    # The loaded config records the file's GGUF quantization; kept, it would make every later load of the
+    # (already dequantized, fp32) folder a "quantized model" that peft and the Trainer refuse to train.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
     folder.parent.mkdir(parents=True, exist_ok=True)
