@@ -17,8 +17,8 @@ from peft import PeftConfig, PeftModel
 
 from peftkit.deploy.adapter_folder import AdapterSource, check_base, find_adapter
 from peftkit.errors import UserError
-from peftkit.models.load import load_config, load_tokenizer, model_location
-from peftkit.models.quantization import build_quantization_config, torch_dtype
+from peftkit.models.load import context_length, load_config, load_tokenizer, model_location
+from peftkit.models.build import build_model
 from peftkit.recipe.schema import ModelSection, QuantizationSection
 from peftkit.tasks import get_task
 
@@ -103,11 +103,9 @@ class AttachedModel:
         quantization = QuantizationSection() if self.full_precision_base else source.quantization
         # Modules the adapter trains fully (task heads) hold full-precision weights: they must not be quantized.
         full_modules = PeftConfig.from_pretrained(str(source.path)).modules_to_save or []
-        quantization_config = build_quantization_config(quantization, full_modules)
-        base_model = task.AUTO_CLASS.from_pretrained(
-            self.location, dtype=torch_dtype(self._model_section.dtype), use_safetensors=True,
-            trust_remote_code=self._model_section.trust_remote_code, **task.model_kwargs(source.info),
-            **({"quantization_config": quantization_config} if quantization_config else {}),
+        base_model = build_model(
+            self._model_section, quantization, task.AUTO_CLASS, model_kwargs=task.model_kwargs(source.info),
+            keep_unquantized=full_modules, config=self.config,
         )
         self.model = PeftModel.from_pretrained(base_model, str(source.path), adapter_name=peft_name).eval()
         self.task_type, self.quantization = source.task, quantization
@@ -139,7 +137,7 @@ class AttachedModel:
         if self.task_type is None:
             raise UserError("no adapter is attached; load one first")
         fields = self.task.INPUT_FIELDS
-        limit = None if getattr(self.task, "WINDOWS_LONG_INPUTS", False) else getattr(self.config, "max_position_embeddings", None)
+        limit = None if getattr(self.task, "WINDOWS_LONG_INPUTS", False) else context_length(self.config)
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise UserError(f"input {i}: expected an object with fields {sorted(fields)}")

@@ -34,6 +34,7 @@ ONTO = ("original", "dequantized")
 # outputs far more closely than onto the original weights (docs/deploy.md has the measurement).
 DEFAULT_ONTO_QUANTIZED = "dequantized"
 VERIFY_SPLITS = ("test", "validation", "train")
+VIRTUAL_TOKEN_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
 
 
 @dataclass
@@ -111,6 +112,12 @@ def read_recipe(run_dir: Path) -> Recipe:
 def _check_onto(onto: str | None, recipe: Recipe) -> str:
     if recipe.adapter.method == "none":
         raise UserError("this run fine-tuned the whole model (adapter.method: none); its adapter/ folder is already a full model")
+    if recipe.adapter.method in VIRTUAL_TOKEN_METHODS:
+        raise UserError(
+            f"this run trained {recipe.adapter.method}: learned virtual tokens that enter every forward pass, not a "
+            "weight update, so there is nothing to fold into the base; deploy the adapter with `peftkit serve` or "
+            "`peftkit predict`, or train with lora to get a mergeable adapter"
+        )
     if recipe.quantization.bits is None:
         if onto == "dequantized":
             raise UserError("--onto dequantized needs a run trained on a quantized base; this base was not quantized")

@@ -59,8 +59,12 @@ def get_task(task_type: str) -> ModuleType:
 
 
 def task_for_peft_type(peft_task_type: str | None) -> str | None:
-    """The task that deploys adapters of a peft task type (for adapters trained outside peftkit)."""
-    return next((name for name, module in TASKS.items() if module.PEFT_TASK_TYPE == peft_task_type), None)
+    """The task that deploys adapters of a peft task type (for adapters trained outside peftkit); None when no
+    task can serve it (peftkit's `features` task fits a classifier on frozen features and serves nothing)."""
+    return next(
+        (name for name, module in TASKS.items() if module.PEFT_TASK_TYPE == peft_task_type and hasattr(module, "infer")),
+        None,
+    )
 
 
 def best_metric_name(recipe) -> str:

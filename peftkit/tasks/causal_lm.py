@@ -20,7 +20,7 @@ from peftkit.data.sources import require_columns, split_origin
 from peftkit.errors import UserError
 from peftkit.evaluation import text_metrics
 from peftkit.evaluation.analysis import markdown_cell
-from peftkit.models.load import load_base_model
+from peftkit.models.build import build_model
 from peftkit.recipe.schema import Recipe
 from peftkit.tasks import classification
 
@@ -212,7 +212,7 @@ def _check_label(response: str, names: list[str], split: str, recipe: Recipe) ->
 
 
 def load_model(recipe: Recipe, info: dict):
-    return load_base_model(recipe, AutoModelForCausalLM, keep_unquantized=["lm_head"])
+    return build_model(recipe.model, recipe.quantization, AutoModelForCausalLM, keep_unquantized=["lm_head"])
 
 
 def head_modules(model) -> list[str]:
@@ -252,7 +252,8 @@ def response_losses(model, examples: list[dict]) -> list[tuple[float, int]]:
     for example in examples:
         input_ids = torch.tensor([example["input_ids"]], device=device)
         labels = torch.tensor([example["labels"]], device=device)
-        logits = model(input_ids=input_ids).logits[:, :-1].float()
+        # Prompt tuning and P-tuning prepend virtual tokens to the logits; the last positions are the input's.
+        logits = model(input_ids=input_ids).logits[:, -input_ids.shape[1] : -1].float()
         targets = labels[:, 1:]
         losses = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"

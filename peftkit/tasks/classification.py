@@ -15,7 +15,8 @@ from peftkit.data.sources import require_columns, split_origin
 from peftkit.errors import UserError
 from peftkit.evaluation.analysis import length_bucket_table, markdown_cell, word_count
 from peftkit.evaluation.plots import plot_confusion_matrix
-from peftkit.models.load import load_base_model
+from peftkit.models.build import build_model
+from peftkit.models.load import context_length
 from peftkit.recipe.schema import Recipe
 
 log = logging.getLogger("peftkit")
@@ -112,7 +113,8 @@ def model_kwargs(info: dict) -> dict:
 
 
 def load_model(recipe: Recipe, info: dict):
-    return load_base_model(recipe, AUTO_CLASS, keep_unquantized=list(HEAD_NAMES), **model_kwargs(info))
+    return build_model(recipe.model, recipe.quantization, AUTO_CLASS, model_kwargs=model_kwargs(info),
+                       keep_unquantized=list(HEAD_NAMES))
 
 
 def head_modules(model) -> list[str]:
@@ -238,7 +240,7 @@ def forward_logits(model, tokenizer, rows: list[dict], adapter_names: list[str] 
     pairs = [row.get("text_pair") for row in rows]
     inputs = tokenizer(
         [row["text"] for row in rows], pairs if any(pair is not None for pair in pairs) else None,
-        padding=True, truncation=True, max_length=model.config.max_position_embeddings, return_tensors="pt",
+        padding=True, truncation=True, max_length=context_length(model.config, tokenizer), return_tensors="pt",
     ).to(model.device)
     with torch.inference_mode():
         logits = model(**inputs, **({"adapter_names": adapter_names} if adapter_names else {})).logits
