@@ -85,6 +85,7 @@ def merge_run(
     reference = task.forward_logits(attached, tokenizer, rows, infos=infos)
     trained = task.forward_logits(trained_model(recipe, task, adapter), tokenizer, rows, infos=infos) if recipe.quantization.bits else None
 
+    _unwrap_saved_modules(attached)
     merged = attached.merge_and_unload().to(torch_dtype(dtype_name)).eval()
     merged_outputs = task.forward_logits(merged, tokenizer, rows, infos=infos)
     result = MergeResult(
@@ -100,6 +101,17 @@ def merge_run(
         )
     _write(merged, tokenizer, out_dir, max_shard_size, model_card(recipe, run_dir, adapter, result))
     return result
+
+
+def _unwrap_saved_modules(attached: PeftModel) -> None:
+    """Put each fully trained module (task heads, fresh layers) in place of its peft wrapper before merging: peft's
+    IA3 unload otherwise tries to unwrap a whole wrapped head as if it were one layer (T5's classification head)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    for name, module in list(attached.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent_name, _, child = name.rpartition(".")
+            setattr(attached.get_submodule(parent_name), child, module.modules_to_save[module.active_adapter])
 
 
 def read_recipe(run_dir: Path) -> Recipe:
