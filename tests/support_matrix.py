@@ -1,6 +1,6 @@
 """The support matrix: tiny random-init models of common architectures x every task x method x quantization cell.
 
-Each cell trains through `peftkit.training.run.train` (in-process) for two steps, then checks what users rely on:
+Each cell trains through `peftkit.training.run.train` (in-process) for one step, then checks what users rely on:
 the adapter reloaded in plain peft gives the same outputs as peftkit's reload, `peftkit eval` reproduces the
 run's test metrics, and `peftkit merge` verifies. A cell ends in one of:
 - ok: all of the above hold
@@ -65,9 +65,12 @@ TASKS = {
     ENCODER: ("classification", "extractive_qa", "features", "causal_lm"),
     ENCODER_DECODER: ("classification", "translation", "features"),
 }
-METHODS = ("lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning", "none")
-LORA_VARIANTS = ("dora", "adalora")  # LoRA's code path with another update rule: run on classification (head-heavy)
-QUANTIZED = ((8, "lora"), (4, "lora"))  # the QLoRA cells; every method is run on the full-precision base
+METHODS = ("lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning")
+# Classification (the task with the most head variants: fresh layers, poolers, suffix-clashing names) also runs
+# LoRA's variants, full fine-tuning and 8-bit; every task runs the 4-bit QLoRA cell.
+CLASSIFICATION_EXTRA = ("dora", "adalora", "none")
+QUANTIZED = ((4, "lora"),)
+CLASSIFICATION_QUANTIZED = ((8, "lora"),)
 
 
 @dataclass
@@ -88,10 +91,12 @@ def cells_for(architecture: str) -> list[Cell]:
     family = ARCHITECTURES[architecture][0]
     cells = []
     for task in TASKS[family]:
-        methods = ("none",) if task == "features" else METHODS + (LORA_VARIANTS if task == "classification" else ())
+        classification = task == "classification"
+        methods = ("none",) if task == "features" else METHODS + (CLASSIFICATION_EXTRA if classification else ())
         cells += [Cell(architecture, task, method, None) for method in methods]
         if task != "features":
-            cells += [Cell(architecture, task, method, bits) for bits, method in QUANTIZED]
+            quantized = QUANTIZED + (CLASSIFICATION_QUANTIZED if classification else ())
+            cells += [Cell(architecture, task, method, bits) for bits, method in quantized]
     return cells
 
 
@@ -154,7 +159,7 @@ def recipe_for(cell: Cell, model_dir: Path, files: dict[str, Path], run_dir: Pat
         "task": TASK_SECTIONS[cell.task],
         "data": {name: {"path": str(path)} for name, path in files.items()} | {"max_length": 32},
         "adapter": adapter,
-        "training": {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-2, "eval_strategy": "no",
+        "training": {"max_steps": 1, "batch_size": 4, "learning_rate": 1e-2, "eval_strategy": "no",
                      "save_strategy": "no", "logging_steps": 1, "seed": 0},
         "generation": {"max_new_tokens": 3},
         "evaluation": {"splits": ["test"], "worst_examples": 0},
@@ -268,7 +273,7 @@ def render(cells: list[Cell]) -> str:
         "tests/test_support_matrix.py` rewrites it, and the test fails when this file is stale).",
         "",
         f"{len(architectures)} architectures, tiny random-init models (hidden <= 64, 2 layers) saved in their "
-        "pretrained form (causal LM, masked LM, encoder-decoder). Each cell trains 2 steps through `peftkit train`, "
+        "pretrained form (causal LM, masked LM, encoder-decoder). Each cell trains 1 step through `peftkit train`, "
         "then the adapter reloaded in plain peft must give peftkit's outputs (full-precision cells), `peftkit eval` "
         "must reproduce the test metrics, and `peftkit merge` must verify (weight-update methods).",
         "",
