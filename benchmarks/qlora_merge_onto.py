@@ -20,7 +20,9 @@ from transformers import AutoTokenizer
 
 from peftkit.data.sources import load_source
 from peftkit.deploy.adapter_folder import find_adapter
-from peftkit.deploy.merge import compare_outputs, full_precision_base, read_recipe, trained_model
+from peftkit.deploy.merge import full_precision_base, trained_model
+from peftkit.deploy.verification import compare_outputs
+from peftkit.run_folder import read_recipe
 from peftkit.recipe.schema import DataSource
 from peftkit.tasks import get_task
 

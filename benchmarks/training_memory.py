@@ -75,7 +75,7 @@ def measure(model_dir: Path, setting: dict, steps: int, batch: int, seq: int) ->
     from peftkit.adapters import attach_adapter, count_parameters
     from peftkit.models.build import build_model
     from peftkit.recipe.load import validate_recipe
-    from peftkit.training.arguments import resolve_gradient_checkpointing
+    from peftkit.recipe.resolved import resolve_gradient_checkpointing
 
     torch._dynamo.config.disable = True  # bitsandbytes' CPU kernels would compile per shape inside the measurement
     recipe = validate_recipe({

@@ -72,7 +72,7 @@ def worker(model_dir: Path, output: Path) -> None:
     from transformers.integrations import HfDeepSpeedConfig
 
     from peftkit.adapters import attach_adapter
-    from peftkit.distributed import build_deepspeed_config, launched_world_size
+    from peftkit.training.distributed import build_deepspeed_config, launched_world_size
 
     deepspeed.init_distributed(dist_backend="gloo")
     world_size, rank = launched_world_size(), int(os.environ["RANK"])

@@ -15,6 +15,7 @@ from peft import (
     IA3Config,
     LoraConfig,
     PeftConfig,
+    PeftModel,
     PrefixTuningConfig,
     PromptLearningConfig,
     PromptEncoderConfig,
@@ -109,8 +110,6 @@ PEFT_CONFIG_BUILDERS = {
     "prefix_tuning": _virtual_tokens(PrefixTuningConfig),
     "p_tuning": _virtual_tokens(PromptEncoderConfig),
 }
-
-ADAPTER_RECORD = "peftkit_adapter.json"
 
 
 def build_peft_config(recipe: Recipe, task_type: str, head_modules: list[str] = ()) -> PeftConfig | None:
@@ -301,15 +300,18 @@ def save_adapter(trainer, directory: Path) -> None:
 
 
 def count_parameters(model) -> dict[str, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """Trainable and total parameters as peft / transformers count them (4-bit weights unpacked, ZeRO-3 shards whole)."""
+    if isinstance(model, PeftModel):
+        trainable, total = model.get_nb_trainable_parameters()
+    else:  # full fine-tuning: no adapter
+        trainable, total = model.num_parameters(only_trainable=True), model.num_parameters()
     return {"trainable": trainable, "total": total}
 
 
 def adapter_record(recipe: Recipe, base_config: PretrainedConfig, task_info: dict) -> dict:
     """What an adapter folder needs to be deployed on its own: the base it was trained on and its task.
 
-    Written next to the weights as `ADAPTER_RECORD`; attaching checks the base fingerprint against it.
+    Written next to the weights as `run_folder.ADAPTER_RECORD`; attaching checks the base fingerprint against it.
     """
     fields = architecture(base_config)
     return {

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _eval(args: argparse.Namespace) -> None:
     import json
 
-    from peftkit.evaluation.saved_run import evaluate_run
+    from peftkit.saved_run import evaluate_run
 
     out, metrics = evaluate_run(args.run_dir, args.data, args.split)
     headline = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
@@ -115,7 +115,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _predict_run(args: argparse.Namespace) -> None:
-    from peftkit.evaluation.saved_run import predict_file
+    from peftkit.saved_run import predict_file
 
     count = predict_file(args.run_dir, args.input, args.output)
     print(f"wrote {count} predictions to {args.output}")

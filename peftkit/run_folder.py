@@ -1,4 +1,8 @@
-"""The run folder: where it is, how it is created and cleaned up, and the files that describe a run."""
+"""The run folder: where it is, how it is created and cleaned up, and the files that describe a run.
+
+This module owns every file name of the run folder (docs/run-folder.md describes each); other modules use the
+names and readers here instead of spelling a file name.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +21,29 @@ from typing import Any, Iterator
 import yaml
 
 from peftkit.errors import UserError
+from peftkit.recipe.load import validate_recipe
 from peftkit.recipe.schema import Recipe
 
 CHECKPOINTS = "checkpoints"
 ADAPTER_DIR = "adapter"  # the deployable result: PEFT adapter, full model, or a features classifier
+ADAPTER_RECORD = "peftkit_adapter.json"  # in ADAPTER_DIR: task info, base fingerprint and quantization
+CLASSIFIER_WEIGHTS = "classifier.safetensors"  # in ADAPTER_DIR of a features run
+CLASSIFIER_RECORD = "classifier.json"  # in ADAPTER_DIR of a features run: pooling and labels
+TRAINER_ARGUMENTS = "training_args.bin"  # the pickle the HF Trainer saves next to weights (deleted from ADAPTER_DIR)
+RECIPE_FILE = "recipe.yaml"  # the validated recipe, defaults filled in
+TASK_FILE = "task.json"  # the task type and what `prepare` derived from the training data (labels, ...)
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+LOG_HISTORY_FILE = "log_history.json"
+MANIFEST_FILE = "manifest.json"
+REPORT_FILE = "report.md"
+PLOTS_DIR = "plots"  # pictures the report links to (relative paths)
+LOSS_PLOT = f"{PLOTS_DIR}/loss.png"
+TENSORBOARD_DIR = "tensorboard"
+DEEPSPEED_FILE = "deepspeed.json"
+FSDP_FILE = "fsdp.json"
+FEATURES_DIR = "features"  # cached embeddings of a features run
+EVALUATIONS_DIR = "evaluations"  # `peftkit eval` results, one folder per evaluated data
 LIBRARIES = ("peftkit", "torch", "transformers", "peft", "accelerate", "datasets", "trl", "bitsandbytes", "deepspeed")
 
 
@@ -72,6 +95,34 @@ def write_json(path: Path, content: Any) -> None:
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+
+
+def read_recipe(run_dir: Path) -> Recipe:
+    """The run's saved recipe, validated against today's schema."""
+    path = run_dir / RECIPE_FILE
+    if not path.exists():
+        raise UserError(f"RUN_DIR: `{run_dir}` has no {RECIPE_FILE}; give a run folder written by `peftkit train`")
+    return validate_recipe(yaml.safe_load(path.read_text(encoding="utf-8")))
+
+
+def write_task_info(run_dir: Path, task_type: str, info: dict) -> None:
+    write_json(run_dir / TASK_FILE, {"type": task_type, **info})
+
+
+def read_task_info(run_dir: Path) -> dict | None:
+    """What `prepare` derived from the training data, without the task type; None when the file is absent."""
+    path = run_dir / TASK_FILE
+    if not path.exists():
+        return None
+    info = json.loads(path.read_text(encoding="utf-8"))
+    info.pop("type", None)
+    return info
+
+
+def read_metrics(run_dir: Path) -> dict:
+    """The run's metrics.json, or {} when the run wrote none."""
+    path = run_dir / METRICS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
 def recipe_as_yaml(recipe: Recipe) -> str:
@@ -126,7 +177,7 @@ def changed_key_paths(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 def check_resume_matches(run_dir: Path, recipe: Recipe, force: bool) -> None:
     """Refuse to resume a run with different data, model, task, method or quantization unless forced."""
-    saved_file = run_dir / "recipe.yaml"
+    saved_file = run_dir / RECIPE_FILE
     if force or not saved_file.is_file():
         return
     saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}

@@ -16,7 +16,6 @@ trials that fall behind. Results: `results.csv`, `results.md`, `results.png`, `b
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 from pathlib import Path
@@ -29,7 +28,7 @@ from transformers import TrainerCallback
 from peftkit.errors import UserError
 from peftkit.recipe.load import load_recipe, set_key_path, validate_recipe
 from peftkit.recipe.schema import Recipe
-from peftkit.run_folder import recipe_as_yaml, run_dir_for, write_text_atomic
+from peftkit.run_folder import read_metrics, recipe_as_yaml, run_dir_for, write_text_atomic
 from peftkit.tasks import best_metric_name
 
 log = logging.getLogger("peftkit")
@@ -168,7 +167,7 @@ def _example_value(parameter: Parameter) -> Any:
 
 def _final_metric(run_dir: Path, metric: str) -> float:
     """The trial's validation score from its final evaluation (the best checkpoint's, when one was kept)."""
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = read_metrics(run_dir)
     value = metrics.get("validation", {}).get(metric)
     if value is None and metrics.get("best_metric_name") == metric:
         value = metrics.get("best_metric")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from peftkit.run_folder import ADAPTER_DIR, METRICS_FILE
 from tests.conftest import _word_level_tokenizer, number_rows, qa_rows, sentiment_rows, write_jsonl
 
 # Tiny configs (hidden <= 64, 2 layers); the checkpoint is each family's pretrained form (causal LM, masked LM,
@@ -215,9 +216,9 @@ def _first_line(exc: BaseException) -> str:
 def _check_reloads(run_dir: Path, cell: Cell, model_dir: Path, work: Path) -> None:
     """Plain-peft reload = peftkit reload; `peftkit eval` = the run's test metrics; `peftkit merge` verifies."""
     from peftkit.deploy.merge import VIRTUAL_TOKEN_METHODS, merge_run
-    from peftkit.evaluation.saved_run import evaluate_run
+    from peftkit.saved_run import evaluate_run
 
-    trained = json.loads((run_dir / "metrics.json").read_text())["test"]
+    trained = json.loads((run_dir / METRICS_FILE).read_text())["test"]
     _, evaluated = evaluate_run(run_dir)
     assert _comparable(evaluated) == _comparable(trained), f"{cell}: eval {evaluated} != training {trained}"
     if cell.task == "features" or cell.method == "none":
@@ -238,7 +239,7 @@ def _check_plain_peft_reload(run_dir: Path, cell: Cell, model_dir: Path) -> None
     left random (two reloads draw different random weights for anything the adapter does not hold)."""
     from peft import PeftModel
 
-    from peftkit.evaluation.saved_run import load_run
+    from peftkit.saved_run import load_run
     from peftkit.tasks import get_task
 
     run = load_run(run_dir)
@@ -248,7 +249,7 @@ def _check_plain_peft_reload(run_dir: Path, cell: Cell, model_dir: Path) -> None
     peftkit_model = run.predictor.model.eval()
     torch.manual_seed(2)
     base = task.AUTO_CLASS.from_pretrained(str(model_dir), **task.model_kwargs(run.info))
-    plain = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
+    plain = PeftModel.from_pretrained(base, str(run_dir / ADAPTER_DIR)).eval()
     ours = task.forward_logits(peftkit_model, run.tokenizer, rows, infos=[run.info] * len(rows))
     theirs = task.forward_logits(plain, run.tokenizer, rows, infos=[run.info] * len(rows))
     for a, b in zip(ours, theirs):

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import run_cli, sentiment_rows, write_jsonl, write_recipe
 from peftkit.errors import UserError
-from peftkit.evaluation.saved_run import load_run
+from peftkit.saved_run import load_run
 from peftkit.recipe.load import deep_merge, validate_recipe
 from peftkit.tasks import causal_lm
 

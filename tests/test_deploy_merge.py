@@ -13,7 +13,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from tests.conftest import run_cli, run_cli_in_process, train_tiny_run
 from peftkit.deploy.attach import BASE_ADAPTER, AttachedModel
-from peftkit.deploy.merge import merge_run, read_recipe
+from peftkit.deploy.merge import merge_run
+from peftkit.run_folder import read_recipe
 from peftkit.errors import UserError
 
 TEXTS = ["the movie was great", "awful service and sad food", "a lovely place", "boring it was", "really fine"]

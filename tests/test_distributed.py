@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftkit.distributed import (
-    DEEPSPEED_FILE,
-    FSDP_FILE,
+from peftkit.run_folder import DEEPSPEED_FILE, FSDP_FILE
+from peftkit.training.distributed import (
     build_deepspeed_config,
     build_fsdp_config,
     check_launcher_agrees,
@@ -78,7 +77,7 @@ def test_only_the_chosen_strategy_gets_a_config(tmp_path):
     config = build_fsdp_config(fsdp, 2)
     assert config["version"] == 2 and config["cpu_offload"] is True
     assert config["state_dict_type"] == "FULL_STATE_DICT"  # adapters are saved as one plain PEFT folder
-    write_sharding_configs(tmp_path, fsdp, 2)
+    write_sharding_configs(tmp_path, fsdp, 2, build_deepspeed_config(fsdp, 2))
     assert (tmp_path / FSDP_FILE).is_file() and not (tmp_path / DEEPSPEED_FILE).exists()
 
 

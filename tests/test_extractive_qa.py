@@ -98,7 +98,7 @@ def test_stride_must_fit_the_window(tiny_bert_dir, tmp_path):
 
 @pytest.mark.slow
 def test_tiny_run_writes_metrics_predictions_and_report(tiny_bert_dir, tmp_path):
-    from peftkit.evaluation.saved_run import evaluate_run
+    from peftkit.saved_run import evaluate_run
     from peftkit.training.run import train
 
     files = {

@@ -136,7 +136,7 @@ def test_cli_plan_prints_breakdown_verdict_and_errors(tmp_path, tiny_llama_dir):
 def test_preflight_is_silent_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(preflight, "plan_recipe", lambda *a, **k: pytest.fail("planned without CUDA"))
-    preflight.warn_if_recipe_will_not_fit(recipe())
+    preflight.warn_if_recipe_will_not_fit(recipe(), None)
 
 
 def test_preflight_warns_when_the_visible_gpu_is_too_small(monkeypatch, caplog):
@@ -146,9 +146,9 @@ def test_preflight_warns_when_the_visible_gpu_is_too_small(monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Properties())
-    monkeypatch.setattr(preflight, "plan_recipe", lambda r, gpus, memory: estimate(r, COUNTS, gpus, memory))
+    monkeypatch.setattr(preflight, "plan_recipe", lambda r, gpus, memory, config: estimate(r, COUNTS, gpus, memory))
     with caplog.at_level(logging.WARNING, logger="peftkit"):
-        preflight.warn_if_recipe_will_not_fit(recipe())
+        preflight.warn_if_recipe_will_not_fit(recipe(), None)
     assert "will likely run out of memory" in caplog.text
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from peftkit.run_folder import METRICS_FILE
 from tests.conftest import REPO_ROOT, SHARED_DATA
 
 RECIPES = REPO_ROOT / "recipes"
@@ -88,8 +89,8 @@ def test_shipped_recipe_runs_from_an_empty_cache(name, empty_cache, tmp_path):
         args = ["train", str(path), *_tiny_overrides(path, out_dir)]
     result = _peftkit(args, empty_cache)
     assert result.returncode == 0, f"peftkit {' '.join(args)} failed:\n{result.stderr[-3000:]}"
-    metrics_files = list(out_dir.rglob("metrics.json"))
-    assert metrics_files, f"no metrics.json under {out_dir}"
+    metrics_files = list(out_dir.rglob(METRICS_FILE))
+    assert metrics_files, f"no {METRICS_FILE} under {out_dir}"
     metrics = json.loads(metrics_files[0].read_text())
     # One optimizer step, or none for a task fitted without gradient steps (frozen features + a classifier).
     assert metrics["train"]["global_step"] == (0 if content.get("task", {}).get("type") == "features" else 1)

@@ -33,7 +33,7 @@ def _records(run_dir):
 
 @pytest.mark.slow
 def test_translation_run_scores_generations_with_sacrebleu(tiny_t5_dir, tmp_path):
-    from peftkit.evaluation.saved_run import predict_file
+    from peftkit.saved_run import predict_file
     from peftkit.training.run import train
 
     files = {

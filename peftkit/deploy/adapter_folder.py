@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peft import PeftConfig
+from peft.utils import CONFIG_NAME
 from transformers import PretrainedConfig
 
-from peftkit.adapters import ADAPTER_RECORD
 from peftkit.errors import UserError
 from peftkit.models.fingerprint import architecture, fingerprint
 from peftkit.recipe.schema import QuantizationSection
 from peftkit.tasks import TASKS, task_for_peft_type
-from peftkit.training.run import ADAPTER_DIR
+from peftkit.run_folder import ADAPTER_DIR, ADAPTER_RECORD, read_task_info
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,9 @@ class AdapterSource:
 def find_adapter(name: str, reference: str) -> AdapterSource:
     """Read an adapter's folder and records; every problem is a UserError naming the adapter and the path."""
     path = Path(reference).expanduser()
-    if (path / ADAPTER_DIR / "adapter_config.json").exists():
+    if (path / ADAPTER_DIR / CONFIG_NAME).exists():
         path = path / ADAPTER_DIR
-    if not (path / "adapter_config.json").exists():
+    if not (path / CONFIG_NAME).exists():
         raise UserError(
             f"adapter {name!r}: `{reference}` holds no adapter_config.json; give a peftkit run folder or a peft adapter folder"
         )
@@ -59,12 +59,7 @@ def find_adapter(name: str, reference: str) -> AdapterSource:
 
 def _run_task_info(adapter_dir: Path) -> dict:
     """Task info of an adapter from a run folder made before adapter records existed (its `task.json`)."""
-    task_file = adapter_dir.parent / "task.json"
-    if not task_file.exists():
-        return {}
-    info = json.loads(task_file.read_text())
-    info.pop("type", None)
-    return info
+    return read_task_info(adapter_dir.parent) or {}
 
 
 def check_base(adapter: AdapterSource, base_name: str, base_location: str, base_config: PretrainedConfig) -> None:

@@ -137,7 +137,7 @@ class AttachedModel:
         if self.task_type is None:
             raise UserError("no adapter is attached; load one first")
         fields = self.task.INPUT_FIELDS
-        limit = None if getattr(self.task, "WINDOWS_LONG_INPUTS", False) else context_length(self.config)
+        limit = None if self.task.WINDOWS_LONG_INPUTS else context_length(self.config)
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise UserError(f"input {i}: expected an object with fields {sorted(fields)}")

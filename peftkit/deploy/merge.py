@@ -8,21 +8,20 @@ shards, tokenizer, generation config and a model card. The adapter is never merg
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from peft import PeftModel
 from transformers import AutoTokenizer
 
 from peftkit.data.sources import load_splits
 from peftkit.deploy.adapter_folder import AdapterSource, find_adapter
 from peftkit.deploy.model_card import model_card
+from peftkit.deploy.verification import MergeResult, compare_outputs
 from peftkit.errors import UserError
 from peftkit.models.quantization import torch_dtype
-from peftkit.recipe.load import validate_recipe
 from peftkit.recipe.schema import QuantizationSection, Recipe
+from peftkit.run_folder import read_recipe
 from peftkit.tasks import get_task
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -35,31 +34,6 @@ ONTO = ("original", "dequantized")
 DEFAULT_ONTO_QUANTIZED = "dequantized"
 VERIFY_SPLITS = ("test", "validation", "train")
 VIRTUAL_TOKEN_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
-
-
-@dataclass
-class Comparison:
-    """How closely one model's outputs follow another's on the same rows."""
-
-    rows: int
-    max_abs_diff: float
-    agreement: float  # fraction of predictions (argmax of each output vector) that are equal
-
-
-def compare_outputs(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> Comparison:
-    diffs = [float((a.float() - b.float()).abs().max()) for a, b in zip(reference, candidate)]
-    same = [(a.argmax(-1) == b.argmax(-1)).float().flatten() for a, b in zip(reference, candidate)]
-    return Comparison(len(reference), max(diffs), float(torch.cat(same).mean()))
-
-
-@dataclass
-class MergeResult:
-    out_dir: Path
-    dtype: str
-    onto: str
-    verification: Comparison  # merged vs the adapter attached to the same base weights
-    vs_trained: Comparison | None  # merged vs the adapter on the quantized base it was trained on
-    tolerance: float
 
 
 def merge_run(
@@ -112,13 +86,6 @@ def _unwrap_saved_modules(attached: PeftModel) -> None:
         if isinstance(module, ModulesToSaveWrapper):
             parent_name, _, child = name.rpartition(".")
             setattr(attached.get_submodule(parent_name), child, module.modules_to_save[module.active_adapter])
-
-
-def read_recipe(run_dir: Path) -> Recipe:
-    path = run_dir / "recipe.yaml"
-    if not path.exists():
-        raise UserError(f"RUN_DIR: `{run_dir}` has no recipe.yaml; give a run folder written by `peftkit train`")
-    return validate_recipe(yaml.safe_load(path.read_text()))
 
 
 def _check_onto(onto: str | None, recipe: Recipe) -> str:

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from peftkit.deploy.adapter_folder import AdapterSource
+from peftkit.deploy.verification import MergeResult
 from peftkit.recipe.schema import Recipe
+from peftkit.run_folder import read_metrics
 from peftkit.tasks import get_task
-
-if TYPE_CHECKING:
-    from peftkit.deploy.adapter_folder import AdapterSource
-    from peftkit.deploy.merge import MergeResult
 
 
 def model_card(recipe: Recipe, run_dir: Path, adapter: AdapterSource, result: MergeResult) -> str:
-    metrics = _read_json(run_dir / "metrics.json")
+    metrics = read_metrics(run_dir)
     auto_class = get_task(adapter.task).AUTO_CLASS.__name__
     adapter_section = recipe.adapter
     quant = recipe.quantization
@@ -80,6 +77,3 @@ def _metric_table(metrics: dict) -> list[str]:
         return ["No evaluation metrics were recorded.", ""]
     return ["| split | metrics |", "|---|---|", *rows, ""]
 
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}

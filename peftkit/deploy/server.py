@@ -166,7 +166,7 @@ def build_app(
     async def predict(body: PredictBody) -> dict:
         rows = [{k: v for k, v in row.items() if k != "adapter"} for row in body.inputs]
         adapters = attached.resolve(len(rows), [row.get("adapter") or body.adapter or attached.active for row in body.inputs])
-        generative = getattr(attached.task, "GENERATES", False)
+        generative = attached.task.GENERATES
         if generative:
             _check_new_tokens(body.max_new_tokens, limits, "max_new_tokens")
         attached.check_rows(rows, reserve_tokens=body.max_new_tokens if generative else 0, max_input_tokens=limits.input_tokens)
@@ -241,7 +241,7 @@ def _check_new_tokens(requested: int, limits: Limits, field: str) -> None:
 async def _generate(
     attached: AttachedModel, batcher: MicroBatcher, body: GenerationBody, prompts: list[str], limits: Limits,
 ) -> list[dict]:
-    if attached.task is not causal_lm:
+    if not attached.task.COMPLETES_PROMPTS:
         raise UserError(f"this server serves {attached.task_type} adapters, which do not generate text; use POST /v1/predict")
     if len(prompts) > MAX_INPUTS_PER_REQUEST:
         raise UserError(f"at most {MAX_INPUTS_PER_REQUEST} prompts per request")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftkit.recipe.schema import Recipe
-from peftkit.run_folder import write_text_atomic
+from peftkit.run_folder import REPORT_FILE, write_text_atomic
 
 
 def write_report(run_dir: Path, recipe: Recipe, summary: dict, split_sections: dict[str, str], has_loss_plot: bool) -> None:
@@ -39,4 +39,4 @@ def write_report(run_dir: Path, recipe: Recipe, summary: dict, split_sections: d
         lines += ["", "## Loss", "", "![loss curves](plots/loss.png)"]
     for split, section in split_sections.items():
         lines += ["", f"## {split.capitalize()} results", "", section]
-    write_text_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
+    write_text_atomic(run_dir / REPORT_FILE, "\n".join(lines) + "\n")

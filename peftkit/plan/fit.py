@@ -10,12 +10,14 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
+from transformers import PretrainedConfig
+
 from peftkit.errors import UserError
 from peftkit.plan.memory import MemoryPlan, estimate
 from peftkit.plan.shapes import ParameterCounts, count_parameters, load_model_config
 from peftkit.recipe.load import set_key_path, validate_recipe
 from peftkit.recipe.schema import Recipe
-from peftkit.training.arguments import resolve_gradient_checkpointing
+from peftkit.recipe.resolved import resolve_gradient_checkpointing
 
 # Expected step-time factor of each change, relative to the recipe as written.
 SLOWDOWN = {
@@ -47,8 +49,12 @@ def _yaml_scalar(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def plan_recipe(recipe: Recipe, gpus: int, gpu_memory: int | None, counts: ParameterCounts | None = None) -> MemoryPlan:
-    return estimate(recipe, counts or count_parameters(recipe), gpus, gpu_memory)
+def plan_recipe(
+    recipe: Recipe, gpus: int, gpu_memory: int | None, counts: ParameterCounts | None = None,
+    config: PretrainedConfig | None = None,
+) -> MemoryPlan:
+    """`config`: the base model's, when the caller has loaded it already."""
+    return estimate(recipe, counts or count_parameters(recipe, config), gpus, gpu_memory)
 
 
 def _options(recipe: Recipe, gpus: int) -> list[list[tuple[dict[str, Any], float]]]:

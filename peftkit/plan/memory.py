@@ -12,7 +12,7 @@ import torch
 from peftkit.errors import UserError
 from peftkit.plan.shapes import ParameterCounts
 from peftkit.recipe.schema import Recipe
-from peftkit.training.arguments import resolve_gradient_checkpointing
+from peftkit.recipe.resolved import resolve_gradient_checkpointing
 
 GiB = 2**30
 

@@ -16,11 +16,7 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForQuestionAnswering,
-    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
     PretrainedConfig,
 )
 
@@ -29,19 +25,10 @@ from peftkit.errors import UserError
 from peftkit.models.load import load_config
 from peftkit.models.build import build_model
 from peftkit.recipe.schema import ModelSection, Recipe
-from peftkit.tasks import get_task
+from peftkit.tasks import auto_class_for_peft_type, get_task
+from peftkit.tasks.base import fits_itself
 
 KNOWN_MODELS_FILE = Path(__file__).with_name("known_models.json")
-
-# The model class a task trains, keyed by the peft task type every task module declares.
-AUTO_CLASS_BY_PEFT_TASK = {
-    "SEQ_CLS": AutoModelForSequenceClassification,
-    "CAUSAL_LM": AutoModelForCausalLM,
-    "SEQ_2_SEQ_LM": AutoModelForSeq2SeqLM,
-    "QUESTION_ANS": AutoModelForQuestionAnswering,
-    "TOKEN_CLS": AutoModelForTokenClassification,
-    "FEATURE_EXTRACTION": AutoModel,
-}
 
 BNB_4BIT_BLOCK = 64  # elements per absmax of a 4-bit weight (bitsandbytes default)
 BNB_NESTED_BLOCK = 256  # absmax values per second-level constant under double quantization
@@ -105,7 +92,7 @@ def build_meta_model(recipe: Recipe, config: PretrainedConfig, peft_task_type: s
     """
     task = get_task(recipe.task.type)
     peft_task_type = peft_task_type or task.PEFT_TASK_TYPE
-    auto_class = AUTO_CLASS_BY_PEFT_TASK.get(peft_task_type, AutoModel)
+    auto_class = auto_class_for_peft_type(peft_task_type, default=AutoModel)  # the task registry's
     own_head = peft_task_type == task.PEFT_TASK_TYPE
     model_kwargs = {}
     if auto_class is AutoModelForSequenceClassification:
@@ -114,7 +101,7 @@ def build_meta_model(recipe: Recipe, config: PretrainedConfig, peft_task_type: s
         recipe.model, recipe.quantization, auto_class, model_kwargs=model_kwargs, meta=True, config=config,
         keep_unquantized=list(getattr(task, "HEAD_NAMES", ())) if own_head else [],
     )
-    heads = task.head_modules(model) if hasattr(task, "head_modules") and own_head else []
+    heads = task.head_modules(model) if not fits_itself(task) and own_head else []
     with torch.device("meta"):
         return attach_adapter(model, recipe, peft_task_type, heads)
 

@@ -22,12 +22,13 @@ from peftkit.evaluation import text_metrics
 from peftkit.evaluation.analysis import markdown_cell
 from peftkit.models.build import build_model
 from peftkit.recipe.schema import Recipe
-from peftkit.tasks import classification
+from peftkit.tasks import labelled_text
 
 log = logging.getLogger("peftkit")
 
 PEFT_TASK_TYPE = "CAUSAL_LM"
 DEFAULT_METRIC = "loss"
+LOSS_SUMS_OVER_ITEMS = False  # the Trainer is not handed num_items_in_batch: the model averages over each batch's tokens
 IGNORE_INDEX = -100
 
 NAMED_TEMPLATES = {
@@ -337,7 +338,7 @@ def score(records: list[dict], info: dict) -> dict[str, Any]:
     metrics: dict[str, Any] = {"examples": len(records), "loss": loss, "perplexity": math.exp(min(loss, 50))}
     metric = info["response_metric"]
     if metric == "classification":
-        metrics.update(classification.score(records, info))
+        metrics.update(labelled_text.score(records, info))
     elif metric == "qa":
         metrics["exact_match"] = _mean(text_metrics.exact_match(r["generated"], [r["gold"]]) for r in records)
         metrics["f1"] = _mean(text_metrics.token_f1(r["generated"], [r["gold"]]) for r in records)
@@ -366,7 +367,7 @@ def report(records: list[dict], metrics: dict, split: str, run_dir: Path, worst:
     records = _scored(records)
     if "confusion_matrix" in metrics:
         lines = [f"Response loss {metrics['loss']:.4f} (perplexity {metrics['perplexity']:.2f}); labels generated:", ""]
-        lines.append(classification.report(records, metrics, split, run_dir, worst))
+        lines.append(labelled_text.report(records, metrics, split, run_dir, worst))
         return "\n".join(lines)
     shown = [name for name in HEADLINE_METRICS if name in metrics]
     lines = [
@@ -392,6 +393,8 @@ def report(records: list[dict], metrics: dict, split: str, run_dir: Path, worst:
 AUTO_CLASS = AutoModelForCausalLM
 GENERATES = True
 INPUT_FIELDS = {"prompt": True}
+WINDOWS_LONG_INPUTS = False
+COMPLETES_PROMPTS = True  # rows are {"prompt": text}: the server's completions and chat endpoints
 DEFAULT_MAX_NEW_TOKENS = 32
 
 

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
-from peftkit.data.sources import require_columns, split_origin
-from peftkit.errors import UserError
-from peftkit.evaluation.analysis import length_bucket_table, markdown_cell, word_count
-from peftkit.evaluation.plots import plot_confusion_matrix
 from peftkit.models.build import build_model
 from peftkit.models.load import context_length
 from peftkit.recipe.schema import Recipe
-
-log = logging.getLogger("peftkit")
+from peftkit.tasks.labelled_text import prepare, records_from_probabilities, report, score  # noqa: F401  (the shared half of the contract)
 
 PEFT_TASK_TYPE = "SEQ_CLS"
 DEFAULT_METRIC = "f1_macro"
@@ -27,84 +19,9 @@ LOSS_SUMS_OVER_ITEMS = False  # cross-entropy mean over the batch
 HEAD_NAMES = ("classifier", "score", "classification_head")  # BERT-likes, decoders, T5/BART
 AUTO_CLASS = AutoModelForSequenceClassification
 INPUT_FIELDS = {"text": True, "text_pair": False}
-
-
-def label_names(recipe: Recipe, train) -> list[str]:
-    """Label names in id order: the recipe's list, else the sorted distinct training labels."""
-    if recipe.task.labels:
-        return list(recipe.task.labels)
-    values = set(train[recipe.task.label_column])
-    if all(isinstance(value, (int, np.integer)) for value in values):
-        return [str(value) for value in sorted(values)]
-    return sorted(str(value) for value in values)
-
-
-def _label_ids(values: list[Any], names: list[str], split: str, source: str, label_column: str) -> list[int]:
-    index = {name: i for i, name in enumerate(names)}
-    ids, unknown = [], set()
-    for value in values:
-        key = str(value)
-        if key not in index and isinstance(value, (int, np.integer)) and 0 <= value < len(names):
-            key = names[value]  # integer labels index into explicit label names
-        if key not in index:
-            unknown.add(key)
-        else:
-            ids.append(index[key])
-    if unknown:
-        raise UserError(
-            f"data.{split}: `{source}` column {label_column!r} has label(s) {sorted(unknown)[:10]} that do not occur "
-            f"in the training labels {names}; fix the data or list every label in task.labels"
-        )
-    return ids
-
-
-def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -> tuple[dict, dict]:
-    """Check columns and labels of every split, then tokenize. Returns (tokenized splits, task info).
-
-    With `info` (a saved run's), its label names are used and splits without the label column are
-    tokenized unlabelled, for prediction.
-    """
-    task = recipe.task
-    inputs = [task.text_column] + ([task.text_pair_column] if task.text_pair_column else [])
-    for split, dataset in splits.items():
-        labelled = info is None or task.label_column in dataset.column_names
-        columns = inputs + ([task.label_column] if labelled else [])
-        require_columns(dataset, columns, split, split_origin(recipe.data, split), "task.text_column/task.label_column")
-        splits[split] = _without_empty_texts(dataset, split, recipe)
-    names = info["labels"] if info else label_names(recipe, splits["train"])
-    if len(names) < 2:
-        raise UserError(f"data.train: column {task.label_column!r} has only the label {names}; classification needs two or more")
-
-    def tokenize(batch):
-        pair = batch[task.text_pair_column] if task.text_pair_column else None
-        return tokenizer(batch[task.text_column], pair, truncation=True, max_length=recipe.data.max_length)
-
-    tokenized = {}
-    for split, dataset in splits.items():
-        encoded = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names)
-        if task.label_column in dataset.column_names:
-            ids = _label_ids(dataset[task.label_column], names, split, split_origin(recipe.data, split), task.label_column)
-            encoded = encoded.add_column("labels", ids)
-        tokenized[split] = encoded
-    return tokenized, {"labels": names}
-
-
-def _without_empty_texts(dataset, split: str, recipe: Recipe):
-    """An empty (or non-text) input teaches nothing and predicts noise: an error naming the rows, or, with
-    `data.skip_bad_rows`, the split without them and a counted warning."""
-    column, origin = recipe.task.text_column, split_origin(recipe.data, split)
-    empty = [i for i, text in enumerate(dataset[column]) if not isinstance(text, str) or not text.strip()]
-    if not empty:
-        return dataset
-    rows = f"row(s) {[i + 1 for i in empty[:10]]}{' ...' if len(empty) > 10 else ''} ({len(empty)} of {len(dataset)})"
-    if not recipe.data.skip_bad_rows or len(empty) == len(dataset):
-        raise UserError(
-            f"data.{split}: `{origin}` column {column!r} is empty at {rows}; fix those rows or set "
-            "data.skip_bad_rows: true to skip them"
-        )
-    log.warning("data.%s: skipped %s of `%s` with an empty %r", split, rows, origin, column)
-    empty_rows = set(empty)
-    return dataset.select([i for i in range(len(dataset)) if i not in empty_rows])
+WINDOWS_LONG_INPUTS = False
+GENERATES = False
+COMPLETES_PROMPTS = False
 
 
 def model_kwargs(info: dict) -> dict:
@@ -146,83 +63,9 @@ def predict(trainer, tokenized, raw, recipe: Recipe, info: dict) -> list[dict]:
     return records_from_probabilities(_softmax(np.asarray(logits, dtype=np.float64)), tokenized, raw, recipe, info)
 
 
-def records_from_probabilities(probabilities: np.ndarray, tokenized, raw, recipe: Recipe, info: dict) -> list[dict]:
-    """One record per example: inputs, predicted label and its probability, and the gold label when known."""
-    names = info["labels"]
-    gold_ids = tokenized["labels"] if "labels" in tokenized.column_names else [None] * len(tokenized)
-    records = []
-    for i, (gold, probs) in enumerate(zip(gold_ids, probabilities)):
-        record = {"text": raw[i][recipe.task.text_column]}
-        if recipe.task.text_pair_column:
-            record["text_pair"] = raw[i][recipe.task.text_pair_column]
-        predicted = int(probs.argmax())
-        record.update(predicted=names[predicted], probability=round(float(probs[predicted]), 6))
-        if gold is not None:
-            record.update(gold=names[gold], gold_probability=round(float(probs[gold]), 6))
-        records.append(record)
-    return records
-
-
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
-def score(records: list[dict], info: dict) -> dict[str, Any]:
-    names = info["labels"]
-    gold = [r["gold"] for r in records]
-    predicted = [r["predicted"] for r in records]
-    precision, recall, f1, support = precision_recall_fscore_support(
-        gold, predicted, labels=names, average=None, zero_division=0
-    )
-    macro = precision_recall_fscore_support(gold, predicted, labels=names, average="macro", zero_division=0)
-    return {
-        "examples": len(records),
-        "accuracy": float(accuracy_score(gold, predicted)),
-        "precision_macro": float(macro[0]),
-        "recall_macro": float(macro[1]),
-        "f1_macro": float(macro[2]),
-        "per_class": {
-            name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-            for name, p, r, f, s in zip(names, precision, recall, f1, support)
-        },
-        "confusion_matrix": {"labels": names, "matrix": confusion_matrix(gold, predicted, labels=names).tolist()},
-    }
-
-
-def report(records: list[dict], metrics: dict, split: str, run_dir: Path, worst: int) -> str:
-    """Markdown for one split: headline metrics, per-class table, confusion matrix picture, worst errors."""
-    picture = Path("plots") / f"confusion_matrix_{split}.png"
-    matrix = metrics["confusion_matrix"]
-    plot_confusion_matrix(matrix["matrix"], matrix["labels"], run_dir / picture, title=f"Confusion matrix ({split})")
-    lines = [
-        f"| accuracy | precision (macro) | recall (macro) | F1 (macro) | examples |",
-        "|---|---|---|---|---|",
-        f"| {metrics['accuracy']:.4f} | {metrics['precision_macro']:.4f} | {metrics['recall_macro']:.4f} "
-        f"| {metrics['f1_macro']:.4f} | {metrics['examples']} |",
-        "",
-        "| class | precision | recall | F1 | support |",
-        "|---|---|---|---|---|",
-    ]
-    for name, row in metrics["per_class"].items():
-        lines.append(f"| {name} | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1']:.4f} | {row['support']} |")
-    lines += ["", f"![confusion matrix]({picture.as_posix()})", "", "Accuracy by text length:", ""]
-    lines += [length_bucket_table([_text_length(r) for r in records], [float(r["gold"] == r["predicted"]) for r in records], "accuracy"), ""]
-    errors = sorted((r for r in records if r["gold"] != r["predicted"]), key=lambda r: r["gold_probability"])
-    if errors and worst:
-        lines += [f"Worst misclassified examples (lowest probability of the gold label), {min(worst, len(errors))} of {len(errors)}:", ""]
-        lines += ["| text | gold | predicted | p(gold) |", "|---|---|---|---|"]
-        for record in errors[:worst]:
-            text = record["text"] + (f" ‖ {record['text_pair']}" if "text_pair" in record else "")
-            lines.append(
-                f"| {markdown_cell(text)} | {record['gold']} | {markdown_cell(record['predicted'])} "
-                f"| {record['gold_probability']:.3f} |"
-            )
-    return "\n".join(lines)
-
-
-def _text_length(record: dict) -> int:
-    return word_count(record["text"]) + word_count(record.get("text_pair", ""))
 
 
 def inference_rows(recipe: Recipe, dataset) -> list[dict]:

@@ -27,6 +27,7 @@ log = logging.getLogger("peftkit")
 
 PEFT_TASK_TYPE = "QUESTION_ANS"
 DEFAULT_METRIC = "loss"  # span metrics need the untokenized examples, which the Trainer's evaluation does not see
+LOSS_SUMS_OVER_ITEMS = False  # mean of start and end cross-entropy over the batch
 HEAD_NAMES = ("qa_outputs",)
 N_BEST = 20
 # Columns a feature carries for mapping predictions back to text; the collator drops them.
@@ -342,6 +343,8 @@ def report(records: list[dict], metrics: dict, split: str, run_dir: Path, worst:
 AUTO_CLASS = AutoModelForQuestionAnswering
 INPUT_FIELDS = {"question": True, "context": True}
 WINDOWS_LONG_INPUTS = True  # a context longer than the model's window is split, not refused
+GENERATES = False
+COMPLETES_PROMPTS = False
 
 
 def model_kwargs(info: dict) -> dict:

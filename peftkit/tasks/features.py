@@ -3,7 +3,7 @@
 There are no gradient steps, so this task brings its own `fit` instead of the HF Trainer. Embeddings are cached
 in the run folder (`features/`), keyed by model, pooling and the tokenized data, so a rerun with `--resume`
 refits the classifier without running the model again. Columns, labels, metrics and the report are
-classification's.
+classification's (`peftkit.tasks.labelled_text`).
 """
 
 from __future__ import annotations
@@ -26,22 +26,15 @@ from transformers import AutoModel, DataCollatorWithPadding
 from peftkit.models.build import build_model
 from peftkit.models.load import load_config
 from peftkit.recipe.schema import Recipe
-from peftkit.run_folder import ADAPTER_DIR
-from peftkit.tasks import classification
-from peftkit.training.result import FitResult
+from peftkit.run_folder import ADAPTER_DIR, CLASSIFIER_RECORD, CLASSIFIER_WEIGHTS, FEATURES_DIR
+from peftkit.tasks.labelled_text import prepare, records_from_probabilities, report, score  # noqa: F401  (shared with classification)
+from peftkit.tasks.base import FitResult
 
 log = logging.getLogger("peftkit")
 
 PEFT_TASK_TYPE = "FEATURE_EXTRACTION"
-DEFAULT_METRIC = classification.DEFAULT_METRIC
-FEATURES_DIR = "features"
+DEFAULT_METRIC = "f1_macro"  # `labelled_text.score`'s headline, as for classification
 EMBEDDING_BATCH = 64
-CLASSIFIER_WEIGHTS = "classifier.safetensors"
-
-prepare = classification.prepare
-score = classification.score
-report = classification.report
-
 
 def resolve_pooling(recipe: Recipe) -> str:
     """`auto`: decoder-only models summarize a text in its last token, encoders in the mean over tokens."""
@@ -186,7 +179,7 @@ def _save_classifier(pipeline: Pipeline, pooling: str, info: dict, folder: Path)
     weights["linear.classes"] = np.ascontiguousarray(linear.classes_, dtype=np.int64)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(folder / CLASSIFIER_WEIGHTS))
-    (folder / "classifier.json").write_text(json.dumps({"pooling": pooling, "labels": info["labels"]}, indent=2) + "\n")
+    (folder / CLASSIFIER_RECORD).write_text(json.dumps({"pooling": pooling, "labels": info["labels"]}, indent=2) + "\n")
     return weights
 
 
@@ -197,4 +190,4 @@ def load_predictor(recipe: Recipe, info: dict, run_dir: Path, tokenizer) -> Fitt
 
 
 def predict(predictor: FittedClassifier, tokenized, raw, recipe: Recipe, info: dict) -> list[dict]:
-    return classification.records_from_probabilities(predictor.probabilities(tokenized), tokenized, raw, recipe, info)
+    return records_from_probabilities(predictor.probabilities(tokenized), tokenized, raw, recipe, info)

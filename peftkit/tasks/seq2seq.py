@@ -1,6 +1,6 @@
 """What translation and summarization share: an encoder-decoder model that learns source -> target and
-generates at evaluation (settings from the recipe's `generation` section). The two task modules add
-their metrics and reports on top.
+generates at evaluation (settings from the recipe's `generation` section). A common module, not a task: the two
+task modules import the shared half of the contract by name and add their predictions, metrics and reports.
 """
 
 from __future__ import annotations
@@ -21,14 +21,9 @@ from peftkit.tasks.causal_lm import DEFAULT_MAX_NEW_TOKENS, generate_answers
 
 log = logging.getLogger("peftkit")
 
-# The half of the task contract both tasks take as is (`from peftkit.tasks.seq2seq import *`).
-__all__ = [
-    "PEFT_TASK_TYPE", "DEFAULT_METRIC", "prepare", "load_model", "head_modules", "collator", "compute_metrics",
-    "AUTO_CLASS", "GENERATES", "INPUT_FIELDS", "model_kwargs", "inference_rows", "forward_logits", "infer",
-]
-
 PEFT_TASK_TYPE = "SEQ_2_SEQ_LM"
 DEFAULT_METRIC = "loss"  # periodic evaluation is teacher-forced; the final evaluation generates
+LOSS_SUMS_OVER_ITEMS = False  # the Trainer is not handed num_items_in_batch: the model averages over each batch's tokens
 
 
 def source_text(value: Any) -> str:
@@ -164,6 +159,8 @@ def error_analysis(records: list[dict], score_name: str, worst: int) -> str:
 AUTO_CLASS = AutoModelForSeq2SeqLM
 GENERATES = True
 INPUT_FIELDS = {"text": True}
+WINDOWS_LONG_INPUTS = False
+COMPLETES_PROMPTS = False
 
 
 def model_kwargs(info: dict) -> dict:

@@ -8,8 +8,11 @@ from typing import Any
 from peftkit.errors import UserError
 from peftkit.evaluation.text_metrics import bleu_and_chrf, sentence_chrf
 from peftkit.recipe.schema import Recipe
-from peftkit.tasks.seq2seq import *  # noqa: F403  (the shared half of the task contract)
-from peftkit.tasks.seq2seq import error_analysis, generate_records
+from peftkit.tasks.seq2seq import (  # the encoder-decoder half of the task contract, by name
+    AUTO_CLASS, COMPLETES_PROMPTS, DEFAULT_METRIC, GENERATES, INPUT_FIELDS, LOSS_SUMS_OVER_ITEMS, PEFT_TASK_TYPE,
+    WINDOWS_LONG_INPUTS, collator, compute_metrics, error_analysis, forward_logits, generate_records, head_modules,
+    infer, inference_rows, load_model, model_kwargs, prepare,
+)
 
 SENTENCE_SCORE = "chrf"
 

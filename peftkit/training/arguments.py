@@ -11,18 +11,10 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments
 
-from peftkit.distributed import build_deepspeed_config, build_fsdp_config, configure_cpu_deepspeed_processes
+from peftkit.training.distributed import build_deepspeed_config, build_fsdp_config, configure_cpu_deepspeed_processes
 from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import CHECKPOINTS
-from peftkit.training.precision import resolve_precision
-
-
-def resolve_gradient_checkpointing(recipe: Recipe) -> bool:
-    """Unset means on for a quantized base: QLoRA trades recomputation for activation memory. Never for prefix
-    tuning: its prefix is a key/value cache, which recomputed layers do not receive."""
-    if recipe.training.gradient_checkpointing is not None:
-        return recipe.training.gradient_checkpointing
-    return recipe.quantization.bits is not None and recipe.adapter.method != "prefix_tuning"
+from peftkit.recipe.resolved import resolve_gradient_checkpointing, resolve_precision
 
 
 def training_setup(recipe: Recipe) -> dict:

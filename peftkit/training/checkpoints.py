@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peft.utils import CONFIG_NAME
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from peftkit.run_folder import CHECKPOINTS
 
-TRAINER_STATE = "trainer_state.json"
+from transformers.trainer import TRAINER_STATE_NAME as TRAINER_STATE
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -54,7 +55,7 @@ def _modules_pruned_to_rank_zero(folder: Path) -> list[str]:
     """AdaLoRA may prune a module to rank 0 (its saved `rank_pattern` keeps nothing); its factors are then empty."""
     import json
 
-    config = folder / "adapter_config.json"
+    config = folder / CONFIG_NAME
     pattern = json.loads(config.read_text()).get("rank_pattern") if config.is_file() else None
     return [name.removesuffix(".lora_E") for name, kept in (pattern or {}).items() if isinstance(kept, list) and not any(kept)]
 

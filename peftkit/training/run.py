@@ -20,7 +20,6 @@ from transformers import EarlyStoppingCallback, set_seed
 from transformers.integrations import TensorBoardCallback
 
 from peftkit.adapters import (
-    ADAPTER_RECORD,
     adapter_callbacks,
     adapter_record,
     attach_adapter,
@@ -29,7 +28,7 @@ from peftkit.adapters import (
     save_adapter,
 )
 from peftkit.data.sources import load_splits
-from peftkit.distributed import (
+from peftkit.training.distributed import (
     adopt_recipe_sharding,
     check_launcher_agrees,
     check_strategy_runs_here,
@@ -43,6 +42,15 @@ from peftkit.plan.preflight import warn_if_recipe_will_not_fit
 from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import (
     ADAPTER_DIR,
+    ADAPTER_RECORD,
+    LOG_HISTORY_FILE,
+    LOSS_PLOT,
+    MANIFEST_FILE,
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    RECIPE_FILE,
+    TENSORBOARD_DIR,
+    TRAINER_ARGUMENTS,
     check_resume_matches,
     manifest,
     run_dir_for,
@@ -50,13 +58,14 @@ from peftkit.run_folder import (
     run_folder,
     write_json,
     write_jsonl,
+    write_task_info,
     write_text_atomic,
 )
 from peftkit.tasks import best_metric_name, get_task
 from peftkit.training.arguments import build_training_args, training_setup
 from peftkit.training.checkpoints import CheckSavedWeights, check_saved_weights, last_complete_checkpoint
 from peftkit.errors import Preempted
-from peftkit.training.result import FitResult
+from peftkit.tasks.base import FitResult, fits_itself
 from peftkit.training.trainer import PeftkitTrainer, PreemptionCallback
 
 log = logging.getLogger("peftkit")
@@ -78,7 +87,7 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
 
     base_config = load_config(recipe.model)
     check_adapter_fits_model(recipe, base_config, task.PEFT_TASK_TYPE)
-    warn_if_recipe_will_not_fit(recipe)
+    warn_if_recipe_will_not_fit(recipe, base_config)
     tokenizer = load_tokenizer(recipe.model)
     raw_splits = load_splits(recipe.data)
     tokenized, info = task.prepare(recipe, raw_splits, tokenizer)
@@ -90,12 +99,12 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
             check_resume_matches(run_dir, recipe, force_resume)
             log.info("resuming from %s", checkpoint or "the start (no complete checkpoint yet)")
         if state.is_main_process:
-            write_text_atomic(run_dir / "recipe.yaml", recipe_as_yaml(recipe))
-            write_sharding_configs(run_dir, recipe, world_size)
+            write_text_atomic(run_dir / RECIPE_FILE, recipe_as_yaml(recipe))
+            write_sharding_configs(run_dir, recipe, world_size, args.deepspeed)
 
         set_seed(recipe.training.seed)
         # Tasks that need no gradient steps (feature extraction) bring their own fit step.
-        fit = getattr(task, "fit", None) or functools.partial(fit_with_trainer, args, preemption)
+        fit = task.fit if fits_itself(task) else functools.partial(fit_with_trainer, args, preemption, best_metric)
         result = fit(recipe, task, info, tokenized, tokenizer, run_dir, checkpoint, list(callbacks))
         if state.is_main_process:
             check_saved_weights(run_dir / ADAPTER_DIR)
@@ -123,8 +132,8 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
 
 
 def fit_with_trainer(
-    args, preemption: PreemptionCallback, recipe: Recipe, task, info: dict, tokenized: dict, tokenizer, run_dir: Path,
-    checkpoint, callbacks: list,
+    args, preemption: PreemptionCallback, best_metric: str, recipe: Recipe, task, info: dict, tokenized: dict, tokenizer,
+    run_dir: Path, checkpoint, callbacks: list,
 ) -> FitResult:
     """Gradient training with the HF Trainer: the task's model + adapter, periodic evaluation, best checkpoint."""
     model = task.load_model(recipe, info)
@@ -149,7 +158,7 @@ def fit_with_trainer(
     )
     # The Trainer rescales losses of models whose forward takes **kwargs as if they were sums over a global
     # item count (x processes, no division by accumulation steps); a per-batch mean loss must not be rescaled.
-    trainer.model_accepts_loss_kwargs = trainer.model_accepts_loss_kwargs and getattr(task, "LOSS_SUMS_OVER_ITEMS", False)
+    trainer.model_accepts_loss_kwargs = trainer.model_accepts_loss_kwargs and task.LOSS_SUMS_OVER_ITEMS
     train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if preemption.received:
         raise Preempted(
@@ -159,13 +168,13 @@ def fit_with_trainer(
     save_adapter(trainer, run_dir / ADAPTER_DIR)  # every rank: ZeRO-3/FSDP gather the shards here
     if trainer.is_world_process_zero():
         # The Trainer pickles its arguments next to the weights; a deployable folder holds safetensors only.
-        (run_dir / ADAPTER_DIR / "training_args.bin").unlink(missing_ok=True)
+        (run_dir / ADAPTER_DIR / TRAINER_ARGUMENTS).unlink(missing_ok=True)
     return FitResult(
         predictor=trainer,
         parameters=parameters,
         train_metrics={**train_output.metrics, "global_step": trainer.state.global_step},
         best_checkpoint=trainer.state.best_model_checkpoint,
-        best_metric_name=best_metric_name(recipe),
+        best_metric_name=best_metric,
         best_metric=trainer.state.best_metric,
         log_history=trainer.state.log_history,
         summary={"skipped_steps": trainer.skipped_steps, "fp16_overflow_steps": trainer.overflow_steps},
@@ -177,7 +186,7 @@ def _callbacks(recipe: Recipe, run_dir: Path, is_main_process: bool) -> list:
     if recipe.output.tensorboard and is_main_process:  # one event file, written by the main process
         from torch.utils.tensorboard import SummaryWriter
 
-        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard"))))
+        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))))
     if recipe.training.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.training.early_stopping_patience))
     return callbacks
@@ -189,17 +198,17 @@ def _evaluate_split(trainer, task, recipe: Recipe, info: dict, tokenized, raw) -
 
 
 def _write_results(run_dir: Path, recipe: Recipe, task, info: dict, summary: dict, split_results: dict, log_history) -> None:
-    write_json(run_dir / "task.json", {"type": recipe.task.type, **info})
-    write_json(run_dir / "metrics.json", {**summary, **{split: metrics for split, (_, metrics) in split_results.items()}})
+    write_task_info(run_dir, recipe.task.type, info)
+    write_json(run_dir / METRICS_FILE, {**summary, **{split: metrics for split, (_, metrics) in split_results.items()}})
     write_jsonl(
-        run_dir / "predictions.jsonl",
+        run_dir / PREDICTIONS_FILE,
         [{"split": split, **record} for split, (records, _) in split_results.items() for record in records],
     )
-    write_json(run_dir / "log_history.json", log_history)
-    has_loss_plot = plot_losses(log_history, run_dir / "plots" / "loss.png")
+    write_json(run_dir / LOG_HISTORY_FILE, log_history)
+    has_loss_plot = plot_losses(log_history, run_dir / LOSS_PLOT)
     sections = {
         split: task.report(records, metrics, split, run_dir, recipe.evaluation.worst_examples)
         for split, (records, metrics) in split_results.items()
     }
     write_report(run_dir, recipe, summary, sections, has_loss_plot)
-    write_json(run_dir / "manifest.json", manifest(recipe, parameters=summary["parameters"], setup=summary["setup"]))
+    write_json(run_dir / MANIFEST_FILE, manifest(recipe, parameters=summary["parameters"], setup=summary["setup"]))

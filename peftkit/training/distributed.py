@@ -16,18 +16,19 @@ import torch
 
 from peftkit.errors import UserError
 from peftkit.recipe.schema import Recipe
-from peftkit.run_folder import write_json
-from peftkit.training.precision import resolve_precision
+from peftkit.run_folder import DEEPSPEED_FILE, FSDP_FILE, write_json
+from peftkit.recipe.resolved import resolve_precision
 
-DEEPSPEED_FILE = "deepspeed.json"
-FSDP_FILE = "fsdp.json"
 # DeepSpeed fields that an accelerate config may set; once they are checked against the recipe, the
 # generated config is the only one in force (accelerate refuses to combine both otherwise).
 _ACCELERATE_DEEPSPEED_FIELDS = "ACCELERATE_CONFIG_DS_FIELDS"
 
 
 def launched_world_size(environ: Mapping[str, str] = os.environ) -> int:
-    """Processes started by torchrun / accelerate launch (1 for a plain `python -m peftkit`)."""
+    """Processes started by torchrun / accelerate launch (1 for a plain `python -m peftkit`).
+
+    Not `PartialState().num_processes`: it is needed before the TrainingArguments are built, and creating the
+    accelerate state earlier would fix its backend before CPU DeepSpeed ranks ask for gloo."""
     return int(environ.get("WORLD_SIZE", "1"))
 
 
@@ -110,10 +111,10 @@ def configure_cpu_deepspeed_processes() -> dict:
     return {"use_configured_state": True}
 
 
-def write_sharding_configs(run_dir: Path, recipe: Recipe, world_size: int) -> None:
-    """Record the generated DeepSpeed / FSDP settings in the run folder (what actually ran)."""
-    for name, config in ((DEEPSPEED_FILE, build_deepspeed_config(recipe, world_size)),
-                         (FSDP_FILE, build_fsdp_config(recipe, world_size))):
+def write_sharding_configs(run_dir: Path, recipe: Recipe, world_size: int, deepspeed: dict | None) -> None:
+    """Record the generated DeepSpeed / FSDP settings in the run folder (what actually ran). `deepspeed` is the
+    config the TrainingArguments were built with (built once per run; the Trainer works on its own copy)."""
+    for name, config in ((DEEPSPEED_FILE, deepspeed), (FSDP_FILE, build_fsdp_config(recipe, world_size))):
         if config is not None:
             write_json(run_dir / name, config)
 

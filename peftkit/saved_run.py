@@ -3,29 +3,36 @@ adapter) and score it on any data, or write its predictions for unlabelled input
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-import yaml
 from transformers import Trainer
 
 from peftkit.data.sources import load_source, load_splits
 from peftkit.errors import UserError
 from peftkit.models.load import load_tokenizer
-from peftkit.recipe.load import validate_recipe
 from peftkit.recipe.schema import DataSource, Recipe
-from peftkit.run_folder import write_json, write_jsonl, write_text_atomic
+from peftkit.run_folder import (
+    ADAPTER_DIR,
+    EVALUATIONS_DIR,
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    RECIPE_FILE,
+    REPORT_FILE,
+    TASK_FILE,
+    read_recipe,
+    read_task_info,
+    write_json,
+    write_jsonl,
+    write_text_atomic,
+)
 from peftkit.tasks import get_task
+from peftkit.tasks.base import fits_itself
 from peftkit.training.arguments import build_training_args
-from peftkit.training.run import ADAPTER_DIR
 
 log = logging.getLogger("peftkit")
-
-EVALUATIONS = "evaluations"
-
 
 @dataclass
 class SavedRun:
@@ -44,16 +51,15 @@ class SavedRun:
 
 def load_run(run_dir: str | Path) -> SavedRun:
     run_dir = Path(run_dir)
-    for name in ("recipe.yaml", "task.json", ADAPTER_DIR):
+    for name in (RECIPE_FILE, TASK_FILE, ADAPTER_DIR):
         if not (run_dir / name).exists():
             raise UserError(f"`{run_dir}` is not a finished run folder: it has no {name} (train it with `peftkit train`)")
-    recipe = validate_recipe(yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")))
-    info = json.loads((run_dir / "task.json").read_text(encoding="utf-8"))
-    info.pop("type", None)
+    recipe = read_recipe(run_dir)
+    info = read_task_info(run_dir)
     task = get_task(recipe.task.type)
     tokenizer = load_tokenizer(recipe.model.model_copy(update={"name": str(run_dir / ADAPTER_DIR), "revision": None}))
     # Tasks with their own fit step (feature extraction) reload their own predictor.
-    load_predictor = getattr(task, "load_predictor", None) or _prediction_trainer
+    load_predictor = task.load_predictor if fits_itself(task) else _prediction_trainer
     return SavedRun(run_dir, recipe, task, info, tokenizer, load_predictor(recipe, info, run_dir, tokenizer))
 
 
@@ -88,7 +94,7 @@ def _with_test_source(recipe: Recipe, path: str, split: str | None) -> Recipe:
 def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None = None) -> tuple[Path, dict]:
     """Score a saved run on its own split (default: test, else validation) or on `data`; returns (folder, metrics).
 
-    Results go to `<run>/evaluations/<name>/` (metrics.json, predictions.jsonl, report.md).
+    Results go to `<run>/evaluations/<name>/` (metrics, predictions and report, named as in a run folder).
     """
     run = load_run(run_dir)
     if data is not None:
@@ -104,12 +110,12 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
         dataset = load_source(own, f"data.{key}") if own else load_splits(run.recipe.data)[key]
     records = run.predict(key, dataset)
     metrics = run.task.score(records, run.info)
-    out = run.run_dir / EVALUATIONS / name
-    write_json(out / "metrics.json", metrics)
-    write_jsonl(out / "predictions.jsonl", records)
+    out = run.run_dir / EVALUATIONS_DIR / name
+    write_json(out / METRICS_FILE, metrics)
+    write_jsonl(out / PREDICTIONS_FILE, records)
     section = run.task.report(records, metrics, name, out, run.recipe.evaluation.worst_examples)
     header = f"# Evaluation of `{run.run_dir}` on {data or f'its {key} split'}\n\n- task: {run.recipe.task.type}\n"
-    write_text_atomic(out / "report.md", f"{header}\n{section}\n")
+    write_text_atomic(out / REPORT_FILE, f"{header}\n{section}\n")
     return out, metrics
 
 
