@@ -173,7 +173,7 @@ def recipe_for(cell: Cell, model_dir: Path, files: dict[str, Path], run_dir: Pat
 
 def is_bitsandbytes_error(exc: BaseException) -> bool:
     """Raised from inside bitsandbytes (its CPU kernels), judged from the traceback, not from the cell's kind."""
-    return any("bitsandbytes" in frame.filename for frame in traceback.extract_tb(exc.__traceback__))
+    return any("/bitsandbytes/" in frame.filename for frame in traceback.extract_tb(exc.__traceback__))
 
 
 def run_cell(cell: Cell, model_dir: Path, files: dict[str, Path], work: Path) -> Cell:

@@ -107,7 +107,12 @@ def _check_onto(onto: str | None, recipe: Recipe) -> str:
 def full_precision_base(recipe: Recipe, task, adapter: AdapterSource, onto: str):
     """The base in float32: its original weights, or the quantized weights the adapter was trained on, dequantized."""
     if onto == "dequantized":
-        return task.load_model(recipe, adapter.info).dequantize(dtype=torch.float32)
+        base = task.load_model(recipe, adapter.info)
+        # transformers' dequantize fails on a model with no quantized layer (every linear layer kept in full
+        # precision, as tiny or unusual architectures can be); such a base only needs float32.
+        if any(type(module).__module__.startswith("bitsandbytes") for module in base.modules()):
+            return base.dequantize(dtype=torch.float32)
+        return base.to(torch.float32)
     full = recipe.model_copy(update={
         "model": recipe.model.model_copy(update={"dtype": "float32"}), "quantization": QuantizationSection(),
     })
