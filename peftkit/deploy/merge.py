@@ -109,10 +109,9 @@ def full_precision_base(recipe: Recipe, task, adapter: AdapterSource, onto: str)
     if onto == "dequantized":
         base = task.load_model(recipe, adapter.info)
         # transformers' dequantize fails on a model with no quantized layer (every linear layer kept in full
-        # precision, as tiny or unusual architectures can be); such a base only needs float32.
+        # precision, as in Falcon here); then the original weights are the ones the adapter was trained on.
         if any(type(module).__module__.startswith("bitsandbytes") for module in base.modules()):
             return base.dequantize(dtype=torch.float32)
-        return base.to(torch.float32)
     full = recipe.model_copy(update={
         "model": recipe.model.model_copy(update={"dtype": "float32"}), "quantization": QuantizationSection(),
     })
