@@ -154,6 +154,16 @@ def check_adapter_fits_model(recipe: Recipe, config: PretrainedConfig, task_type
             "training.gradient_checkpointing: prefix tuning passes its prefix as a key/value cache, which gradient "
             "checkpointing recomputes without it; set training.gradient_checkpointing: false or use lora"
         )
+    hidden = _hidden_size(config)
+    rank = max(recipe.adapter.r, recipe.adapter.adalora_init_r if method == "adalora" else 0)
+    if method in ("lora", "adalora") and hidden and rank > hidden:
+        # A factor of rank above min(in, out) of a layer adds memory and no capacity; a huge r would only fail
+        # (out of memory) after the model is loaded.
+        raise UserError(
+            f"adapter.r{'/adalora_init_r' if method == 'adalora' else ''}={rank} exceeds the hidden size {hidden} of "
+            f"`{recipe.model.name}`: LoRA rank cannot usefully exceed a layer's smaller dimension; use r <= {hidden} "
+            "(typically 4 to 64)"
+        )
     if method in ("prompt_tuning", "p_tuning") and task_type == "SEQ_CLS" and is_decoder_only(config):
         raise UserError(
             f"adapter.method: {method} cannot classify with the decoder-only model `{recipe.model.name}` "
@@ -171,6 +181,15 @@ def _shared_key_value_heads(config: PretrainedConfig) -> bool:
     heads = getattr(text, "num_attention_heads", None)
     kv_heads = getattr(text, "num_kv_heads", None)
     return bool(getattr(text, "multi_query", False)) or (kv_heads is not None and kv_heads != heads)
+
+
+def _hidden_size(config: PretrainedConfig) -> int | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("hidden_size", "d_model", "n_embd", "dim"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def attach_adapter(model, recipe: Recipe, task_type: str, head_modules: list[str] = ()):
@@ -324,4 +343,5 @@ def adapter_record(recipe: Recipe, base_config: PretrainedConfig, task_info: dic
         },
         "task": {"type": recipe.task.type, **task_info},
         "quantization": recipe.quantization.model_dump(mode="json"),
+        "generation": recipe.generation.model_dump(mode="json"),  # deployment decodes as the run's evaluation did
     }

@@ -7,10 +7,33 @@ import logging
 import os
 import sys
 
-from peftkit.errors import Preempted, UserError
+from peftkit.errors import Preempted, UserError, out_of_space
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect from a job that stopped on SIGTERM
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a count that must be at least 1 (argparse then exits 2 with the option named)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _output_file(path: str, option: str) -> None:
+    """An output path must name a file whose folder can exist: checked before any model is loaded."""
+    from pathlib import Path
+
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{option} `{path}` is a folder; give a file path, e.g. {target / 'predictions.jsonl'}")
+    blocking = next((parent for parent in target.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"{option} `{path}`: `{blocking}` is a file, not a folder")
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="search recipe keys with optuna; one run folder per trial")
     _add_recipe_arguments(sweep)
     sweep.add_argument("--space", required=True, help="search space YAML: recipe key paths -> ranges or choices")
-    sweep.add_argument("--trials", type=int, default=10, help="number of trials (default 10)")
+    sweep.add_argument("--trials", type=_positive_int, default=10, help="number of trials (default 10)")
     sweep.set_defaults(handler=_sweep)
 
     validate = commands.add_parser("validate", help="print the fully resolved recipe")
@@ -48,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="for adapters trained on a quantized base: merge onto the original full-precision weights or onto the "
         "quantized weights dequantized (default: dequantized, which matches the trained model more closely)",
     )
-    merge.add_argument("--samples", type=int, default=64, help="rows of the run's data used to verify the merge")
+    merge.add_argument("--samples", type=_positive_int, default=64, help="rows of the run's data used to verify the merge")
     merge.add_argument("--tolerance", type=float, help="largest accepted |merged - attached| logit (default per dtype)")
     merge.add_argument("--force", action="store_true", help="write the model even when verification fails")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -64,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--input", required=True, help="rows to predict (.jsonl, .json, .csv, .tsv, .parquet)")
     predict.add_argument("--output", required=True, help="JSONL file for the answers")
     predict.add_argument("--adapter-column", help="input column naming each row's adapter (mixed-adapter batches)")
-    predict.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
-    predict.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (generative tasks)")
+    predict.add_argument("--batch-size", type=_positive_int, default=32, help="rows per forward pass")
+    predict.add_argument(
+        "--max-new-tokens", type=_positive_int, help="most tokens to generate per row (generative tasks; default: the run's generation.max_new_tokens)"
+    )
     predict.set_defaults(handler=_predict)
 
     serve = commands.add_parser("serve", help="serve one base with named adapters over HTTP")
@@ -73,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--batch-window-ms", type=float, default=5.0, help="how long to collect requests into one batch")
-    serve.add_argument("--max-batch-size", type=int, default=32, help="most rows in one batch")
+    serve.add_argument("--max-batch-size", type=_positive_int, default=32, help="most rows in one batch")
     serve.add_argument(
         "--token", help="require `Authorization: Bearer TOKEN` on every request (default: $PEFTKIT_SERVE_TOKEN; "
         "prefer the variable, a command line is visible to other users)",
@@ -82,14 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter-root", action="append", default=[], metavar="DIR",
         help="allow POST /v1/adapters to load adapters from inside DIR (repeatable); without it runtime loading is off",
     )
-    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (413 above)")
-    serve.add_argument("--max-input-tokens", type=int, default=4096, help="most tokens per input (422 above)")
-    serve.add_argument("--max-new-tokens", type=int, default=512, help="most tokens a request may generate (422 above)")
+    serve.add_argument(
+        "--allowed-host", action="append", default=[], metavar="NAME",
+        help="a name clients may send in the Host header besides loopback and --host (repeatable; guards against "
+        "DNS rebinding); with --host 0.0.0.0 and none given, any Host is accepted",
+    )
+    serve.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20, help="largest request body (413 above)")
+    serve.add_argument("--max-input-tokens", type=_positive_int, default=4096, help="most tokens per input (422 above)")
+    serve.add_argument("--max-new-tokens", type=_positive_int, default=512, help="most tokens a request may generate (422 above)")
     serve.set_defaults(handler=_serve)
 
     plan = commands.add_parser("plan", help="predict per-GPU training memory; --fit finds recipe changes that fit")
     _add_recipe_arguments(plan)
-    plan.add_argument("--gpus", type=int, default=None, help="GPUs to train on (default: the visible ones, or 1)")
+    plan.add_argument("--gpus", type=_positive_int, default=None, help="GPUs to train on (default: the visible ones, or 1)")
     plan.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 24GiB or 80GB (default: the visible GPU's)")
     plan.add_argument("--fit", action="store_true", help="search recipe changes that fit, cheapest slowdown first")
     plan.set_defaults(handler=_plan)
@@ -150,8 +180,6 @@ def _sweep(args: argparse.Namespace) -> None:
 
     from peftkit.sweep import sweep
 
-    if args.trials < 1:
-        raise UserError("--trials must be at least 1")
     sweep_dir = sweep(Path(args.recipe), Path(args.space), args.trials, args.overrides)
     print(f"sweep folder: {sweep_dir} (results.md, results.csv, results.png, best_recipe.yaml)")
 
@@ -205,6 +233,7 @@ def _attached_model(args: argparse.Namespace, run_dir: str | None = None):
 
 
 def _predict(args: argparse.Namespace) -> None:
+    _output_file(args.output, "--output")
     if args.run_dir and not (args.adapter or args.base or args.adapter_column):
         return _predict_run(args)  # one finished run: every task type, through its saved recipe
     from peftkit.deploy.predict import predict_file
@@ -221,7 +250,10 @@ def _serve(args: argparse.Namespace) -> None:
 
     token = args.token or os.environ.get(TOKEN_ENV) or None
     limits = Limits(args.max_body_bytes, args.max_input_tokens, args.max_new_tokens)
-    serve(_attached_model(args), args.host, args.port, args.batch_window_ms, args.max_batch_size, limits, token, args.adapter_root)
+    serve(
+        _attached_model(args), args.host, args.port, args.batch_window_ms, args.max_batch_size, limits, token,
+        args.adapter_root, args.allowed_host,
+    )
 
 
 def parse_memory_size(text: str) -> int:
@@ -281,4 +313,12 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as stop:
         print(f"peftkit: stopped: {stop}", file=sys.stderr)
         return EXIT_PREEMPTED
+    except Exception as error:
+        if not out_of_space(error):
+            raise
+        print(
+            f"peftkit: error: no space left on the device ({str(error).strip().splitlines()[0][:300]}). Free space, "
+            "then `peftkit train RECIPE --resume` continues from the last complete checkpoint", file=sys.stderr,
+        )
+        return EXIT_USER_ERROR
     return 0

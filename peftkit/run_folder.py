@@ -21,10 +21,11 @@ from typing import Any, Iterator
 import yaml
 
 from peftkit.errors import UserError
-from peftkit.recipe.load import validate_recipe
+from peftkit.recipe.load import load_saved_recipe, read_yaml_mapping
 from peftkit.recipe.schema import Recipe
 
 CHECKPOINTS = "checkpoints"
+TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last: a checkpoint folder holding it is complete
 ADAPTER_DIR = "adapter"  # the deployable result: PEFT adapter, full model, or a features classifier
 ADAPTER_RECORD = "peftkit_adapter.json"  # in ADAPTER_DIR: task info, base fingerprint and quantization
 CLASSIFIER_WEIGHTS = "classifier.safetensors"  # in ADAPTER_DIR of a features run
@@ -51,18 +52,67 @@ def run_dir_for(recipe: Recipe) -> Path:
     return Path(recipe.output.dir or Path("runs") / recipe.name)
 
 
+def checkpoint_step(checkpoint: Path | None) -> int:
+    """The global step a `checkpoint-N` folder was saved at (0 for none: the start)."""
+    return int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint else 0
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest step first."""
+    folder = run_dir / CHECKPOINTS
+    found = [
+        path for path in folder.glob("checkpoint-*")
+        if path.name.rsplit("-", 1)[-1].isdigit() and (path / TRAINER_STATE).is_file()
+    ]
+    return sorted(found, key=checkpoint_step)
+
+
+def last_complete_checkpoint(run_dir: Path) -> Path | None:
+    checkpoints = complete_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def check_run_folder(recipe: Recipe, resume: bool, force_resume: bool = False, resumable_when_finished: bool = False) -> None:
+    """Refuse an output folder the run cannot use, before any model or data is loaded.
+
+    A file in place of the folder; an occupied folder without --resume or output.overwrite; with --resume, a folder
+    that is not a peftkit run, a finished run with no checkpoint to continue from (training again would overwrite
+    its adapter, metrics and report; `resumable_when_finished` for tasks that refit from their own cache), and a
+    recipe whose settings changed since the run started (see `check_resume_matches`).
+    """
+    run_dir = run_dir_for(recipe)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output.dir: `{run_dir}` is a file, not a folder; choose another output.dir")
+    if not _holds_files(run_dir):
+        return
+    if not resume:
+        if not recipe.output.overwrite:
+            raise UserError(
+                f"output.dir: run folder `{run_dir}` already exists; pass --resume to continue it, "
+                "set output.overwrite=true to replace it, or choose another output.dir"
+            )
+        return
+    if not (run_dir / RECIPE_FILE).is_file() and not (run_dir / CHECKPOINTS).is_dir():
+        raise UserError(
+            f"--resume: `{run_dir}` is not a peftkit run folder (no {RECIPE_FILE}, no {CHECKPOINTS}/); "
+            "give the output.dir of an interrupted run, or another output.dir to start a new one"
+        )
+    if (run_dir / MANIFEST_FILE).is_file() and not complete_checkpoints(run_dir) and not resumable_when_finished:
+        raise UserError(
+            f"--resume: `{run_dir}` holds a finished run and no checkpoint to continue from; resuming would train "
+            "from scratch over its adapter and results. Start a new run (another output.dir) or set output.overwrite"
+        )
+    check_resume_matches(run_dir, recipe, force_resume)
+
+
 @contextlib.contextmanager
 def run_folder(recipe: Recipe, resume: bool, is_main_process: bool = True) -> Iterator[Path]:
-    """Create (or reuse, when resuming) the run folder; remove it again if the run fails before any checkpoint."""
+    """Create (or reuse, when resuming) the run folder; remove it again if the run fails before any checkpoint.
+
+    `check_run_folder` has accepted the folder; every process checks it (the main process never deletes a folder
+    another refused), so no process waits for a main process that stopped."""
     run_dir = run_dir_for(recipe)
     created = False
-    # Every process refuses an occupied folder (the main process never deletes one then), so no process
-    # waits for a main process that stopped.
-    if not resume and not recipe.output.overwrite and _holds_files(run_dir):
-        raise UserError(
-            f"output.dir: run folder `{run_dir}` already exists; pass --resume to continue it, "
-            "set output.overwrite=true to replace it, or choose another output.dir"
-        )
     if is_main_process:
         if not resume and _holds_files(run_dir):
             shutil.rmtree(run_dir)
@@ -82,11 +132,17 @@ def _holds_files(folder: Path) -> bool:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write to a temporary file in the same folder and rename, so readers never see half a file."""
+    if path.is_dir():
+        raise UserError(f"`{path}` is a folder; give a file path to write to")
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    except BaseException:  # a full disk or a kill leaves no temporary file behind
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, content: Any) -> None:
@@ -102,7 +158,7 @@ def read_recipe(run_dir: Path) -> Recipe:
     path = run_dir / RECIPE_FILE
     if not path.exists():
         raise UserError(f"RUN_DIR: `{run_dir}` has no {RECIPE_FILE}; give a run folder written by `peftkit train`")
-    return validate_recipe(yaml.safe_load(path.read_text(encoding="utf-8")))
+    return load_saved_recipe(path)
 
 
 def write_task_info(run_dir: Path, task_type: str, info: dict) -> None:
@@ -161,7 +217,13 @@ def manifest(recipe: Recipe, **facts: Any) -> dict[str, Any]:
     }
 
 
-RESUME_SENSITIVE = ("model", "task", "data", "adapter", "quantization")
+# Keys a resumed run may change: they decide what is logged, reported or kept, never the trained weights.
+# Any other change (model, task, data, adapter, quantization, training, distributed, generation) is refused
+# unless --force-resume, which keeps the recipe that ran before as `recipe.until-step-N.yaml`.
+RESUME_MAY_CHANGE = (
+    "name", "output.dir", "output.overwrite", "output.tensorboard", "evaluation", "training.resume",
+    "training.logging_steps", "training.eval_batch_size",
+)
 
 
 def changed_key_paths(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -175,16 +237,38 @@ def changed_key_paths(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix]
 
 
-def check_resume_matches(run_dir: Path, recipe: Recipe, force: bool) -> None:
-    """Refuse to resume a run with different data, model, task, method or quantization unless forced."""
+def resume_changes(run_dir: Path, recipe: Recipe) -> list[str]:
+    """Key paths the recipe changed since the run in `run_dir` started, other than those in `RESUME_MAY_CHANGE`."""
     saved_file = run_dir / RECIPE_FILE
-    if force or not saved_file.is_file():
-        return
-    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
-    current = recipe.model_dump(mode="json")
-    changed = [p for section in RESUME_SENSITIVE for p in changed_key_paths(saved.get(section), current[section], section)]
-    if changed:
+    if not saved_file.is_file():
+        return []
+    saved = read_yaml_mapping(saved_file, "saved recipe")
+    changed = changed_key_paths(saved, recipe.model_dump(mode="json"))
+    return [path for path in changed if not any(path == key or path.startswith(key + ".") for key in RESUME_MAY_CHANGE)]
+
+
+def check_resume_matches(run_dir: Path, recipe: Recipe, force: bool) -> None:
+    """Refuse to resume a run whose recipe changed since it started (the run record would describe settings that
+    never ran) unless forced."""
+    changed = resume_changes(run_dir, recipe)
+    if changed and not force:
         raise UserError(
             f"cannot resume `{run_dir}`: the recipe changed since the run started ({', '.join(changed)}); "
-            "restore those keys, start a new run (another output.dir), or pass --force-resume"
+            "restore those keys, start a new run (another output.dir), or pass --force-resume (the recipe that "
+            "ran until the checkpoint is then kept as recipe.until-step-N.yaml)"
         )
+
+
+def replaced_recipe_name(step: int | str) -> str:
+    """The recipe a forced resume replaced, named by the step it ran until (`*`: a glob of them)."""
+    return f"recipe.until-step-{step}.yaml"
+
+
+def keep_replaced_recipe(run_dir: Path, recipe: Recipe, step: int) -> Path | None:
+    """Forced resume with changed settings: keep the recipe that ran until `step` next to the new recipe.yaml."""
+    changed = resume_changes(run_dir, recipe)
+    if not changed:
+        return None
+    kept = run_dir / replaced_recipe_name(step)
+    os.replace(run_dir / RECIPE_FILE, kept)
+    return kept

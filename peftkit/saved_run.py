@@ -31,6 +31,7 @@ from peftkit.run_folder import (
 from peftkit.tasks import get_task
 from peftkit.tasks.base import fits_itself
 from peftkit.training.arguments import build_training_args
+from peftkit.training.checkpoints import EmptyWeightsError, check_saved_weights
 
 log = logging.getLogger("peftkit")
 
@@ -55,6 +56,10 @@ def load_run(run_dir: str | Path) -> SavedRun:
         if not (run_dir / name).exists():
             raise UserError(f"`{run_dir}` is not a finished run folder: it has no {name} (train it with `peftkit train`)")
     recipe = read_recipe(run_dir)
+    try:
+        check_saved_weights(run_dir / ADAPTER_DIR)
+    except EmptyWeightsError as error:  # peft would look for the weights on the hub instead
+        raise UserError(f"`{run_dir}` has no usable trained weights: {error}") from None
     info = read_task_info(run_dir)
     task = get_task(recipe.task.type)
     tokenizer = load_tokenizer(recipe.model.model_copy(update={"name": str(run_dir / ADAPTER_DIR), "revision": None}))
@@ -108,6 +113,12 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
         name = key
         own = getattr(run.recipe.data, key)
         dataset = load_source(own, f"data.{key}") if own else load_splits(run.recipe.data)[key]
+    gold = _gold_column(run.recipe)
+    if gold is not None and gold not in dataset.column_names:
+        raise UserError(
+            f"{data or f'data.{key}'}: has no column `{gold}` with the gold answers to score against (columns: "
+            f"{', '.join(dataset.column_names)}); add it, or use `peftkit predict` for unlabelled rows"
+        )
     records = run.predict(key, dataset)
     metrics = run.task.score(records, run.info)
     out = run.run_dir / EVALUATIONS_DIR / name
@@ -117,6 +128,12 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
     header = f"# Evaluation of `{run.run_dir}` on {data or f'its {key} split'}\n\n- task: {run.recipe.task.type}\n"
     write_text_atomic(out / REPORT_FILE, f"{header}\n{section}\n")
     return out, metrics
+
+
+def _gold_column(recipe: Recipe) -> str | None:
+    """The column a task scores against (causal LM templates name theirs and score only rows that have them)."""
+    task = recipe.task
+    return next((getattr(task, key) for key in ("label_column", "answers_column", "target_column") if hasattr(task, key)), None)
 
 
 def _has_split(recipe: Recipe, split: str) -> bool:

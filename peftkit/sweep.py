@@ -21,12 +21,11 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from transformers import TrainerCallback
 
 from peftkit.errors import UserError
-from peftkit.recipe.load import load_recipe, set_key_path, validate_recipe
+from peftkit.recipe.load import load_recipe, read_yaml_mapping, set_key_path, validate_recipe
 from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import read_metrics, recipe_as_yaml, run_dir_for, write_text_atomic
 from peftkit.tasks import best_metric_name
@@ -66,10 +65,8 @@ class SearchSpace(BaseModel):
 
 
 def load_space(path: Path) -> SearchSpace:
-    if not path.is_file():
-        raise UserError(f"--space: file not found: {path}")
     try:
-        return SearchSpace.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+        return SearchSpace.model_validate(read_yaml_mapping(path, "--space file"))
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise UserError(f"--space {path}: {problems}") from None

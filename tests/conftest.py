@@ -257,26 +257,34 @@ def bert_runs(tiny_bert_dir, tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="session")
-def llama_adapters(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
-    """Two causal-LM LoRA adapters with random (non-zero) weights, saved the way peft saves any adapter."""
+def random_llama_adapter(model_dir: Path, directory: Path, seed: int, **lora) -> Path:
+    """A causal-LM LoRA adapter (all linear layers) with random, non-zero weights, saved the way peft saves any adapter."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False, **lora)
+    model = get_peft_model(base, config)
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data.mul_(4.0)  # large enough to change greedy generations
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def llama_adapters(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
+    """Two causal-LM LoRA adapters with random (non-zero) weights."""
     root = tmp_path_factory.mktemp("llama-adapters")
-    adapters = {}
-    for seed, name in [(1, "poet"), (2, "critic")]:
-        torch.manual_seed(seed)
-        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-        config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-        model = get_peft_model(base, config)
-        for parameter in model.parameters():
-            if parameter.requires_grad:
-                parameter.data.mul_(4.0)  # large enough to change greedy generations
-        model.save_pretrained(root / name)
-        adapters[name] = root / name
-    return adapters
+    return {name: random_llama_adapter(tiny_llama_dir, root / name, seed) for seed, name in [(1, "poet"), (2, "critic")]}
+
+
+@pytest.fixture(scope="session")
+def dora_adapter(tiny_llama_dir, tmp_path_factory) -> Path:
+    """A causal-LM DoRA adapter: peft cannot mix it with others in one batch."""
+    return random_llama_adapter(tiny_llama_dir, tmp_path_factory.mktemp("dora") / "dora", 3, use_dora=True)
 
 
 def train_tiny_qa_run(model_dir: Path, directory: Path, seed: int = 7, **sections) -> Path:

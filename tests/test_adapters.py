@@ -93,6 +93,12 @@ def reloaded_probabilities(run_dir, model_dir, recipe) -> torch.Tensor:
         base = AutoModelForSequenceClassification.from_pretrained(
             model_dir, num_labels=2, dtype=torch.float32, quantization_config=quantization
         )
+        if quantization is not None:
+            # As peftkit does (bitsandbytes' own switch): no lossy bf16 repack of 4-bit weights in eval on CPUs
+            # with AVX512-BF16, which alone moves probabilities by ~1e-3.
+            for module in base.modules():
+                if hasattr(module, "support_avx512bf16_for_cpu"):
+                    module.support_avx512bf16_for_cpu = False
         model = PeftModel.from_pretrained(base, adapter_dir)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)

@@ -171,3 +171,85 @@ def test_qlora_adapter_attaches_to_a_base_quantized_as_in_training(tiny_bert_dir
     assert max(abs(a["probability"] - b["probability"]) for a, b in zip(full.predict(rows), answers)) > 1e-4
     with pytest.warns(UserWarning, match="trained on a base quantized as full precision.*loaded as 4-bit"):
         attached.load("plain", str(train_tiny_run(tiny_bert_dir, tmp_path / "plain")))
+
+
+def test_dora_rows_run_apart_and_a_failed_forward_leaves_no_state(llama_adapters, dora_adapter, tiny_llama_dir):
+    """peft cannot put a DoRA adapter in a mixed batch and leaves its per-row hooks behind when a forward raises."""
+    adapters = {**{name: str(path) for name, path in llama_adapters.items()}, "dora": str(dora_adapter)}
+    attached = AttachedModel(str(tiny_llama_dir), adapters)
+    rows = [{"prompt": "the movie was"}, {"prompt": "a lovely place and"}, {"prompt": "it was"}, {"prompt": "so"}]
+    names = ["poet", "dora", "critic", BASE_ADAPTER]
+    alone = [attached.predict([row], name, max_new_tokens=5)[0] for row, name in zip(rows, names)]
+    assert attached.predict(rows, names, max_new_tokens=5) == alone
+    assert alone[1]["text"] != attached.predict(rows[1:2], "poet", max_new_tokens=5)[0]["text"]  # DoRA really served
+    logits = [attached.logits([row], name)[0] for row, name in zip(rows, names)]
+
+    layer = attached.model.base_model.model.model.layers[0]
+    handle = layer.register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        attached.predict(rows, names, max_new_tokens=5)  # fails inside a mixed forward, with peft's hooks in place
+    handle.remove()
+    leftover = [name for name, module in attached.model.named_modules() if module._forward_pre_hooks]
+    assert leftover == []
+    assert attached.active == "poet"
+    for row, name, expected, expected_logits in zip(rows, names, alone, logits):  # every adapter still answers as before
+        assert attached.predict([row], name, max_new_tokens=5)[0] == expected
+        assert torch.allclose(attached.logits([row], name)[0], expected_logits, atol=1e-5)
+    attached.unload("dora")
+    assert attached.predict(rows[:1], "poet", max_new_tokens=5)[0] == alone[0]
+
+
+def test_failed_loads_leave_nothing_behind(bert_runs, tiny_bert_dir, tmp_path):
+    attached = AttachedModel(str(tiny_bert_dir), {"first": str(bert_runs["sentiment"])})
+    broken = tmp_path / "broken"
+    shutil.copytree(bert_runs["quality"] / "adapter", broken)
+    (broken / "adapter_model.safetensors").unlink()
+    (broken / "adapter_model.bin").write_bytes(b"not a pickle")
+    parameters = sum(p.numel() for p in attached.model.parameters())
+    modules = len(list(attached.model.modules()))
+    for i in range(5):
+        with pytest.raises(UserError, match="could not be loaded") as error:
+            attached.load(f"broken{i}", str(broken))
+        assert str(tmp_path) not in str(error.value).replace(str(broken), "")  # names what was given, nothing more
+    assert list(attached.model.peft_config) == ["adapter_1"] and sorted(attached.adapters) == ["first"]
+    assert sum(p.numel() for p in attached.model.parameters()) == parameters
+    assert len(list(attached.model.modules())) == modules
+    with pytest.raises(UserError, match="could not be loaded"):
+        attached.load("first", str(broken))  # a failed hot-swap keeps the old adapter serving
+    assert attached.predict([{"text": "great"}])[0]["label"] in {"positive", "negative"}
+
+
+@pytest.mark.parametrize("record, problem", [
+    ("{not json", "not readable JSON"),
+    ('{"base": null}', "task.type"),
+    ('{"task": {"type": "astrology"}}', "task.type"),
+    ('[1, 2]', "task.type"),
+    ('{"task": {"type": "classification"}, "base": "x"}', "`base` must hold"),
+    ('{"task": {"type": "classification"}, "base": null, "quantization": {"bits": 3}}', "bits"),
+])
+def test_malformed_adapter_records_are_user_errors(bert_runs, tiny_bert_dir, tmp_path, record, problem):
+    from peftkit.deploy.adapter_folder import find_adapter
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(bert_runs["quality"] / "adapter", folder)
+    (folder / "peftkit_adapter.json").write_text(record)
+    with pytest.raises(UserError, match="peftkit_adapter.json is malformed") as error:
+        find_adapter("x", str(folder))
+    assert problem in str(error.value)
+
+
+def test_plain_peft_classifier_reads_labels_from_id2label(tiny_bert_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+    get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"])).save_pretrained(tmp_path / "plain")
+    attached = AttachedModel(str(tiny_bert_dir), {"plain": str(tmp_path / "plain")})
+    answer = attached.predict([{"text": "great"}])[0]
+    assert set(answer["scores"]) == {"LABEL_0", "LABEL_1"} and answer["label"] in answer["scores"]
+
+
+@pytest.mark.parametrize("name", ["a\nb", "", "../x", "a b", "x" * 65, BASE_ADAPTER, "-x"])
+def test_adapter_names_are_validated(bert_runs, tiny_bert_dir, name):
+    attached = AttachedModel(str(tiny_bert_dir), {"first": str(bert_runs["sentiment"])})
+    with pytest.raises(UserError, match="is not allowed"):
+        attached.load(name, str(bert_runs["quality"]))

@@ -59,3 +59,21 @@ def test_predict_qa_spans_with_two_adapters(qa_adapters, tiny_bert_dir, tmp_path
         assert answer["adapter"] == row["which"] and answer["answer"] == expected["answer"]
         assert row["context"][answer["start"]:answer["end"]] == answer["answer"]
     assert answers[0]["answer"] == records[0]["predicted"]  # the run's own adapter gives the run's own span
+
+
+def test_cli_predict_mixes_a_dora_adapter_column(llama_adapters, dora_adapter, tiny_llama_dir, tmp_path):
+    """DoRA rows cannot share peft's mixed batch; they run apart and every row equals the row run alone."""
+    names = ["dora", "poet", "dora", "critic", "__base__"]
+    rows = [{"prompt": f"the movie was {word}", "which": name} for word, name in zip(["good", "bad", "so", "fine", "it"], names)]
+    source = write_jsonl(tmp_path / "in.jsonl", rows)
+    adapters = {**llama_adapters, "dora": dora_adapter}
+    result = run_cli_in_process(
+        "predict", "--base", str(tiny_llama_dir), *[f"--adapter={name}={path}" for name, path in adapters.items()],
+        "--input", str(source), "--output", str(tmp_path / "out.jsonl"), "--adapter-column", "which", "--max-new-tokens", "4",
+    )
+    assert result.returncode == 0, result.stderr
+    answers = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    attached = AttachedModel(str(tiny_llama_dir), {name: str(path) for name, path in adapters.items()})
+    for row, answer in zip(rows, answers):
+        alone = attached.predict([{"prompt": row["prompt"]}], row["which"], max_new_tokens=4)[0]
+        assert answer["adapter"] == row["which"] and answer["text"] == alone["text"]

@@ -220,3 +220,112 @@ def test_runtime_loading_is_off_without_adapter_roots(bert_runs, tiny_bert_dir, 
     refused = httpx.post(f"{url}/v1/adapters", json={"name": "quality", "path": str(bert_runs["quality"])})
     assert refused.status_code == 403 and "--adapter-root" in refused.json()["error"]["message"]
     assert httpx.get(f"{url}/health").json()["adapters"] == ["sentiment"]
+
+
+def test_openai_client_streams_and_honours_the_fields_it_sends(llama_adapters, dora_adapter, tiny_llama_dir, start_server):
+    """The official `openai` client against a loopback server: streaming, max_completion_tokens, parts, n, stop, seed."""
+    import openai
+
+    attached = AttachedModel(str(tiny_llama_dir), {**{n: str(p) for n, p in llama_adapters.items()}, "dora": str(dora_adapter)})
+    url = start_server(attached, window_ms=20)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+    whole = client.completions.create(model="poet", prompt="the movie was", max_tokens=6)
+    chunks = list(client.completions.create(model="poet", prompt="the movie was", max_tokens=6, stream=True,
+                                            stream_options={"include_usage": True}))
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert len([t for t in texts if t]) >= 2  # token by token, not one block
+    assert "".join(texts) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+    four = client.completions.create(model="critic", prompt="the movie was", max_tokens=16, extra_body={"max_completion_tokens": 4})
+    assert four.usage.completion_tokens == attached.predict([{"prompt": "the movie was"}], "critic", max_new_tokens=4)[0]["tokens"] <= 4
+
+    messages = [{"role": "user", "content": [{"type": "text", "text": "was the food "}, {"type": "text", "text": "good"}]}]
+    chat = client.chat.completions.create(model="dora", messages=messages, max_completion_tokens=5)
+    plain = client.chat.completions.create(model="dora", messages=[{"role": "user", "content": "was the food good"}], max_completion_tokens=5)
+    assert chat.choices[0].message.content == plain.choices[0].message.content
+    streamed = client.chat.completions.create(model="dora", messages=messages, max_completion_tokens=5, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == chat.choices[0].message.content
+
+    sampled = [client.completions.create(model="poet", prompt="it was", max_tokens=8, n=3, temperature=1.5, seed=5) for _ in range(2)]
+    assert len(sampled[0].choices) == 3 and [c.text for c in sampled[0].choices] == [c.text for c in sampled[1].choices]
+    cut = whole.choices[0].text.split(" ")[1]
+    stopped = client.completions.create(model="poet", prompt="the movie was", max_tokens=6, stop=[cut])
+    assert stopped.choices[0].text == whole.choices[0].text[:whole.choices[0].text.find(cut)] and stopped.choices[0].finish_reason == "stop"
+    streamed_stop = client.completions.create(model="poet", prompt="the movie was", max_tokens=6, stop=[cut], stream=True)
+    assert "".join(c.choices[0].text for c in streamed_stop if c.choices) == stopped.choices[0].text
+
+    for refused in ({"logprobs": 2}, {"echo": True}, {"presence_penalty": 0.5}):
+        with pytest.raises(openai.BadRequestError) as error:
+            client.completions.create(model="poet", prompt="hi", max_tokens=2, **refused)
+        assert error.value.body["param"] == next(iter(refused)) and "not supported" in error.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="poet", messages=[{"role": "user", "content": "hi"}], logprobs=True)
+
+    # a DoRA adapter in a batch with others, then every adapter again: peft cannot mix DoRA, nothing may break
+    bodies = [{"model": name, "prompt": "the movie was", "max_tokens": 4} for name in ["dora", "poet", "critic", "__base__"]]
+    for _ in range(2):
+        responses = asyncio.run(_post_together(f"{url}/v1/completions", bodies))
+        assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
+        for body, response in zip(bodies, responses):
+            alone = attached.predict([{"prompt": body["prompt"]}], body["model"], max_new_tokens=4)[0]
+            assert response.json()["choices"][0]["text"] == alone["text"]
+    assert httpx.delete(f"{url}/v1/adapters/dora").status_code == 200
+    assert httpx.post(f"{url}/v1/completions", json=bodies[1]).status_code == 200
+
+
+def test_every_error_has_the_documented_shape_and_leaks_nothing(bert_runs, tiny_bert_dir, tmp_path, start_server):
+    root = tmp_path / "root"
+    broken = root / "broken"
+    shutil.copytree(bert_runs["quality"] / "adapter", broken)
+    (broken / "adapter_model.safetensors").unlink()
+    (broken / "adapter_model.bin").write_bytes(b"\x80\x04 not a pickle")
+    attached = AttachedModel(str(tiny_bert_dir), {"sentiment": str(bert_runs["sentiment"])})
+    url = start_server(attached, adapter_roots=[str(root)])
+    deep = b'{"inputs": [' + b"[" * 50_000 + b"]" * 50_000 + b"]}"
+    cases = {
+        "unknown endpoint": (httpx.get(f"{url}/nope"), 404),
+        "wrong method": (httpx.get(f"{url}/v1/predict"), 405),
+        "openapi": (httpx.get(f"{url}/openapi.json"), 404),
+        "docs": (httpx.get(f"{url}/docs"), 404),
+        "non-UTF-8": (httpx.post(f"{url}/v1/predict", content=b'{"inputs": [{"text": "\xff\xfe"}]}',
+                                 headers={"content-type": "application/json"}), 400),
+        "deep nesting": (httpx.post(f"{url}/v1/predict", content=deep, headers={"content-type": "application/json"}), 400),
+        "foreign Host": (httpx.get(f"{url}/health", headers={"Host": "attacker.example"}), 400),
+        "row adapter list": (httpx.post(f"{url}/v1/predict", json={"inputs": [{"text": "a", "adapter": ["x"]}]}), 400),
+        "row adapter object": (httpx.post(f"{url}/v1/predict", json={"inputs": [{"text": "a", "adapter": {"x": 1}}]}), 400),
+        "text_pair not a string": (httpx.post(f"{url}/v1/predict", json={"inputs": [{"text": "a", "text_pair": 3}]}), 400),
+        "adapter name with newline": (httpx.post(f"{url}/v1/adapters", json={"name": "a\nb", "path": "broken"}), 400),
+        "unreadable weights": (httpx.post(f"{url}/v1/adapters", json={"name": "broken", "path": "broken"}, timeout=60), 400),
+    }
+    for case, (response, status) in cases.items():
+        assert response.status_code == status, (case, response.text)
+        error = response.json()["error"]
+        assert error["code"] == status and error["message"] and "type" in error and "param" in error, case
+        assert str(tmp_path) not in response.text and "Traceback" not in response.text, case
+    assert "attacker.example" not in cases["foreign Host"][0].text and "127.0.0.1" in cases["foreign Host"][0].text
+    assert "text_pair (optional)" in cases["text_pair not a string"][0].json()["error"]["message"]
+    for _ in range(5):  # failed loads leave nothing behind
+        assert httpx.post(f"{url}/v1/adapters", json={"name": "broken", "path": "broken"}, timeout=60).status_code == 400
+    assert list(attached.model.peft_config) == ["adapter_1"]
+
+    def explode(*_args, **_kwargs):
+        raise RuntimeError(f"secret detail at {tmp_path}/weights.bin")
+
+    real = attached.predict
+    attached.predict = explode
+    failed = httpx.post(f"{url}/v1/predict", json={"inputs": [{"text": "a"}]})
+    attached.predict = real
+    assert failed.status_code == 500 and "secret" not in failed.text and str(tmp_path) not in failed.text
+    assert failed.json()["error"]["message"].startswith("internal server error (reference ")
+    assert httpx.post(f"{url}/v1/predict", json={"inputs": [{"text": "a"}]}).status_code == 200
+
+
+def test_openapi_needs_the_token(bert_runs, tiny_bert_dir, start_server):
+    url = start_server(AttachedModel(str(tiny_bert_dir), {"sentiment": str(bert_runs["sentiment"])}), token="t")
+    for path in ("/openapi.json", "/docs", "/redoc", "/nope"):
+        response = httpx.get(f"{url}{path}")
+        assert response.status_code in (401, 404) and "openapi" not in response.text, path
+        assert "paths" not in response.text

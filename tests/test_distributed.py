@@ -19,7 +19,7 @@ from peftkit.training.distributed import (
 )
 from peftkit.errors import UserError
 from peftkit.recipe.load import validate_recipe
-from peftkit.run_folder import run_folder
+from peftkit.run_folder import check_run_folder
 from peftkit.training.checkpoints import EmptyWeightsError, check_saved_weights
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"
@@ -233,8 +233,7 @@ def test_every_process_refuses_an_occupied_run_folder(tmp_path):
     (tmp_path / "metrics.json").write_text("{}")
     # A non-main process raises too, instead of waiting at a barrier for a main process that stopped.
     with pytest.raises(UserError, match="already exists"):
-        with run_folder(run, resume=False, is_main_process=False):
-            pass
+        check_run_folder(run, resume=False)
 
 
 def test_training_arguments_carry_the_generated_settings(tmp_path, monkeypatch):

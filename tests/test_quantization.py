@@ -71,3 +71,50 @@ def test_t5_classification_head_stays_unquantized_trains_and_is_saved(tiny_t5_di
     model.save_pretrained(tmp_path)
     saved = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert torch.equal(saved["base_model.model.classification_head.out_proj.weight"], head.detach())
+
+
+def _quantized_state_hash(model) -> str:
+    """Hash of every 4-bit weight as stored and of its quantization state (scales, nested scales, code)."""
+    import hashlib
+
+    from bitsandbytes.nn import Linear4bit
+
+    digest = hashlib.sha256()
+    for name, module in sorted(model.named_modules(), key=lambda item: item[0]):
+        if isinstance(module, Linear4bit):
+            digest.update(name.encode() + module.weight.data.contiguous().view(torch.uint8).numpy().tobytes())
+            for key, value in sorted(module.weight.quant_state.as_dict(packed=True).items()):
+                digest.update(key.encode() + value.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_frozen_4bit_base_is_bit_identical_after_evaluation_and_saving(tiny_llama_dir):
+    """bitsandbytes repacks a 4-bit weight (bf16 scales, double quantization undone) at its first eval-mode
+    forward on CPUs with AVX512-BF16 and re-quantizes the scales at each save: the frozen base drifted during a
+    run with periodic evaluation, and a resumed run started from another base. peftkit keeps the layout fixed."""
+    from bitsandbytes.functional import has_avx512bf16
+    from bitsandbytes.nn import Linear4bit
+    from transformers import AutoModelForCausalLM
+
+    model = _build(recipe_for(tiny_llama_dir, bits=4), AutoModelForCausalLM)
+    inputs = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+
+    def evaluate_and_save():
+        model.eval()
+        with torch.no_grad():
+            logits = model(inputs).logits
+        model.state_dict()  # what every checkpoint save runs (Linear4bit._save_to_state_dict)
+        model.train()
+        return logits
+
+    before = _quantized_state_hash(model)
+    first = evaluate_and_save()
+    assert _quantized_state_hash(model) == before
+    torch.testing.assert_close(evaluate_and_save(), first, rtol=0, atol=0)
+    assert _quantized_state_hash(model) == before
+    if has_avx512bf16():  # the hash sees the repack: with bitsandbytes' default the state changes
+        for module in model.modules():
+            if isinstance(module, Linear4bit):
+                module.support_avx512bf16_for_cpu = True
+        evaluate_and_save()
+        assert _quantized_state_hash(model) != before

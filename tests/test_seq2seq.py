@@ -60,6 +60,17 @@ def test_translation_run_scores_generations_with_sacrebleu(tiny_t5_dir, tmp_path
     assert [p["predicted"] for p in predicted] == predictions
     assert all(set(p) == {"source", "predicted"} for p in predicted)
 
+    # deployment decodes as the report measured: the run's beams and length, through the same decode path
+    from peftkit.deploy.attach import AttachedModel
+
+    attached = AttachedModel(str(tiny_t5_dir), {"run": str(run_dir)})
+    assert attached.generation("run").num_beams == 2
+    rows = [{"text": row["source"]} for row in number_rows(12, seed=2)]
+    assert [answer["text"].strip() for answer in attached.predict(rows, "run")] == predictions
+    limits = [1, 3, 2] * 4  # beam search per row limit: each row as if alone
+    mixed = attached.predict(rows, "run", max_new_tokens=limits)
+    assert mixed == [attached.predict([row], "run", max_new_tokens=limit)[0] for row, limit in zip(rows, limits)]
+
 
 @pytest.mark.slow
 def test_summarization_run_reports_rouge(tiny_t5_dir, tmp_path):

@@ -66,6 +66,15 @@ def load_source(source: DataSource, key_path: str) -> datasets.Dataset:
 
 
 def _detect_format(source: DataSource, location: str, key_path: str) -> str:
+    if source.format == "auto" and Path(location).is_dir():
+        # datasets would read whatever files the folder holds, without saying which; a dataset repository
+        # folder (files named by split) is read only when asked for with format: hub.
+        found = sorted(p.name for p in Path(location).iterdir() if p.suffix.lower() in _EXTENSION_FORMATS)[:5]
+        raise UserError(
+            f"{key_path}.path: `{location}` is a folder; name one data file"
+            + (f" (it holds {', '.join(found)})" if found else "")
+            + f", or set {key_path}.format: hub to read it as a dataset repository whose files are named by split"
+        )
     if source.format != "auto":
         if source.format != "hub" and not Path(location).is_file():
             raise UserError(f"{key_path}.path: file `{location}` does not exist")

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peft import PeftConfig
+from pydantic import ValidationError
 from peft.utils import CONFIG_NAME
 from transformers import PretrainedConfig
 
 from peftkit.errors import UserError
 from peftkit.models.fingerprint import architecture, fingerprint
-from peftkit.recipe.schema import QuantizationSection
+from peftkit.recipe.schema import GenerationSection, QuantizationSection
 from peftkit.tasks import TASKS, task_for_peft_type
 from peftkit.run_folder import ADAPTER_DIR, ADAPTER_RECORD, read_task_info
 
@@ -30,6 +31,7 @@ class AdapterSource:
     info: dict  # task info (e.g. label names) without the type
     base: dict | None  # the base record written at train time, None for adapters trained outside peftkit
     quantization: QuantizationSection = field(default_factory=QuantizationSection)  # of the base it was trained on
+    generation: GenerationSection = field(default_factory=GenerationSection)  # how the run's evaluation decoded
 
 
 def find_adapter(name: str, reference: str) -> AdapterSource:
@@ -43,11 +45,11 @@ def find_adapter(name: str, reference: str) -> AdapterSource:
         )
     record_file = path / ADAPTER_RECORD
     if record_file.exists():
-        record = json.loads(record_file.read_text())
-        task = dict(record["task"])
-        quantization = QuantizationSection(**record.get("quantization", {}))
-        return AdapterSource(name, path, task.pop("type"), task, record["base"], quantization)
-    peft_task_type = PeftConfig.from_pretrained(str(path)).task_type
+        return _from_record(name, reference, path, record_file)
+    try:
+        peft_task_type = PeftConfig.from_pretrained(str(path)).task_type
+    except Exception as exc:  # a broken adapter_config.json is the folder's problem, not the server's
+        raise UserError(f"adapter {name!r}: the adapter_config.json of `{reference}` is not a peft config ({type(exc).__name__})") from None
     task_type = task_for_peft_type(peft_task_type)
     if task_type is None:
         raise UserError(
@@ -55,6 +57,30 @@ def find_adapter(name: str, reference: str) -> AdapterSource:
             f"(deployable: {sorted({m.PEFT_TASK_TYPE for m in TASKS.values() if hasattr(m, 'infer')})})"
         )
     return AdapterSource(name, path, task_type, _run_task_info(path), None)
+
+
+def _from_record(name: str, reference: str, path: Path, record_file: Path) -> AdapterSource:
+    """An adapter described by its `peftkit_adapter.json`; a malformed record is a UserError naming the problem."""
+    problem = f"adapter {name!r}: `{reference}`'s {ADAPTER_RECORD} is malformed"
+    try:
+        record = json.loads(record_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{problem}: not readable JSON ({type(exc).__name__})") from None
+    task = record.get("task") if isinstance(record, dict) else None
+    if not isinstance(task, dict) or task.get("type") not in TASKS:
+        raise UserError(f"{problem}: `task.type` must be one of {sorted(TASKS)}")
+    base = record.get("base")
+    if base is not None and not (isinstance(base, dict) and {"name", "location", "fingerprint", "architecture"} <= set(base)):
+        raise UserError(f"{problem}: `base` must hold name, location, fingerprint and architecture")
+    sections = {}
+    for key, section in (("quantization", QuantizationSection), ("generation", GenerationSection)):
+        try:
+            sections[key] = section.model_validate(record.get(key) or {})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise UserError(f"{problem}: {key}.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    task = dict(task)
+    return AdapterSource(name, path, task.pop("type"), task, base, sections["quantization"], sections["generation"])
 
 
 def _run_task_info(adapter_dir: Path) -> dict:

@@ -19,8 +19,14 @@ class Request:
     rows: list[dict]
     adapters: list[str]
     max_new_tokens: list[int] | None = None  # generation only: one limit per row
-    sampling: tuple = ()  # requests batch together only with equal sampling settings, e.g. (("temperature", 0.0),)
+    sampling: tuple = ()  # requests batch together only with equal sampling settings, e.g. (("temperature", 0.7),)
+    streamer: Any = None  # a `TokenStream` for a streamed (one-row) generation
     answer: asyncio.Future = field(default=None)
+
+    @property
+    def alone(self) -> bool:
+        """A streamed or seeded request runs as a batch of its own: its tokens (or random draws) are its own."""
+        return self.streamer is not None or dict(self.sampling).get("seed") is not None
 
 
 @dataclass
@@ -82,6 +88,8 @@ class MicroBatcher:
         options: dict[str, Any] = dict(group[0].sampling)
         if group[0].max_new_tokens is not None:
             options["max_new_tokens"] = [limit for request in group for limit in request.max_new_tokens]
+        if group[0].streamer is not None:
+            options["streamer"] = group[0].streamer
         try:
             answers = await asyncio.to_thread(self.attached.predict, rows, adapters, **options)
         except Exception as exc:  # the worker keeps serving; only the request that caused the error gets it
@@ -103,5 +111,6 @@ def _groups(batch: list[Request]) -> list[list[Request]]:
     """Requests that can share one forward pass: classification with classification, generation by sampling."""
     groups: dict[tuple, list[Request]] = {}
     for request in batch:
-        groups.setdefault((request.max_new_tokens is None, request.sampling), []).append(request)
+        key = (id(request),) if request.alone else (request.max_new_tokens is None, request.sampling)
+        groups.setdefault(key, []).append(request)
     return list(groups.values())

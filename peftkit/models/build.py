@@ -17,8 +17,8 @@ import torch
 from transformers import PretrainedConfig
 
 from peftkit.errors import UserError
-from peftkit.models.load import is_causal_lm, load_config, model_location
-from peftkit.models.quantization import build_quantization_config, torch_dtype
+from peftkit.models.load import loader_problem, is_causal_lm, load_config, model_location
+from peftkit.models.quantization import build_quantization_config, freeze_4bit_layout, torch_dtype
 from peftkit.recipe.schema import ModelSection, QuantizationSection
 
 FRESH_MODULES = "peftkit_fresh_modules"  # attribute of a built model: the modules its checkpoint did not fill
@@ -47,7 +47,8 @@ def build_model(
         # Seen only after loading: reload with the fresh modules kept in full precision (they are trained).
         built, _ = _from_pretrained(model, quantization, auto_class, model_kwargs, [*keep_unquantized, *fresh])
     setattr(built, FRESH_MODULES, fresh)
-    return built
+    # Training, evaluation and serving compute with the 4-bit layout it was loaded in (see freeze_4bit_layout).
+    return freeze_4bit_layout(built) if quantization.bits == 4 else built
 
 
 def check_model_does_task(model: ModelSection, config: PretrainedConfig, auto_class: type) -> None:
@@ -107,7 +108,7 @@ def _from_pretrained(model: ModelSection, quantization: QuantizationSection, aut
         hint = ""
         if not model.allow_pickle_weights and "safetensors" in str(exc).lower():
             hint = " (only safetensors weights are read; set model.allow_pickle_weights: true to accept .bin files)"
-        raise UserError(f"model.name: cannot load `{model.name}`: {str(exc).strip().splitlines()[0][:300]}{hint}") from None
+        raise UserError(f"model.name: cannot load `{model.name}`: {loader_problem(exc, model)}{hint}") from None
 
 
 def base_dtype(model: ModelSection, config: PretrainedConfig) -> torch.dtype:

@@ -25,6 +25,18 @@ def _hub_kwargs(model: ModelSection) -> dict[str, Any]:
     return {"revision": model.revision, "trust_remote_code": model.trust_remote_code}
 
 
+def loader_problem(exc: Exception, model: ModelSection) -> str:
+    """The first line of a loader's error, plus the recipe key to change when the model needs its own code."""
+    text = str(exc).strip()
+    first = text.splitlines()[0][:300] if text else type(exc).__name__
+    if "trust_remote_code" in text and not model.trust_remote_code:
+        first += (
+            ". The model ships its own Python code, which peftkit does not run unless the recipe sets "
+            "model.trust_remote_code: true (only for repositories you trust)"
+        )
+    return first
+
+
 def load_config(model: ModelSection) -> PretrainedConfig:
     """Reading the config first catches a wrong model path before any data work is done."""
     location = model_location(model)
@@ -33,7 +45,7 @@ def load_config(model: ModelSection) -> PretrainedConfig:
     except Exception as exc:  # OSError, ValueError, EnvironmentError from hub/local resolution
         raise UserError(
             f"model.name: cannot load a model config from `{model.name}` ({location}): "
-            f"{str(exc).strip().splitlines()[0][:300]}. Give a local model folder, a hub id, or package:<module>/<dir>"
+            f"{loader_problem(exc, model)}. Give a local model folder, a hub id, or package:<module>/<dir>"
         ) from None
 
 
@@ -73,7 +85,7 @@ def load_tokenizer(model: ModelSection) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **_hub_kwargs(model))
     except Exception as exc:
-        raise UserError(f"model.name: cannot load a tokenizer from `{model.name}`: {str(exc).splitlines()[0][:300]}") from None
+        raise UserError(f"model.name: cannot load a tokenizer from `{model.name}`: {loader_problem(exc, model)}") from None
     if tokenizer.pad_token is None:
         # Decoder-only models often ship without a pad token; padding positions are masked anyway.
         tokenizer.pad_token = tokenizer.eos_token

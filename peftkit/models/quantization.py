@@ -35,3 +35,21 @@ def build_quantization_config(quant: QuantizationSection, keep_unquantized: list
         bnb_4bit_quant_storage=torch_dtype(quant.storage_dtype),
         llm_int8_skip_modules=skip_modules,
     )
+
+
+def freeze_4bit_layout(model: torch.nn.Module) -> torch.nn.Module:
+    """Keep every 4-bit weight in the layout it was loaded in, for the model's whole life.
+
+    On CPUs with AVX512-BF16, bitsandbytes' `Linear4bit.forward` repacks a weight for a faster kernel the first
+    time it runs in eval mode without gradients (an evaluation pass) and leaves it so: the absmax scales become
+    bf16 and double quantization is undone. Saving (`_save_to_state_dict`) converts back and re-quantizes the
+    scales, so each eval + save changed the frozen base (training logits by ~5e-4) and a resumed run started from
+    a different base than the one it left. ZeRO-3 saves of repacked 4-bit shards also failed outright. The
+    module's own switch `support_avx512bf16_for_cpu` turns the repack off; GPU paths never repack.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model

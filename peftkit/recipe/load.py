@@ -28,6 +28,15 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return validate_recipe(merged)
 
 
+def load_saved_recipe(path: Path) -> Recipe:
+    """The resolved `recipe.yaml` of a run folder; a corrupt or hand-edited one is a `UserError` naming the file."""
+    try:
+        return validate_recipe(read_yaml_mapping(path, "saved recipe"))
+    except UserError as error:
+        message = str(error)
+        raise UserError(message if str(path) in message else f"{path}: {message}") from None
+
+
 def validate_recipe(data: dict[str, Any]) -> Recipe:
     """Validate a plain dict, turning pydantic's errors into one readable `UserError`."""
     try:
@@ -36,11 +45,41 @@ def validate_recipe(data: dict[str, Any]) -> Recipe:
         raise UserError(format_validation_error(exc, data)) from None
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+class UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load` that refuses a key given twice in one mapping: YAML would keep the last value silently,
+    so a section written twice (or a key repeated inside one) would drop settings the user wrote."""
+
+
+def _construct_unique_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key: construct_mapping below reports it
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping", node.start_mark, f"found the key `{key}` twice; keep one", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def safe_load_unique(text: str) -> Any:
+    """Parse YAML text like `yaml.safe_load` (no Python object tags), refusing duplicate keys."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def read_yaml_mapping(path: Path, what: str = "recipe file") -> dict[str, Any]:
+    """A YAML file holding a mapping (or nothing); every problem is a `UserError` naming the file."""
     if not path.is_file():
-        raise UserError(f"recipe file not found: {path}")
+        raise UserError(f"{what} not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
     try:
-        content = yaml.safe_load(path.read_text(encoding="utf-8"))
+        content = safe_load_unique(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML: {exc}") from None
     except UnicodeDecodeError:
@@ -48,7 +87,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if content is None:
         return {}
     if not isinstance(content, dict):
-        raise UserError(f"{path} must hold a mapping of recipe sections at the top level, got {type(content).__name__}")
+        raise UserError(f"{path} must hold a mapping of keys at the top level, got {type(content).__name__}")
     return content
 
 
@@ -57,7 +96,7 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if resolved in chain:
         cycle = " -> ".join(str(p) for p in (*chain, resolved))
         raise UserError(f"`extends` forms a cycle: {cycle}")
-    content = _read_yaml(path)
+    content = read_yaml_mapping(path)
     extends = content.pop("extends", [])
     if isinstance(extends, str):
         extends = [extends]
@@ -98,7 +137,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if any(not part for part in key_path):
         raise UserError(f"override `{text}` has an empty part in its key path")
     try:
-        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+        value = safe_load_unique(raw_value) if raw_value.strip() else None
     except yaml.YAMLError:
         raise UserError(f"override `{text}`: value `{raw_value}` is not a valid YAML value") from None
     return key_path, value

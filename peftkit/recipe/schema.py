@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, never silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # inf/NaN numbers pass `gt`/`ge` bounds and only fail deep in training (infinite epochs, an inf norm): refused.
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -182,7 +183,7 @@ class DataSource(Section):
         description="Keep the row range `start:end` (Python slice, applied before `limit`), e.g. to split by article.",
     )
     limit: int | None = Field(None, gt=0, description="Keep at most this many rows (after shuffling with `seed`).")
-    seed: int = Field(0, description="Seed of the shuffle applied before `limit`.")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed of the shuffle applied before `limit`.")
 
     @model_validator(mode="after")
     def _languages_are_files(self) -> DataSource:
@@ -356,7 +357,7 @@ class TrainingSection(Section):
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"] = (
         Field("adamw_torch", description="Optimizer (transformers names).")
     )
-    seed: int = Field(42, description="Seed for model init, data order and dropout.")
+    seed: int = Field(42, ge=0, lt=2**32, description="Seed for model init, data order and dropout (numpy takes 0 to 2**32-1).")
     gradient_checkpointing: bool | None = Field(
         None,
         description="Recompute activations in backward to save memory; unset turns it on for a quantized base "
@@ -494,6 +495,11 @@ class Recipe(Section):
 UNSUPPORTED_METHOD_TASKS = {
     ("prefix_tuning", "classification"): "transformers' sequence-classification models accept no past_key_values, "
     "which prefix tuning injects; use prompt_tuning or p_tuning (virtual input tokens), or lora",
+    **{
+        (method, "extractive_qa"): "peft puts the learned virtual tokens before the input, so every start/end position "
+        "the model scores is shifted by them while the answer positions are not; use lora, adalora or ia3"
+        for method in ("prompt_tuning", "p_tuning")
+    },
 }
 
 

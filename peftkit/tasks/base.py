@@ -83,12 +83,18 @@ class SelfFittingTask(TrainingTask, Protocol):
 
 @runtime_checkable
 class DeploymentTask(Protocol):
-    """A task whose adapters `peftkit merge`, multi-adapter inference and `peftkit serve` deploy."""
+    """A task whose adapters `peftkit merge`, multi-adapter inference and `peftkit serve` deploy.
+
+    Optional: `info_from_config(config) -> info`, the task info of an adapter trained outside peftkit (no record),
+    from the model config (classification: label names from `id2label`).
+    """
 
     AUTO_CLASS: type  # transformers auto class of the base with the task's head (train, plan, merge, serve)
     INPUT_FIELDS: dict[str, bool]  # {field: required} of one inference row
     WINDOWS_LONG_INPUTS: bool  # inputs longer than the model's context are split into windows, not refused
-    GENERATES: bool  # `infer` generates text and takes `max_new_tokens` (one per row)
+    # `infer` generates text through `peftkit.tasks.generation` (the decode path evaluation uses too) and takes
+    # `max_new_tokens` (one per row), `decoding` and `streamer`
+    GENERATES: bool
     COMPLETES_PROMPTS: bool  # `infer` takes {"prompt": text} rows: served on /v1/completions and /v1/chat/completions
 
     def model_kwargs(self, info: dict) -> dict: """Keyword arguments of `AUTO_CLASS.from_pretrained` (labels, ...)."""

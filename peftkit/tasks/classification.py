@@ -29,6 +29,12 @@ def model_kwargs(info: dict) -> dict:
     return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
 
 
+def info_from_config(config) -> dict:
+    """Task info of an adapter trained outside peftkit (no record): label names from the model config's id2label."""
+    id2label = {int(i): name for i, name in (getattr(config, "id2label", None) or {}).items()}
+    return {"labels": [id2label.get(i, f"LABEL_{i}") for i in range(max(id2label, default=1) + 1)]}
+
+
 def load_model(recipe: Recipe, info: dict):
     return build_model(recipe.model, recipe.quantization, AUTO_CLASS, model_kwargs=model_kwargs(info),
                        keep_unquantized=list(HEAD_NAMES))

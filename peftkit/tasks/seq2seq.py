@@ -17,7 +17,8 @@ from peftkit.errors import UserError
 from peftkit.evaluation.analysis import length_bucket_table, lowest_scoring_table, word_count
 from peftkit.models.build import build_model
 from peftkit.recipe.schema import Recipe
-from peftkit.tasks.causal_lm import DEFAULT_MAX_NEW_TOKENS, generate_answers
+from peftkit.tasks import generation as decoding_path
+from peftkit.tasks.generation import Decoding
 
 log = logging.getLogger("peftkit")
 
@@ -98,22 +99,15 @@ def compute_metrics(info: dict):
 def generate(trainer, tokenized, recipe: Recipe) -> list[str]:
     """Decode every example with the recipe's generation settings, batch by batch, with a progress bar."""
     model, tokenizer = trainer.model, trainer.processing_class
-    generation = recipe.generation
+    decoding = Decoding.from_settings(recipe.generation)
     batch_size = trainer.args.per_device_eval_batch_size
     model.eval()
     outputs = []
     inputs = tokenized.select_columns(["input_ids", "attention_mask"])
     for start in tqdm(range(0, len(inputs), batch_size), desc="generating", unit="batch"):
         batch = tokenizer.pad(inputs[start : start + batch_size], return_tensors="pt").to(trainer.args.device)
-        with torch.no_grad():
-            generated = model.generate(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                num_beams=generation.num_beams,
-                max_new_tokens=generation.max_new_tokens,
-                length_penalty=generation.length_penalty,
-            )
-        outputs += [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+        answers = decoding_path.generate(model, tokenizer, batch, 1, recipe.generation.max_new_tokens, decoding)
+        outputs += [answer["text"].strip() for answer in answers]
     return outputs
 
 
@@ -205,8 +199,8 @@ def forward_logits(model, tokenizer, rows: list[dict], adapter_names: list[str] 
 
 def infer(
     model, tokenizer, rows: list[dict], infos: list[dict], adapter_names: list[str] | None = None,
-    max_new_tokens: list[int] | int = DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0, top_p: float = 1.0,
+    max_new_tokens: list[int] | int = decoding_path.DEFAULT_MAX_NEW_TOKENS, decoding: Decoding = Decoding(), streamer=None,
 ) -> list[dict]:
-    """Greedy (temperature 0) or sampled output text of each source; `max_new_tokens` may differ per row."""
+    """Output text of each source (`peftkit.tasks.generation`); `max_new_tokens` may differ per row."""
     inputs = _sources(tokenizer, rows, infos, model.device)
-    return generate_answers(model, tokenizer, inputs, 1, adapter_names, max_new_tokens, temperature, top_p)
+    return decoding_path.generate(model, tokenizer, inputs, 1, max_new_tokens, decoding, adapter_names, streamer)

@@ -5,27 +5,107 @@ A checkpoint is complete once its trainer state is written (last).
 
 from __future__ import annotations
 
+import json
+import logging
+import struct
+import zipfile
 from pathlib import Path
 
+import torch
 from peft.utils import CONFIG_NAME
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from peftkit.run_folder import CHECKPOINTS
+from peftkit.errors import UserError
+from peftkit.run_folder import TRAINER_STATE, checkpoint_step, complete_checkpoints
 
-from transformers.trainer import TRAINER_STATE_NAME as TRAINER_STATE
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest step first."""
-    folder = run_dir / CHECKPOINTS
-    found = [path for path in folder.glob("checkpoint-*") if (path / TRAINER_STATE).is_file()]
-    return sorted(found, key=lambda path: int(path.name.rsplit("-", 1)[-1]))
+log = logging.getLogger("peftkit")
 
 
-def last_complete_checkpoint(run_dir: Path) -> Path | None:
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why resuming from `checkpoint` would fail (a truncated or unreadable file), or None when it can be used.
+
+    Cheap: a safetensors file must be as long as its header says; a torch archive (optimizer, scheduler, RNG and
+    DeepSpeed states) must end with its zip directory, which a truncated file lacks.
+    """
+    try:
+        json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        return f"{TRAINER_STATE} is unreadable ({error})"
+    # The Trainer resumes without a missing optimizer or RNG state, silently: not the run that was interrupted.
+    required = {
+        "weights (*.safetensors)": any(checkpoint.glob("*.safetensors")),
+        "optimizer state": any(checkpoint.glob("optimizer*")) or any(checkpoint.glob("global_step*")),  # FSDP, DeepSpeed
+        "RNG state": any(checkpoint.glob("rng_state*.pth")),
+    }
+    missing = [what for what, present in required.items() if not present]
+    if missing:
+        return f"has no {', no '.join(missing)}"
+    for file in sorted(checkpoint.rglob("*")):
+        if file.suffix == ".safetensors":
+            problem = _safetensors_problem(file)
+        elif file.suffix in (".pt", ".pth", ".bin"):
+            problem = None if zipfile.is_zipfile(file) else "is not a complete torch archive (truncated?)"
+        else:
+            continue
+        if problem:
+            return f"{file.relative_to(checkpoint)} {problem}"
+    return None
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return "is truncated (no header)"
+        header_length = struct.unpack("<Q", prefix)[0]
+        if header_length > size - 8:
+            return "is truncated (header cut off)"
+        try:
+            header = json.loads(handle.read(header_length))
+        except ValueError:
+            return "has a corrupt header"
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if size != 8 + header_length + end:
+        return f"is {size} bytes but its header describes {8 + header_length + end} (truncated?)"
+    return None
+
+
+def usable_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint that passes `checkpoint_problem`; damaged newer ones are named in a warning.
+
+    None when the run has no complete checkpoint (it starts from the beginning); an error when it has some and
+    every one is damaged (starting over silently would discard the run's progress).
+    """
     checkpoints = complete_checkpoints(run_dir)
-    return checkpoints[-1] if checkpoints else None
+    damaged = []
+    for checkpoint in reversed(checkpoints):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            if damaged:
+                log.warning("skipping damaged checkpoint(s) %s; resuming from %s", "; ".join(damaged), checkpoint.name)
+            return checkpoint
+        damaged.append(f"{checkpoint.name}: {problem}")
+    if damaged:
+        raise UserError(
+            f"--resume: every checkpoint of `{run_dir}` is damaged ({'; '.join(damaged)}); start a new run "
+            "(another output.dir) or set output.overwrite"
+        )
+    return None
+
+
+def last_good_checkpoint(run_dir: Path, before_step: int) -> Path | None:
+    """The newest complete checkpoint saved before `before_step` whose weights are all finite (after a divergence)."""
+    from safetensors.torch import load_file
+
+    for checkpoint in reversed(complete_checkpoints(run_dir)):
+        if checkpoint_step(checkpoint) >= before_step or checkpoint_problem(checkpoint):
+            continue
+        files = list(checkpoint.glob("*.safetensors"))
+        if files and all(bool(torch.isfinite(t).all()) for f in files for t in load_file(str(f)).values()):
+            return checkpoint
+    return None
 
 
 class EmptyWeightsError(RuntimeError):
@@ -53,8 +133,6 @@ def check_saved_weights(folder: Path) -> None:
 
 def _modules_pruned_to_rank_zero(folder: Path) -> list[str]:
     """AdaLoRA may prune a module to rank 0 (its saved `rank_pattern` keeps nothing); its factors are then empty."""
-    import json
-
     config = folder / CONFIG_NAME
     pattern = json.loads(config.read_text()).get("rank_pattern") if config.is_file() else None
     return [name.removesuffix(".lora_E") for name, kept in (pattern or {}).items() if isinstance(kept, list) and not any(kept)]

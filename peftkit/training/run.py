@@ -51,7 +51,11 @@ from peftkit.run_folder import (
     RECIPE_FILE,
     TENSORBOARD_DIR,
     TRAINER_ARGUMENTS,
-    check_resume_matches,
+    check_run_folder,
+    checkpoint_step,
+    keep_replaced_recipe,
+    last_complete_checkpoint,
+    replaced_recipe_name,
     manifest,
     run_dir_for,
     recipe_as_yaml,
@@ -63,7 +67,11 @@ from peftkit.run_folder import (
 )
 from peftkit.tasks import best_metric_name, get_task
 from peftkit.training.arguments import build_training_args, training_setup
-from peftkit.training.checkpoints import CheckSavedWeights, check_saved_weights, last_complete_checkpoint
+from peftkit.training.checkpoints import (
+    CheckSavedWeights,
+    check_saved_weights,
+    usable_checkpoint,
+)
 from peftkit.errors import Preempted
 from peftkit.tasks.base import FitResult, fits_itself
 from peftkit.training.trainer import PeftkitTrainer, PreemptionCallback
@@ -79,6 +87,7 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
     world_size = launched_world_size()
     check_launcher_agrees(recipe, os.environ, world_size)
     check_strategy_runs_here(recipe, world_size)
+    check_run_folder(recipe, resume, force_resume, resumable_when_finished=fits_itself(task))
     adopt_recipe_sharding()
     best_metric = best_metric_name(recipe)
     # Built before the model is loaded: under ZeRO-3 this makes from_pretrained load partitioned weights.
@@ -94,11 +103,14 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
 
     with run_folder(recipe, resume, state.is_main_process) as run_dir, PreemptionCallback() as preemption:
         state.wait_for_everyone()
-        checkpoint = last_complete_checkpoint(run_dir) if resume else None
+        checkpoint = usable_checkpoint(run_dir) if resume else None
         if resume:
-            check_resume_matches(run_dir, recipe, force_resume)
             log.info("resuming from %s", checkpoint or "the start (no complete checkpoint yet)")
         if state.is_main_process:
+            if force_resume:
+                kept = keep_replaced_recipe(run_dir, recipe, checkpoint_step(checkpoint))
+                if kept:
+                    log.warning("--force-resume with changed settings: the recipe that ran until here is kept as %s", kept)
             write_text_atomic(run_dir / RECIPE_FILE, recipe_as_yaml(recipe))
             write_sharding_configs(run_dir, recipe, world_size, args.deepspeed)
 
@@ -211,4 +223,6 @@ def _write_results(run_dir: Path, recipe: Recipe, task, info: dict, summary: dic
         for split, (records, metrics) in split_results.items()
     }
     write_report(run_dir, recipe, summary, sections, has_loss_plot)
-    write_json(run_dir / MANIFEST_FILE, manifest(recipe, parameters=summary["parameters"], setup=summary["setup"]))
+    replaced = sorted(path.name for path in run_dir.glob(replaced_recipe_name("*")))
+    facts = {"parameters": summary["parameters"], "setup": summary["setup"], **({"replaced_recipes": replaced} if replaced else {})}
+    write_json(run_dir / MANIFEST_FILE, manifest(recipe, **facts))

@@ -9,6 +9,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import math
 import os
 import shutil
@@ -20,14 +23,26 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from peftkit.errors import UserError
-from peftkit.training.checkpoints import TRAINER_STATE, last_complete_checkpoint
+from peftkit.errors import UserError, out_of_space
+from peftkit.run_folder import TRAINER_STATE, last_complete_checkpoint, write_text_atomic
+from peftkit.training.checkpoints import last_good_checkpoint
 
 STAGING = ".staging"
+# In a checkpoint saved on SIGTERM at a step whose evaluation was skipped to save in time: resuming runs it first.
+EVALUATION_PENDING = "evaluation_pending"
+
+
+# Optimizer steps in a row with a gradient norm of exactly 0 before training counts as dead (no parameter can
+# change again: e.g. a learning rate that saturated every activation). A live run never has an exact 0 norm.
+DEAD_STEPS = 5
 
 
 class TrainingDiverged(UserError):
     """Loss or gradients became non-finite or exploded; the message names the step and the last checkpoint."""
+
+
+class CheckpointNotSaved(UserError):
+    """Writing a checkpoint failed (disk full, quota); the message names the last complete checkpoint."""
 
 
 class PeftkitTrainer(Trainer):
@@ -38,7 +53,34 @@ class PeftkitTrainer(Trainer):
         self.skipped_steps: list[int] = []
         self.overflow_steps: list[int] = []  # fp16: steps whose update the gradient scaler skipped
         self._nonfinite_loss: float | None = None  # first non-finite loss since the last optimizer step
+        self._zero_norm_steps = 0  # optimizer steps in a row whose gradient norm was exactly 0
         self.add_callback(ScalerSkipCallback(self))
+        self.add_callback(PendingEvaluationCallback(self))
+        self.resumed_from: Path | None = None
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self.resumed_from = Path(resume_from_checkpoint) if resume_from_checkpoint else None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def run_pending_evaluation(self) -> None:
+        """Resumed from a checkpoint whose due evaluation SIGTERM skipped: run it now, at that step and before any
+        RNG state is restored, so best-checkpoint selection and early stopping see what an uninterrupted run saw."""
+        checkpoint = self.resumed_from
+        if checkpoint is None or not (checkpoint / EVALUATION_PENDING).is_file() or self.eval_dataset is None:
+            return
+        # Evaluating draws from the RNG (each DataLoader iteration takes a seed), and in an uninterrupted run the
+        # checkpoint's RNG state is taken after it: evaluate from the saved state and save the state it leaves,
+        # which the Trainer then restores when training continues.
+        self._load_rng_state(str(checkpoint))
+        metrics = self.evaluate()
+        self._save_rng_state(str(checkpoint))
+        if self._determine_best_metric(metrics, trial=None):
+            self.state.best_model_checkpoint = str(checkpoint)
+        self._barrier()  # every rank has read the marker before it goes
+        if self.args.should_save:
+            # The checkpoint's state now holds the evaluation (a later resume from it must not repeat it).
+            write_text_atomic(checkpoint / TRAINER_STATE, json.dumps(dataclasses.asdict(self.state), indent=2, sort_keys=True) + "\n")
+            (checkpoint / EVALUATION_PENDING).unlink()
 
     # --- numeric guards -------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -58,7 +100,7 @@ class PeftkitTrainer(Trainer):
         return grad_norm
 
     def _guard_step(self, grad_norm: float | None) -> None:
-        """Stop or skip the step on a bad loss or gradient norm; every rank takes the same decision."""
+        """Stop or skip the step on a bad loss or gradient norm, stop dead training; every rank decides the same."""
         problem = None
         if self._nonfinite_loss is not None:
             problem = f"the loss became {self._nonfinite_loss}"
@@ -66,21 +108,34 @@ class PeftkitTrainer(Trainer):
             problem = f"the gradient norm became {grad_norm}"
         elif self.abort_grad_norm is not None and grad_norm is not None and grad_norm > self.abort_grad_norm:
             problem = f"the gradient norm {grad_norm:.3g} exceeded training.abort_grad_norm={self.abort_grad_norm}"
+        # The norm is the global one, so every rank counts the same; skipping such steps would change nothing.
+        self._zero_norm_steps = self._zero_norm_steps + 1 if grad_norm == 0.0 else 0
+        dead = problem is None and self._zero_norm_steps >= DEAD_STEPS
+        if dead:
+            problem = (
+                f"the gradient norm was exactly 0 for {DEAD_STEPS} steps in a row, so no parameter can change any "
+                "more (training is dead, e.g. a learning rate that saturated the model)"
+            )
+        weights_broke_the_loss = self._nonfinite_loss is not None
         self._nonfinite_loss = None
         # A rank that stopped alone would leave the others waiting in their next collective.
         if not any_rank(problem is not None):
             return
         step = self.state.global_step + 1
-        if self.on_nonfinite == "skip":
+        if self.on_nonfinite == "skip" and not dead:
             # Parameters whose grad is None are left untouched by torch optimizers: the step is skipped.
             self.model.zero_grad(set_to_none=True)
             self.skipped_steps.append(step)
             return
-        last = last_complete_checkpoint(Path(self.args.output_dir).parent)
+        # A non-finite loss at this step comes from the weights the previous step wrote: a checkpoint of those
+        # is not good even when its numbers are finite. Otherwise the newest checkpoint with finite weights is.
+        last = last_good_checkpoint(Path(self.args.output_dir).parent, before_step=step - 1 if weights_broke_the_loss else step)
+        hint = "" if dead else ", or set training.on_nonfinite: skip to skip such steps"
         raise TrainingDiverged(
             f"training stopped at step {step}: {problem or 'the loss became non-finite on another rank'}. "
-            f"Last good checkpoint: {last or 'none yet'}. Lower training.learning_rate, enable gradient clipping "
-            "(training.max_grad_norm), or set training.on_nonfinite: skip to skip such steps; resume with --resume."
+            f"Last good checkpoint: {last or 'none'}. Lower training.learning_rate or enable gradient clipping "
+            f"(training.max_grad_norm){hint}; to resume from the last good checkpoint, delete the checkpoints after it "
+            "and pass --resume."
         )
 
     def _record_scaler_skip(self) -> None:
@@ -99,10 +154,25 @@ class PeftkitTrainer(Trainer):
         self._barrier()
         output_dir = self.args.output_dir
         self.args.output_dir = str(staging)
+        failure = None
         try:
-            super()._save_checkpoint(model, trial)
+            with self._without_tokenizer():
+                super()._save_checkpoint(model, trial)
+        except Exception as error:  # disk full, quota: earlier checkpoints are intact, this one is only staged
+            if not out_of_space(error, run_dir):
+                raise
+            failure = error
         finally:
             self.args.output_dir = output_dir
+        if any_rank(failure is not None):
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)  # frees the space the partial save took
+            last = last_complete_checkpoint(run_dir.parent)
+            raise CheckpointNotSaved(
+                f"could not write checkpoint {name} under {run_dir}: {failure or 'a save failed on another rank'}. "
+                f"Last complete checkpoint: {last or 'none'} (earlier checkpoints are intact). Free space, then "
+                "continue with `peftkit train RECIPE --resume`"
+            ) from None
         best = self.state.best_model_checkpoint
         best_was_staged = best is not None and Path(best).parent.name == STAGING
         if best_was_staged:  # on every rank: each one loads the best checkpoint at the end
@@ -113,6 +183,22 @@ class PeftkitTrainer(Trainer):
                 self.state.save_to_json(str(staging / name / TRAINER_STATE))
             self._move_into_place(staging / name, run_dir / name)
         self._barrier()
+
+    @contextlib.contextmanager
+    def _without_tokenizer(self):
+        """Resuming never reads the tokenizer and the run keeps one copy in adapter/, yet `Trainer._save` writes it
+        into every checkpoint (from `processing_class`, else from the collator): 73% of a small adapter's checkpoint."""
+        collator = self.data_collator
+        processing_class, collator_tokenizer = self.processing_class, getattr(collator, "tokenizer", None)
+        self.processing_class = None
+        if collator_tokenizer is not None:
+            collator.tokenizer = None
+        try:
+            yield
+        finally:
+            self.processing_class = processing_class
+            if collator_tokenizer is not None:
+                collator.tokenizer = collator_tokenizer
 
     def _move_into_place(self, staged: Path, final: Path) -> None:
         """Rename: the checkpoint appears complete or not at all; then apply retention."""
@@ -141,6 +227,16 @@ class ScalerSkipCallback(TrainerCallback):
         self.trainer._record_scaler_skip()
 
 
+class PendingEvaluationCallback(TrainerCallback):
+    """At the start of a resumed run (model, optimizer and state loaded), the evaluation a SIGTERM skipped."""
+
+    def __init__(self, trainer: PeftkitTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.run_pending_evaluation()
+
+
 class PreemptionCallback(TrainerCallback):
     """On SIGTERM, save a checkpoint after the current step and stop training.
 
@@ -150,6 +246,7 @@ class PreemptionCallback(TrainerCallback):
 
     def __init__(self):
         self.received = False
+        self.skipped_evaluation = False
         self._previous = None
 
     def __enter__(self) -> PreemptionCallback:
@@ -168,8 +265,30 @@ class PreemptionCallback(TrainerCallback):
         # Ranks must agree on the step to stop at, or the others would hang in the next collective.
         self.received = any_rank(self.received)
         if self.received:
+            # Save first: the grace period before SIGKILL (~30 s) does not cover an evaluation pass. The resumed
+            # run evaluates first (EVALUATION_PENDING in the checkpoint).
+            self.skipped_evaluation = self.skipped_evaluation or control.should_evaluate
+            control.should_evaluate = False
             control.should_save = True
             control.should_training_stop = True
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.received:  # the step that stopped training saved already; no epoch-end evaluation or second save
+            self.skipped_evaluation = self.skipped_evaluation or control.should_evaluate
+            control.should_evaluate = False
+            control.should_save = False
+            if self.skipped_evaluation and args.should_save:
+                # The epoch-end evaluation comes after the step's save: mark the checkpoint that save wrote.
+                mark_evaluation_pending(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.received and self.skipped_evaluation and args.should_save:
+            mark_evaluation_pending(Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+
+def mark_evaluation_pending(checkpoint: Path) -> None:
+    if checkpoint.is_dir():
+        (checkpoint / EVALUATION_PENDING).write_text("")
 
 
 def any_rank(flag: bool) -> bool:

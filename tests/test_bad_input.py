@@ -1,0 +1,142 @@
+"""Classes of bad input that used to pass validation and fail later (after the model loaded, with a traceback, or
+silently): each now exits 2 with one message naming the key, file or option, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import classification_recipe, qa_rows, run_cli_in_process, write_jsonl, write_recipe
+
+
+def _train_cases(tmp_path: Path, files: dict, model_dir: Path) -> dict:
+    """name -> (recipe dict or raw YAML text, extra CLI args, expected text in the message)."""
+
+    def recipe(**sections):
+        return classification_recipe(model_dir, files, tmp_path / "run", **sections)
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    data_dir = tmp_path / "data-folder"
+    data_dir.mkdir()
+    write_jsonl(data_dir / "part1.jsonl", [{"text": "good", "label": "positive"}])
+    remote = tmp_path / "remote-code-model"
+    remote.mkdir()
+    (remote / "config.json").write_text(json.dumps(
+        {"model_type": "my_custom_arch", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"}}))
+    not_a_run = tmp_path / "not-a-run"
+    not_a_run.mkdir()
+    (not_a_run / "notes.txt").write_text("my files")
+    qa_file = write_jsonl(tmp_path / "qa.jsonl", qa_rows(8, seed=1))
+    plain = yaml.safe_dump(recipe())
+    return {
+        "output.dir is a file": (recipe(output={"dir": str(a_file)}), (), f"output.dir: `{a_file}` is a file"),
+        "infinite epochs": (recipe(training={"epochs": float("inf")}), (), "training.epochs: Input should be a finite"),
+        "NaN learning rate": (recipe(training={"learning_rate": float("nan")}), (), "training.learning_rate"),
+        "negative seed": (recipe(training={"seed": -1}), (), "training.seed: Input should be greater than or equal to 0"),
+        "seed numpy cannot take": (recipe(training={"seed": 2**40}), (), "training.seed: Input should be less than"),
+        "LoRA rank beyond the layers": (recipe(adapter={"r": 100000}), (), "adapter.r=100000 exceeds the hidden size 32"),
+        "duplicate nested key": (plain.replace("  r: 8\n", "  r: 8\n  r: 16\n"), (), "found the key `r` twice"),
+        "duplicate section": (plain + "adapter:\n  r: 4\n", (), "found the key `adapter` twice"),
+        "duplicate key in an override": (recipe(), ("adapter={r: 2, r: 4}",), "is not a valid YAML value"),
+        "data folder": (recipe(data={"train": {"path": str(data_dir)}}), (), "is a folder; name one data file (it holds part1.jsonl)"),
+        "remote code": (recipe(model={"name": str(remote)}), (), "model.trust_remote_code: true"),
+        "prompt tuning + extractive QA": (
+            classification_recipe(model_dir, {"train": qa_file}, tmp_path / "run", task={"type": "extractive_qa"},
+                                  adapter={"method": "prompt_tuning"}, training={"eval_strategy": "no"},
+                                  evaluation={"splits": []}),
+            (), "answer positions are not",
+        ),
+        "--resume on a folder that is not a run": (
+            recipe(output={"dir": str(not_a_run)}), ("--resume",), "is not a peftkit run folder"),
+    }
+
+
+@pytest.mark.slow
+def test_bad_recipes_exit_2_without_traceback_or_run_folder(tmp_path, sentiment_files, tiny_bert_dir):
+    for case, (content, extra, expected) in _train_cases(tmp_path, sentiment_files, tiny_bert_dir).items():
+        path = tmp_path / "bad.yaml"
+        path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+        result = run_cli_in_process("train", str(path), *extra)
+        assert result.returncode == 2, (case, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr, (case, result.stderr[-2000:])
+        assert expected in result.stderr, (case, result.stderr[-2000:])
+        assert not (tmp_path / "run").exists(), case
+    assert (tmp_path / "not-a-run" / "notes.txt").read_text() == "my files"  # nothing trained into it
+    assert sorted(p.name for p in (tmp_path / "not-a-run").iterdir()) == ["notes.txt"]
+
+
+def test_sweep_space_with_broken_or_duplicate_yaml(tmp_path, sentiment_files, tiny_bert_dir):
+    recipe_path = write_recipe(tmp_path / "r.yaml", classification_recipe(tiny_bert_dir, sentiment_files, tmp_path / "run"))
+    for text, expected in [
+        ("params: [", "is not valid YAML"),
+        ("params:\n  training.learning_rate: {low: 1e-4, high: 1e-2}\nparams: {}\n", "found the key `params` twice"),
+        ("- just\n- a list\n", "must hold a mapping"),
+    ]:
+        space = tmp_path / "space.yaml"
+        space.write_text(text)
+        result = run_cli_in_process("sweep", str(recipe_path), "--space", str(space), "--trials", "1")
+        assert result.returncode == 2 and expected in result.stderr and str(space) in result.stderr, result.stderr
+    assert run_cli_in_process("sweep", str(recipe_path), "--space", str(tmp_path), "--trials", "1").returncode == 2
+
+
+def test_counts_below_one_are_refused_by_the_parser(capsys):
+    from peftkit.cli import build_parser
+
+    for args in (["plan", "r.yaml", "--gpus", "0"], ["sweep", "r.yaml", "--space", "s.yaml", "--trials", "-1"],
+                 ["predict", "run", "--input", "x.jsonl", "--output", "y.jsonl", "--batch-size", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args(args)
+        assert exit_info.value.code == 2
+        assert "must be at least 1" in capsys.readouterr().err
+
+
+@pytest.fixture
+def finished_copy(trained_run, tmp_path) -> Path:
+    run_dir = tmp_path / "copy"
+    shutil.copytree(trained_run[0], run_dir)
+    return run_dir
+
+
+def _fails_cleanly(result, *expected: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for text in expected:
+        assert text in result.stderr, result.stderr[-2000:]
+
+
+def test_run_folder_without_adapter_weights(finished_copy):
+    for weights in (finished_copy / "adapter").glob("*.safetensors"):
+        weights.unlink()
+    _fails_cleanly(run_cli_in_process("eval", str(finished_copy)), "has no usable trained weights", "no *.safetensors")
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("model: [", "is not valid YAML"),
+    ("model:\n  name: x\nmodel:\n  name: y\n", "found the key `model` twice"),
+    ("just text", "must hold a mapping"),
+    ("training: {epochs: -1}\n", "training.epochs"),
+])
+def test_run_folder_with_a_corrupt_recipe(finished_copy, content, expected):
+    (finished_copy / "recipe.yaml").write_text(content)
+    for command in (["eval", str(finished_copy)], ["merge", str(finished_copy), "--out", str(finished_copy / "m")]):
+        _fails_cleanly(run_cli_in_process(*command), expected, "recipe.yaml")
+
+
+def test_eval_file_without_the_label_column(finished_copy, tmp_path):
+    unlabelled = write_jsonl(tmp_path / "unlabelled.jsonl", [{"text": "good movie"}, {"text": "awful food"}])
+    _fails_cleanly(
+        run_cli_in_process("eval", str(finished_copy), "--data", str(unlabelled)), "has no column `label`", "peftkit predict")
+    assert not (finished_copy / "evaluations").exists()
+
+
+def test_predict_output_that_is_a_folder_leaves_nothing(finished_copy, tmp_path):
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"text": "good movie"}])
+    out = tmp_path / "out"
+    out.mkdir()
+    _fails_cleanly(run_cli_in_process("predict", str(finished_copy), "--input", str(rows), "--output", str(out)), "is a folder")
+    assert list(out.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["copy", "out", "rows.jsonl"]
