@@ -6,6 +6,7 @@ generic: `attach_adapter` before training, `adapter_callbacks` during, `save_ada
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from peftkit.models.build import FRESH_MODULES
 from peftkit.models.fingerprint import architecture, fingerprint
 from peftkit.models.load import is_decoder_only, model_location
 from peftkit.recipe.schema import AdapterSection, Recipe
+from peftkit.references import hub_id
 
 # peft names of the LoRA initializations; pissa/olora move the principal part of W into the adapter.
 LORA_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": True}
@@ -118,7 +120,23 @@ def build_peft_config(recipe: Recipe, task_type: str, head_modules: list[str] = 
     if adapter.method == "none":
         return None
     modules_to_save = sorted({*(adapter.modules_to_save or []), *head_modules}) or None
-    return PEFT_CONFIG_BUILDERS[adapter.method](adapter, task_type, modules_to_save)
+    config = PEFT_CONFIG_BUILDERS[adapter.method](adapter, task_type, modules_to_save)
+    if not adapter.peft_args:
+        return config
+    defaults = {
+        field.name: field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+        for field in dataclasses.fields(config)
+    }
+    set_by_peftkit = sorted(key for key in adapter.peft_args if getattr(config, key) != defaults[key])
+    if set_by_peftkit:
+        raise UserError(
+            f"adapter.peft_args: {set_by_peftkit} are set by peftkit from the recipe for method {adapter.method}; "
+            "remove them from peft_args"
+        )
+    try:  # replace() runs peft's own checks of the combined options again
+        return dataclasses.replace(config, **adapter.peft_args)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"adapter.peft_args: peft rejects {adapter.peft_args}: {exc}") from None
 
 
 def check_adapter_fits_model(recipe: Recipe, config: PretrainedConfig, task_type: str) -> None:
@@ -213,6 +231,9 @@ def attach_adapter(model, recipe: Recipe, task_type: str, head_modules: list[str
             f"adapter.target_modules: {recipe.adapter.target_modules} names no module of `{recipe.model.name}`; its "
             f"linear layers are {sorted(linear_module_names(model))[:30]} (or use all-linear)"
         ) from None
+    shared_name = hub_id(recipe.model.name, recipe.model.hub_id)
+    if shared_name:  # peft records the local path it loaded from; the hub id is what others can load
+        model.peft_config[model.active_adapter].base_model_name_or_path = shared_name
     has_weights = not next(model.parameters()).is_meta  # planners build the model on the meta device
     if recipe.adapter.init == "loftq" and has_weights:
         # LoftQ re-reads the unquantized weights from the checkpoint's safetensors (a local folder or the hub cache).
@@ -337,6 +358,7 @@ def adapter_record(recipe: Recipe, base_config: PretrainedConfig, task_info: dic
         "base": {
             "name": recipe.model.name,
             "location": model_location(recipe.model),
+            "hub_id": hub_id(recipe.model.name, recipe.model.hub_id),
             "revision": recipe.model.revision,
             "architecture": fields,
             "fingerprint": fingerprint(fields),

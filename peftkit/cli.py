@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
+from peftkit.console import configure as configure_console
 from peftkit.errors import Preempted, UserError, out_of_space
 
 EXIT_USER_ERROR = 2
@@ -36,32 +36,90 @@ def _output_file(path: str, option: str) -> None:
         raise UserError(f"{option} `{path}`: `{blocking}` is a file, not a folder")
 
 
+# Data-source keys a recipe can set on `data.<split>` that `eval --data` and `predict --input` take as flags too.
+_SOURCE_FLAGS_SKIPPED = ("path", "split")
+
+
+def _add_data_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags generated from the recipe schema's data source, so that a file is read the way a recipe would."""
+    from peftkit.recipe.schema import DataSource
+
+    group = parser.add_argument_group("how to read the data (the keys of a recipe's data source)")
+    for name, field in DataSource.model_fields.items():
+        if name not in _SOURCE_FLAGS_SKIPPED:
+            group.add_argument(f"--{name.replace('_', '-')}", dest=f"source_{name}", metavar="VALUE", help=field.description)
+
+
+def _source_options(args: argparse.Namespace) -> dict:
+    """The data-source flags given, typed like recipe overrides (YAML values, raw text for text keys)."""
+    from peftkit.recipe.keys import is_text
+    from peftkit.recipe.load import parse_value
+    from peftkit.recipe.schema import DataSource
+
+    options = {}
+    for key, raw in vars(args).items():
+        if key.startswith("source_") and raw is not None:
+            name = key.removeprefix("source_")
+            flag = f"--{name.replace('_', '-')}={raw}"
+            options[name] = raw if is_text(DataSource.model_fields[name]) else parse_value(flag, raw)
+    return options
+
+
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML file")
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe keys")
 
 
+VERBOSE_HELP = "also print what the libraries log (otherwise it goes to the run folder's peftkit.log)"
+
+
+def _command(commands, name: str, example: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help starts with what it does and ends with an example."""
+    command = commands.add_parser(
+        name, help=help, description=help[0].upper() + help[1:] + ".", epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    # Accepted after the command too; SUPPRESS keeps a `peftkit -v COMMAND` from being reset to False.
+    command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning from one YAML recipe.")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("peftkit")
+    except PackageNotFoundError:  # run from a source tree without installing
+        installed = "unknown (not installed)"
+    parser = argparse.ArgumentParser(
+        prog="peftkit", description="Parameter-efficient fine-tuning from one YAML recipe.",
+        epilog="example:\n  peftkit train recipes/quickstart.yaml\n\n`peftkit COMMAND --help` describes each command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"peftkit {installed}")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true",
+        help=VERBOSE_HELP,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train, evaluate and write a run folder")
+    train = _command(commands, "train", "peftkit train recipes/quickstart.yaml training.num_train_epochs=2 output.dir=runs/try", help="train, evaluate and write a run folder")
     _add_recipe_arguments(train)
     train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     train.add_argument("--force-resume", action="store_true", help="resume even if the recipe changed since")
     train.set_defaults(handler=_train)
 
-    sweep = commands.add_parser("sweep", help="search recipe keys with optuna; one run folder per trial")
+    sweep = _command(commands, "sweep", "peftkit sweep recipes/quickstart.yaml --space recipes/sweep_space_lora.yaml --trials 8", help="search recipe keys with optuna; one run folder per trial")
     _add_recipe_arguments(sweep)
     sweep.add_argument("--space", required=True, help="search space YAML: recipe key paths -> ranges or choices")
     sweep.add_argument("--trials", type=_positive_int, default=10, help="number of trials (default 10)")
     sweep.set_defaults(handler=_sweep)
 
-    validate = commands.add_parser("validate", help="print the fully resolved recipe")
+    validate = _command(commands, "validate", "peftkit validate recipes/quickstart.yaml adapter.method=ia3", help="print the fully resolved recipe")
     _add_recipe_arguments(validate)
     validate.set_defaults(handler=_validate)
 
-    merge = commands.add_parser("merge", help="merge a run's adapter into its base and write a standalone model")
+    merge = _command(commands, "merge", "peftkit merge runs/quickstart --out merged/quickstart --dtype bf16", help="merge a run's adapter into its base and write a standalone model")
     merge.add_argument("run_dir", metavar="RUN_DIR", help="run folder written by `peftkit train`")
     merge.add_argument("--out", required=True, help="folder for the merged model")
     merge.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="dtype of the saved weights")
@@ -77,8 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     merge.set_defaults(handler=_merge)
 
-    predict = commands.add_parser(
-        "predict",
+    predict = _command(commands, "predict", "peftkit predict runs/quickstart --input reviews.jsonl --output answers.jsonl",
         help="write predictions (JSONL) for an input file: RUN_DIR alone uses the run's task, base and adapter; "
         "--adapter NAME=PATH (repeatable) attaches several adapters to one base",
     )
@@ -91,9 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--max-new-tokens", type=_positive_int, help="most tokens to generate per row (generative tasks; default: the run's generation.max_new_tokens)"
     )
+    _add_data_source_arguments(predict)
     predict.set_defaults(handler=_predict)
 
-    serve = commands.add_parser("serve", help="serve one base with named adapters over HTTP")
+    serve = _command(commands, "serve", "peftkit serve --adapter sentiment=runs/quickstart --port 8000", help="serve one base with named adapters over HTTP")
     _add_base_and_adapter_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default)")
     serve.add_argument("--port", type=int, default=8000)
@@ -117,17 +175,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-new-tokens", type=_positive_int, default=512, help="most tokens a request may generate (422 above)")
     serve.set_defaults(handler=_serve)
 
-    plan = commands.add_parser("plan", help="predict per-GPU training memory; --fit finds recipe changes that fit")
+    plan = _command(commands, "plan", "peftkit plan recipes/sft_alpaca.yaml --gpus 2 --gpu-memory 24GiB --fit", help="predict per-GPU training memory; --fit finds recipe changes that fit")
     _add_recipe_arguments(plan)
     plan.add_argument("--gpus", type=_positive_int, default=None, help="GPUs to train on (default: the visible ones, or 1)")
     plan.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 24GiB or 80GB (default: the visible GPU's)")
     plan.add_argument("--fit", action="store_true", help="search recipe changes that fit, cheapest slowdown first")
     plan.set_defaults(handler=_plan)
 
-    evaluate = commands.add_parser("eval", help="re-evaluate a finished run on its own or other data")
+    push = _command(
+        commands, "push", "peftkit push runs/quickstart --repo me/minilm-sentiment-lora",
+        help="upload a run's adapter (or a merged model folder) with its model card to the Hugging Face Hub",
+    )
+    push.add_argument("run_dir", metavar="RUN_OR_FOLDER", help="run folder, or a folder written by `peftkit merge`")
+    push.add_argument("--repo", required=True, help="hub repository id, e.g. user/name (created when missing)")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--token", help="hub token with write access (default: HF_TOKEN or `hf auth login`)")
+    push.set_defaults(handler=_push)
+
+    evaluate = _command(commands, "eval", "peftkit eval runs/sst2 --data stsa.binary.dev --format label_text --encoding latin-1", help="re-evaluate a finished run on its own or other data")
     evaluate.add_argument("run_dir", help="run folder written by `peftkit train`")
     evaluate.add_argument("--data", help="data file or hub dataset to score (default: the run's own split)")
     evaluate.add_argument("--split", help="the run's split (train, validation, test) or, with --data, the hub split")
+    _add_data_source_arguments(evaluate)
     evaluate.set_defaults(handler=_eval)
 
     return parser
@@ -138,16 +207,22 @@ def _eval(args: argparse.Namespace) -> None:
 
     from peftkit.saved_run import evaluate_run
 
-    out, metrics = evaluate_run(args.run_dir, args.data, args.split)
+    out, metrics = evaluate_run(args.run_dir, args.data, args.split, _source_options(args))
     headline = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
     print(json.dumps(headline, indent=2))
     print(f"evaluation folder: {out}")
 
 
+def _push(args: argparse.Namespace) -> None:
+    from peftkit.deploy.push import push_folder
+
+    print(f"pushed: {push_folder(args.run_dir, args.repo, args.private, args.token)}")
+
+
 def _predict_run(args: argparse.Namespace) -> None:
     from peftkit.saved_run import predict_file
 
-    count = predict_file(args.run_dir, args.input, args.output)
+    count = predict_file(args.run_dir, args.input, args.output, _source_options(args))
     print(f"wrote {count} predictions to {args.output}")
 
 
@@ -172,7 +247,25 @@ def _train(args: argparse.Namespace) -> None:
     from peftkit.training.run import train
 
     run_dir = train(recipe, resume=args.resume or args.force_resume, force_resume=args.force_resume)
-    print(f"run folder: {run_dir}")
+    from peftkit.run_folder import ADAPTER_DIR, METRICS_FILE, REPORT_FILE
+
+    _print_final_metrics(run_dir / METRICS_FILE)
+    print(f"run folder: {run_dir} ({REPORT_FILE}, {METRICS_FILE}, {ADAPTER_DIR}/)")
+
+
+def _print_final_metrics(path) -> None:
+    """The scores the user trained for, one line per evaluated split."""
+    import json
+
+    if not path.is_file():  # a non-main process of a multi-process launch
+        return
+    metrics = json.loads(path.read_text(encoding="utf-8"))
+    for split in ("validation", "test"):
+        scores = metrics.get(split) or {}
+        numbers = [f"{name} {value:.4g}" for name, value in scores.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)]
+        if numbers:
+            print(f"{split}: {', '.join(numbers)}")
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -240,7 +333,8 @@ def _predict(args: argparse.Namespace) -> None:
 
     attached = _attached_model(args, args.run_dir)
     count = predict_file(
-        attached, args.input, args.output, args.adapter_column, args.batch_size, max_new_tokens=args.max_new_tokens,
+        attached, args.input, args.output, args.adapter_column, args.batch_size, _source_options(args),
+        max_new_tokens=args.max_new_tokens,
     )
     print(f"{count} predictions: {args.output}")
 
@@ -303,7 +397,7 @@ def _plan(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[peftkit] %(message)s")
+    configure_console(args.verbose)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args.handler(args)

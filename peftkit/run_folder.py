@@ -45,6 +45,9 @@ DEEPSPEED_FILE = "deepspeed.json"
 FSDP_FILE = "fsdp.json"
 FEATURES_DIR = "features"  # cached embeddings of a features run
 EVALUATIONS_DIR = "evaluations"  # `peftkit eval` results, one folder per evaluated data
+MODEL_CARD = "README.md"  # in ADAPTER_DIR (and a merged model's folder): the Hugging Face model card
+MLFLOW_DIR = "mlruns"  # MLflow file store when $MLFLOW_TRACKING_URI is unset (training.report_to: mlflow)
+LOG_FILE = "peftkit.log"  # what the libraries underneath logged (the console shows peftkit's own messages)
 LIBRARIES = ("peftkit", "torch", "transformers", "peft", "accelerate", "datasets", "trl", "bitsandbytes", "deepspeed")
 
 

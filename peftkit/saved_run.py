@@ -8,15 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from transformers import Trainer
-
-from peftkit.data.sources import load_source, load_splits
+from peftkit.console import attach_log_file
+from peftkit.data.sources import data_source, load_source, load_split, load_splits
 from peftkit.errors import UserError
 from peftkit.models.load import load_tokenizer
-from peftkit.recipe.schema import DataSource, Recipe
+from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import (
     ADAPTER_DIR,
     EVALUATIONS_DIR,
+    LOG_FILE,
     METRICS_FILE,
     PREDICTIONS_FILE,
     RECIPE_FILE,
@@ -32,8 +32,10 @@ from peftkit.tasks import get_task
 from peftkit.tasks.base import fits_itself
 from peftkit.training.arguments import build_training_args
 from peftkit.training.checkpoints import EmptyWeightsError, check_saved_weights
+from peftkit.training.trainer import PeftkitTrainer
 
 log = logging.getLogger("peftkit")
+
 
 @dataclass
 class SavedRun:
@@ -55,6 +57,7 @@ def load_run(run_dir: str | Path) -> SavedRun:
     for name in (RECIPE_FILE, TASK_FILE, ADAPTER_DIR):
         if not (run_dir / name).exists():
             raise UserError(f"`{run_dir}` is not a finished run folder: it has no {name} (train it with `peftkit train`)")
+    attach_log_file(run_dir / LOG_FILE)
     recipe = read_recipe(run_dir)
     try:
         check_saved_weights(run_dir / ADAPTER_DIR)
@@ -68,7 +71,7 @@ def load_run(run_dir: str | Path) -> SavedRun:
     return SavedRun(run_dir, recipe, task, info, tokenizer, load_predictor(recipe, info, run_dir, tokenizer))
 
 
-def _prediction_trainer(recipe: Recipe, info: dict, run_dir: Path, tokenizer) -> Trainer:
+def _prediction_trainer(recipe: Recipe, info: dict, run_dir: Path, tokenizer) -> PeftkitTrainer:
     """A prediction-only Trainer around the base model with the run's adapter (or its fully fine-tuned weights)."""
     task = get_task(recipe.task.type)
     saved = run_dir / ADAPTER_DIR
@@ -82,7 +85,7 @@ def _prediction_trainer(recipe: Recipe, info: dict, run_dir: Path, tokenizer) ->
                                           is_trainable=recipe.adapter.method == "adalora")
     # The recipe's batch size, precision and device, without its evaluation and checkpoint cadence.
     predicting = recipe.training.model_copy(update={"eval_strategy": "no", "save_strategy": "no"})
-    return Trainer(
+    return PeftkitTrainer(
         model=model,
         args=build_training_args(recipe.model_copy(update={"training": predicting}), run_dir, task.DEFAULT_METRIC),
         data_collator=task.collator(tokenizer, recipe),
@@ -90,20 +93,33 @@ def _prediction_trainer(recipe: Recipe, info: dict, run_dir: Path, tokenizer) ->
     )
 
 
-def _with_test_source(recipe: Recipe, path: str, split: str | None) -> Recipe:
-    """The recipe with `path` as its test data, so that messages and loaders treat it like any split."""
-    source = DataSource(path=path, split=split)
+def _with_test_source(recipe: Recipe, path: str, split: str | None, options: dict | None = None) -> Recipe:
+    """The recipe with `path` as its test data, so that messages and loaders treat it like any split.
+
+    A file the run itself read keeps that split's options (rename, format, languages, encoding, ...); `options`
+    (the data-source keys given on the command line) go on top.
+    """
+    own = next((s for s in (recipe.data.train, recipe.data.validation, recipe.data.test) if s and s.path == path), None)
+    fields = {**(own.model_dump(exclude={"rows", "limit"}) if own else {}), "path": path, **(options or {})}
+    if split is not None:
+        fields["split"] = split
+    source = data_source(fields)
     return recipe.model_copy(update={"data": recipe.data.model_copy(update={"test": source})})
 
 
-def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None = None) -> tuple[Path, dict]:
+def evaluate_run(
+    run_dir: str | Path, data: str | None = None, split: str | None = None, options: dict | None = None
+) -> tuple[Path, dict]:
     """Score a saved run on its own split (default: test, else validation) or on `data`; returns (folder, metrics).
 
+    `options` are data-source keys for `data` (format, rename, languages, rows, limit, encoding, ...).
     Results go to `<run>/evaluations/<name>/` (metrics, predictions and report, named as in a run folder).
     """
     run = load_run(run_dir)
+    if options and data is None:
+        raise UserError(f"data options {sorted(options)} apply to --data; pass --data PATH too")
     if data is not None:
-        run.recipe = _with_test_source(run.recipe, data, split)
+        run.recipe = _with_test_source(run.recipe, data, split, options)
         key, name = "test", Path(data).stem + (f"-{split}" if split else "")
         dataset = load_source(run.recipe.data.test, "data.test")
     else:
@@ -112,7 +128,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str | None
             raise UserError(f"--split: the run's recipe has no `{key}` data; pass --data PATH or another --split")
         name = key
         own = getattr(run.recipe.data, key)
-        dataset = load_source(own, f"data.{key}") if own else load_splits(run.recipe.data)[key]
+        dataset = load_split(own, f"data.{key}") if own else load_splits(run.recipe.data)[key]
     gold = _gold_column(run.recipe)
     if gold is not None and gold not in dataset.column_names:
         raise UserError(
@@ -142,10 +158,10 @@ def _has_split(recipe: Recipe, split: str) -> bool:
     return getattr(recipe.data, split, None) is not None
 
 
-def predict_file(run_dir: str | Path, input_path: str, output_path: str | Path) -> int:
+def predict_file(run_dir: str | Path, input_path: str, output_path: str | Path, options: dict | None = None) -> int:
     """Write one JSON line of prediction per input row (gold and scores too when the input has them)."""
     run = load_run(run_dir)
-    run.recipe = _with_test_source(run.recipe, input_path, None)
+    run.recipe = _with_test_source(run.recipe, input_path, None, options)
     dataset = load_source(run.recipe.data.test, "data.test")
     records = run.predict("test", dataset)
     write_jsonl(Path(output_path), records)

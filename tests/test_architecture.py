@@ -17,7 +17,7 @@ ARCHITECTURE_DOC = PACKAGE.parent / "docs" / "architecture.md"
 # Bottom to top. A unit (a subpackage, or a top-level module) may import itself and any unit of a LOWER layer;
 # units of the same layer do not import each other.
 LAYERS = [
-    ["errors"],
+    ["errors", "console"],
     ["references", "recipe"],
     ["run_folder"],
     ["models", "data", "evaluation"],

@@ -13,6 +13,7 @@ from tests.conftest import run_cli, sentiment_rows, write_jsonl, write_recipe
 from peftkit.errors import UserError
 from peftkit.saved_run import load_run
 from peftkit.recipe.load import deep_merge, validate_recipe
+from peftkit.data import chat
 from peftkit.tasks import causal_lm
 
 
@@ -55,9 +56,9 @@ def sft_files(tmp_path):
 
 
 def test_prompt_tokens_are_masked_and_response_tokens_kept(tokenizer):
-    tokenizer.chat_template = causal_lm.NAMED_TEMPLATES["plain"]
+    tokenizer.chat_template = chat.NAMED_TEMPLATES["plain"]
     messages = [{"role": "user", "content": "the movie was bad"}, {"role": "assistant", "content": "sad"}]
-    example = causal_lm.encode(tokenizer, messages, max_length=64)
+    example = chat.encode(tokenizer, messages, max_length=64)
     ids = tokenizer("the movie was bad sad </s>", add_special_tokens=False)["input_ids"]
     assert example["input_ids"] == ids
     # Exactly the response word and the end-of-sequence token are learned.
@@ -65,12 +66,12 @@ def test_prompt_tokens_are_masked_and_response_tokens_kept(tokenizer):
 
 
 def test_every_assistant_turn_of_a_chat_is_learned(tokenizer):
-    tokenizer.chat_template = causal_lm.NAMED_TEMPLATES["chatml"]
+    tokenizer.chat_template = chat.NAMED_TEMPLATES["chatml"]
     messages = [
         {"role": "user", "content": "good"}, {"role": "assistant", "content": "happy"},
         {"role": "user", "content": "bad"}, {"role": "assistant", "content": "sad"},
     ]
-    example = causal_lm.encode(tokenizer, messages, max_length=128)
+    example = chat.encode(tokenizer, messages, max_length=128)
     learned = [token for token, label in zip(example["input_ids"], example["labels"]) if label != -100]
     words = tokenizer.convert_ids_to_tokens(learned)
     assert "happy" in words and "sad" in words
@@ -79,19 +80,19 @@ def test_every_assistant_turn_of_a_chat_is_learned(tokenizer):
 
 
 def test_truncation_that_removes_the_response_drops_the_example(tokenizer):
-    tokenizer.chat_template = causal_lm.NAMED_TEMPLATES["plain"]
+    tokenizer.chat_template = chat.NAMED_TEMPLATES["plain"]
     messages = [{"role": "user", "content": "the movie was very bad"}, {"role": "assistant", "content": "sad"}]
-    assert causal_lm.encode(tokenizer, messages, max_length=3) is None
+    assert chat.encode(tokenizer, messages, max_length=3) is None
 
 
 def _examples(tokenizer, count):
-    tokenizer.chat_template = causal_lm.NAMED_TEMPLATES["plain"]
+    tokenizer.chat_template = chat.NAMED_TEMPLATES["plain"]
     rows = sentiment_rows(count, seed=5)
     examples = []
     for i, row in enumerate(rows):
         prompt = " ".join([row["text"]] * (1 + i % 3))  # different lengths, so padding is needed
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["label"]}]
-        examples.append(causal_lm.encode(tokenizer, messages, max_length=64))
+        examples.append(chat.encode(tokenizer, messages, max_length=64))
     return examples
 
 
@@ -215,7 +216,7 @@ def test_tokenizer_without_chat_template_needs_a_named_one(tiny_llama_dir, token
     recipe = validate_recipe(sft_recipe(tiny_llama_dir, {"train": tmp_path / "t.jsonl"}, tmp_path / "r",
                                         task={"chat_template": "auto"}))
     with pytest.raises(UserError, match="task.chat_template: .* has no chat template"):
-        causal_lm.use_chat_template(tokenizer, recipe)
+        chat.use_chat_template(tokenizer, recipe.task, recipe.model.name)
 
 
 def test_labels_option_belongs_to_classification(tiny_llama_dir):
@@ -226,7 +227,7 @@ def test_labels_option_belongs_to_classification(tiny_llama_dir):
 def test_integer_responses_index_into_label_names(tiny_llama_dir):
     recipe = validate_recipe(sft_recipe(tiny_llama_dir, {"train": "t.jsonl"}, "r",
                                         task={"response_metric": "classification", "labels": ["negative", "positive"]}))
-    messages = causal_lm.conversation({"text": "good", "label": 1}, recipe, ["negative", "positive"])
+    messages = chat.conversation({"text": "good", "label": 1}, recipe.task, ["negative", "positive"])
     assert messages[-1] == {"role": "assistant", "content": "positive"}
 
 
@@ -234,8 +235,8 @@ def test_nested_template_fields_read_self_instruct_rows(tiny_llama_dir):
     recipe = validate_recipe(sft_recipe(tiny_llama_dir, {"train": "t.jsonl"}, "r", task={
         "prompt": "{instruction}\n\n{instances[0][input]}", "response": "{instances[0][output]}"}))
     row = {"instruction": "Say hi.", "instances": [{"input": "", "output": "hi"}]}
-    assert causal_lm.template_columns(recipe.task.prompt) == ["instruction", "instances"]
-    assert causal_lm.conversation(row, recipe)[-2:] == [
+    assert chat.template_columns(recipe.task.prompt) == ["instruction", "instances"]
+    assert chat.conversation(row, recipe.task)[-2:] == [
         {"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]
 
 

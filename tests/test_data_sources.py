@@ -168,3 +168,27 @@ def test_arbitrary_json_lines_load_or_raise_the_user_error(content):
         else:
             for name, feature in dataset.features.items():
                 assert type(feature).__name__ != "Json", f"column {name!r} kept mixed types"
+
+
+def test_label_text_lines_and_other_encodings(tmp_path):
+    """`<label> <text>` lines (SST/SentEval/TREC) become label/text columns; integer labels stay integers (they index
+    task.labels); a latin-1 file reads with `encoding` and is an error naming the line without it."""
+    sst = tmp_path / "stsa.binary.train"
+    sst.write_bytes("1 a caf\xe9 , funny film\n\n0 dull .\r\n".encode("latin-1"))
+    with pytest.raises(UserError, match="line 1 is not UTF-8 text; set the source's `encoding`"):
+        load_source(DataSource(path=str(sst), format="label_text"), "data.train")
+    rows = list(load_source(DataSource(path=str(sst), format="label_text", encoding="latin-1"), "data.train"))
+    assert rows == [{"label": 1, "text": "a café , funny film"}, {"label": 0, "text": "dull ."}]
+    trec = tmp_path / "trec.txt"
+    trec.write_text("DESC:manner How did serfdom develop ?\nENTY:cremat What films featured Dracula ?\n")
+    assert load_source(DataSource(path=str(trec), format="label_text"), "data.train")["label"] == ["DESC:manner", "ENTY:cremat"]
+    trec.write_text("DESC:manner How ?\nHUM:ind\n")
+    with pytest.raises(UserError, match="line 2 has a label but no text"):
+        load_source(DataSource(path=str(trec), format="label_text"), "data.train")
+    with pytest.raises(UserError, match="set data.train.format \\(e.g. `label_text`"):
+        load_source(DataSource(path=str(trec)), "data.train")
+    latin_csv = tmp_path / "latin.csv"
+    latin_csv.write_bytes("text,label\nna\xefve,1\n".encode("cp1252"))
+    assert load_source(DataSource(path=str(latin_csv), encoding="cp1252"), "data.train")[0] == {"text": "naïve", "label": 1}
+    with pytest.raises(ValueError, match="unknown text encoding `latin-9x`"):
+        DataSource(path="x.csv", encoding="latin-9x")

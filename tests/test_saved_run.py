@@ -60,3 +60,38 @@ def test_user_errors_exit_2_with_a_message(trained_run, tmp_path, capfd):
     wrong = write_jsonl(folder / "wrong.jsonl", [{"sentence": "good"}])
     assert main(["predict", str(run_dir), "--input", str(wrong), "--output", str(tmp_path / "x.jsonl")]) == 2
     assert "no column 'text'" in capfd.readouterr().err
+
+
+def test_eval_and_predict_read_data_like_a_recipe(trained_run, tmp_path, capfd):
+    """--format, --rename, --rows (any data-source key of the recipe) apply to --data and --input."""
+    run_dir, _ = trained_run
+    rows = sentiment_rows(8, seed=5)
+    lines = tmp_path / "sst-style.txt"
+    lines.write_text("".join(f"{row['label']} {row['text']}\n" for row in rows))
+    assert main(["eval", str(run_dir), "--data", str(lines), "--format", "label_text", "--rows", "2:7"]) == 0
+    scored = (run_dir / "evaluations" / "sst-style" / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["text"] for line in scored] == [row["text"] for row in rows[2:7]]
+    renamed = write_jsonl(tmp_path / "renamed.jsonl", [{"sentence": row["text"]} for row in rows])
+    output = tmp_path / "out.jsonl"
+    assert main(["predict", str(run_dir), "--input", str(renamed), "--output", str(output),
+                 "--rename", "{sentence: text}", "--limit", "3"]) == 0
+    assert len(output.read_text().splitlines()) == 3
+    capfd.readouterr()
+    assert main(["eval", str(run_dir), "--data", str(lines), "--rows", "x"]) == 2
+    assert "--rows: String should match pattern" in capfd.readouterr().err
+
+
+def test_a_file_the_run_read_keeps_its_options():
+    from peftkit.saved_run import _with_test_source
+    from peftkit.recipe.load import validate_recipe
+
+    recipe = validate_recipe({
+        "model": {"name": "m"}, "training": {"eval_strategy": "no"},
+        "data": {"train": {"path": "d/train.txt", "format": "label_text", "encoding": "latin-1", "rows": "0:900",
+                           "rename": {"text": "sentence"}}},
+    })
+    source = _with_test_source(recipe, "d/train.txt", None, {"rows": "900:"}).data.test
+    assert (source.format, source.encoding, source.rename, source.rows) == ("label_text", "iso8859-1",
+                                                                            {"text": "sentence"}, "900:")
+    other = _with_test_source(recipe, "d/other.jsonl", None, {"limit": 5}).data.test
+    assert (other.format, other.rename, other.limit) == ("auto", {}, 5)

@@ -108,3 +108,27 @@ def test_gradient_accumulation_matches_one_larger_batch(tiny_llama_dir, sentimen
     accumulated, whole = losses("accumulated", 4, 2), losses("whole", 8, 1)
     assert len(whole) == 2 * 3
     assert accumulated == pytest.approx(whole, rel=1e-4)
+
+
+def test_length_grouped_batches_keep_predictions_on_their_rows(tiny_bert_dir, tmp_path):
+    """trainer_args train_sampling_strategy: group_by_length must not reorder evaluation (transformers groups
+    evaluation batches by length too): the final validation score equals the Trainer's own evaluation of it."""
+    import random
+
+    from tests.conftest import sentiment_rows, write_jsonl
+
+    rng = random.Random(0)
+
+    def varied(count, seed):
+        return [{**row, "text": " ".join(["the"] * rng.randrange(0, 12)) + " " + row["text"]}
+                for row in sentiment_rows(count, seed)]
+
+    files = {"train": write_jsonl(tmp_path / "train.jsonl", varied(96, 1)),
+             "validation": write_jsonl(tmp_path / "validation.jsonl", varied(48, 2))}
+    recipe = classification_recipe(tiny_bert_dir, files, tmp_path / "run",
+                                   training={"trainer_args": {"train_sampling_strategy": "group_by_length"}},
+                                   evaluation={"splits": ["validation"]})
+    metrics = json.loads((train(validate_recipe(recipe)) / "metrics.json").read_text())
+    name = metrics["best_metric_name"].removeprefix("eval_")
+    assert metrics["validation"]["accuracy"] > 0.65  # learned, so a reordering would show
+    assert metrics["validation"][name] == pytest.approx(metrics["best_metric"])

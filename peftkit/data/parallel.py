@@ -19,15 +19,15 @@ def language_file(prefix: str, language: str, key_path: str) -> Path:
     )
 
 
-def read_lines(path: Path) -> list[str]:
+def read_lines(path: Path, encoding: str = "utf-8") -> list[str]:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
+    with opener(path, "rt", encoding=encoding) as handle:
         return [line.rstrip("\r\n") for line in handle]
 
 
-def read_parallel(prefix: str, languages: list[str], key_path: str) -> dict[str, list[str]]:
+def read_parallel(prefix: str, languages: list[str], key_path: str, encoding: str = "utf-8") -> dict[str, list[str]]:
     """Columns named by language code; files of different lengths are not aligned and are refused."""
-    columns = {language: read_lines(language_file(prefix, language, key_path)) for language in languages}
+    columns = {language: read_lines(language_file(prefix, language, key_path), encoding) for language in languages}
     lengths = {language: len(lines) for language, lines in columns.items()}
     if len(set(lengths.values())) > 1:
         raise UserError(f"{key_path}: language files under `{prefix}` are not line-aligned (lines per language: {lengths})")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import codecs
 import csv
 import json
+import tempfile
+import random
 from pathlib import Path
 
 import datasets
+from pydantic import ValidationError
 
 from peftkit.data.parallel import read_parallel
 from peftkit.data.squad import read_nested_squad
@@ -24,11 +27,65 @@ _EXTENSION_FORMATS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".tsv":
 
 def load_splits(data: DataSection) -> dict[str, datasets.Dataset]:
     """Every split the recipe defines, with `validation_fraction` carved off train when asked."""
-    splits = {name: load_source(getattr(data, name), f"data.{name}") for name in SPLITS if getattr(data, name)}
+    splits = {name: load_split(getattr(data, name), f"data.{name}") for name in SPLITS if getattr(data, name)}
     if data.validation is None and data.validation_fraction:
-        parts = splits["train"].train_test_split(test_size=data.validation_fraction, seed=data.train.seed)
+        parts = splits["train"].train_test_split(test_size=data.validation_fraction, seed=first_source(data.train).seed)
         splits["train"], splits["validation"] = parts["train"], parts["test"]
     return splits
+
+
+def data_source(fields: dict) -> DataSource:
+    """A data source given outside a recipe (`eval --data`, `predict --input` and their `--rename`, `--format`, ...
+    flags), validated like a recipe's, with each problem named by its flag."""
+    try:
+        return DataSource.model_validate(fields)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{'-'.join(str(part).replace('_', '-') for part in error['loc']) or 'data'}: "
+            f"{error['msg'].removeprefix('Value error, ')}"
+            for error in exc.errors()
+        )
+        raise UserError(f"data options for `{fields.get('path')}`: {problems}") from None
+
+
+def first_source(spec: DataSource | list[DataSource]) -> DataSource:
+    return spec[0] if isinstance(spec, list) else spec
+
+
+def load_split(spec: DataSource | list[DataSource], key_path: str) -> datasets.Dataset:
+    """One source, or several mixed: each weighted (repeated / sampled with its seed), concatenated, shuffled with
+    the first source's seed. A mixed split carries `source_rows` (path, weight, rows) for the run's metrics."""
+    if isinstance(spec, DataSource):
+        return load_source(spec, key_path)
+    parts = [_weighted(load_source(source, f"{key_path}[{i}]"), source, f"{key_path}[{i}]") for i, source in enumerate(spec)]
+    columns = parts[0].column_names
+    for i, part in enumerate(parts[1:], start=1):
+        if sorted(part.column_names) != sorted(columns):
+            raise UserError(
+                f"{key_path}[{i}]: `{spec[i].path}` has columns {part.column_names} but `{spec[0].path}` has {columns}; "
+                f"the sources of one split need the same columns (rename them with {key_path}[{i}].rename)"
+            )
+    try:
+        mixed = datasets.concatenate_datasets([part.select_columns(columns).cast(parts[0].features) for part in parts])
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{key_path}: the sources' columns hold different types ({_first_line(exc)}); "
+                        "write each column as one type in every file") from None
+    mixed = mixed.shuffle(seed=spec[0].seed)
+    mixed.source_rows = [{"path": source.path, "weight": source.weight or 1.0, "rows": len(part)}
+                         for source, part in zip(spec, parts)]
+    return mixed
+
+
+def _weighted(dataset: datasets.Dataset, source: DataSource, key_path: str) -> datasets.Dataset:
+    if source.weight is None or source.weight == 1:
+        return dataset
+    whole, fraction = int(source.weight), source.weight - int(source.weight)
+    sampled = random.Random(source.seed).sample(range(len(dataset)), round(fraction * len(dataset)))
+    indices = [*range(len(dataset))] * whole + sorted(sampled)
+    if not indices:
+        raise UserError(f"{key_path}.weight: {source.weight} x {len(dataset)} rows of `{source.path}` selects no row; "
+                        "raise the weight or remove the source")
+    return dataset.select(indices)
 
 
 def load_source(source: DataSource, key_path: str) -> datasets.Dataset:
@@ -39,15 +96,18 @@ def load_source(source: DataSource, key_path: str) -> datasets.Dataset:
         if data_format == "hub":
             dataset = datasets.load_dataset(location, source.subset, split=source.split or key_path.split(".")[-1])
         elif data_format == "parallel":
-            dataset = datasets.Dataset.from_dict(read_parallel(location, source.languages, key_path))
+            dataset = datasets.Dataset.from_dict(read_parallel(location, source.languages, key_path, source.encoding))
+        elif data_format == "label_text":
+            dataset = datasets.Dataset.from_dict(read_label_text(location, source.encoding))
         else:
-            dataset = _load_file(location, data_format)
+            dataset = _load_file(location, data_format, source.encoding)
+        if data_format not in ("hub", "parallel"):
             _refuse_huge_cells(dataset, location)
     except UserError:
         raise
     except Exception as exc:  # datasets raises many types for unreadable files and unknown hub names
         what = "hub dataset" if data_format == "hub" else f"{data_format} file"
-        detail = _locate_file_problem(location, data_format) or _first_line(exc)
+        detail = _locate_file_problem(location, data_format, source.encoding) or _first_line(exc)
         raise UserError(f"{key_path}.path: could not read {what} `{location}`: {detail}") from None
     finally:
         datasets.enable_progress_bars()
@@ -86,7 +146,7 @@ def _detect_format(source: DataSource, location: str, key_path: str) -> str:
             allowed = ", ".join(_EXTENSION_FORMATS)
             raise UserError(
                 f"{key_path}.path: cannot tell the format of `{location}` from its extension; use one of "
-                f"{allowed} or set {key_path}.format"
+                f"{allowed} or set {key_path}.format (e.g. `label_text` for lines of `<label> <text>`)"
             )
         return data_format
     if looks_like_local_path(source.path):
@@ -94,9 +154,9 @@ def _detect_format(source: DataSource, location: str, key_path: str) -> str:
     return "hub"
 
 
-def _require_utf8(location: str) -> None:
-    """Loaders silently mangle non-UTF-8 text; check it first, in chunks, and name the line."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
+def _require_decodable(location: str, encoding: str) -> None:
+    """Loaders silently mangle text in another encoding; check it first, in chunks, and name the line."""
+    decoder = codecs.getincrementaldecoder(encoding)()
     lines_before = 0
     with open(location, "rb") as handle:
         while True:
@@ -105,10 +165,33 @@ def _require_utf8(location: str) -> None:
                 decoder.decode(chunk, final=not chunk)  # the final call catches a character cut off at the end
             except UnicodeDecodeError as exc:
                 line = lines_before + chunk[: exc.start].count(b"\n") + 1
-                raise UserError(f"`{location}` line {line} is not UTF-8 text; re-save the file as UTF-8") from None
+                hint = "set the source's `encoding` (e.g. latin-1) or re-save the file as UTF-8"
+                raise UserError(f"`{location}` line {line} is not {encoding.upper()} text; {hint}") from None
             if not chunk:
                 break
             lines_before += chunk.count(b"\n")
+
+
+def read_label_text(location: str, encoding: str) -> dict[str, list]:
+    """`<label> <text>` lines (SST, SentEval, TREC releases) -> columns `label`, `text`; integer labels stay integers
+    so that `task.labels` names index them, and a line without text is an error naming it."""
+    _require_decodable(location, encoding)
+    labels, texts = [], []
+    with open(location, encoding=encoding) as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            parts = line.split(maxsplit=1)
+            if len(parts) < 2:
+                raise UserError(
+                    f"`{location}` line {number} has a label but no text; format label_text expects `<label> <text>` "
+                    "on every line"
+                )
+            labels.append(parts[0])
+            texts.append(parts[1].rstrip("\r\n"))
+    if labels and all(label.lstrip("-").isdigit() for label in labels):
+        labels = [int(label) for label in labels]
+    return {"label": labels, "text": texts}
 
 
 def _require_even_rows(location: str, data_format: str) -> None:
@@ -131,9 +214,21 @@ def _require_even_rows(location: str, data_format: str) -> None:
         csv.field_size_limit(limit)
 
 
-def _load_file(location: str, data_format: str) -> datasets.Dataset:
-    if data_format != "parquet":
-        _require_utf8(location)
+def _load_file(location: str, data_format: str, encoding: str) -> datasets.Dataset:
+    if data_format == "parquet" or encoding == "utf-8":
+        if data_format != "parquet":
+            _require_decodable(location, encoding)
+        return _load_utf8_file(location, data_format)
+    # The loaders read UTF-8 only: decode a file in another encoding once into a UTF-8 copy (the loaded rows live in
+    # the datasets cache, so the copy is not needed afterwards).
+    _require_decodable(location, encoding)
+    with tempfile.TemporaryDirectory(prefix="peftkit-utf8-") as folder:
+        copy = Path(folder) / Path(location).name
+        copy.write_text(Path(location).read_text(encoding=encoding), encoding="utf-8")
+        return _load_utf8_file(str(copy), data_format)
+
+
+def _load_utf8_file(location: str, data_format: str) -> datasets.Dataset:
     if data_format in ("csv", "tsv"):
         _require_even_rows(location, data_format)
     if data_format == "json":
@@ -224,11 +319,11 @@ def require_columns(dataset: datasets.Dataset, columns: list[str], split: str, s
         )
 
 
-def _locate_file_problem(location: str, data_format: str) -> str | None:
+def _locate_file_problem(location: str, data_format: str, encoding: str) -> str | None:
     """Name the line that breaks a text file, which the loaders' own errors often do not."""
-    if data_format == "hub" or data_format == "parquet":
+    if data_format in ("hub", "parquet", "parallel"):
         return None
-    text = Path(location).read_text(encoding="utf-8")
+    text = Path(location).read_text(encoding=encoding)
     if data_format == "jsonl":
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -251,5 +346,5 @@ def split_origin(data: DataSection, split: str) -> str:
     """The file or hub name a split came from, for error messages (a carved-off validation names train's)."""
     source = getattr(data, split)
     if source is None:
-        return f"{data.train.path} (validation_fraction)"
-    return source.path
+        return f"{split_origin(data, 'train')} (validation_fraction)"
+    return " + ".join(part.path for part in source) if isinstance(source, list) else source.path

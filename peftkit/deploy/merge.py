@@ -21,7 +21,7 @@ from peftkit.deploy.verification import MergeResult, compare_outputs
 from peftkit.errors import UserError
 from peftkit.models.quantization import torch_dtype
 from peftkit.recipe.schema import QuantizationSection, Recipe
-from peftkit.run_folder import read_recipe
+from peftkit.run_folder import MODEL_CARD, read_recipe
 from peftkit.tasks import get_task
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -138,7 +138,7 @@ def _write(model, tokenizer, out_dir: Path, max_shard_size: str, card: str) -> N
     tokenizer.save_pretrained(staging)
     if model.can_generate():
         model.generation_config.save_pretrained(staging)
-    (staging / "README.md").write_text(card, encoding="utf-8")
+    (staging / MODEL_CARD).write_text(card, encoding="utf-8")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     staging.rename(out_dir)

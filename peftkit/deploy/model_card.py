@@ -6,7 +6,9 @@ from pathlib import Path
 
 from peftkit.deploy.adapter_folder import AdapterSource
 from peftkit.deploy.verification import MergeResult
+from peftkit.evaluation.model_card import metric_table
 from peftkit.recipe.schema import Recipe
+from peftkit.references import hub_id
 from peftkit.run_folder import read_metrics
 from peftkit.tasks import get_task
 
@@ -21,7 +23,7 @@ def model_card(recipe: Recipe, run_dir: Path, adapter: AdapterSource, result: Me
         method = f"QLoRA: {method} on a {quant.bits}-bit ({quant.quant_type}) base"
     lines = [
         "---",
-        f"base_model: {recipe.model.name}",
+        f"base_model: {hub_id(recipe.model.name, recipe.model.hub_id) or recipe.model.name}",
         "library_name: transformers",
         "tags: [peftkit, merged-adapter]",
         "---",
@@ -50,7 +52,7 @@ def model_card(recipe: Recipe, run_dir: Path, adapter: AdapterSource, result: Me
         "",
         "## Metrics of the run (adapter before merging)",
         "",
-        *_metric_table(metrics),
+        *metric_table(metrics),
         "## Merge verification",
         "",
         f"On {result.verification.rows} samples of the run's data, merged vs adapter-attached outputs: max |logit difference| "
@@ -64,16 +66,3 @@ def model_card(recipe: Recipe, run_dir: Path, adapter: AdapterSource, result: Me
             f"{result.vs_trained.max_abs_diff:.3g}, predictions agree on {result.vs_trained.agreement:.2%}.",
         ]
     return "\n".join(lines) + "\n"
-
-
-def _metric_table(metrics: dict) -> list[str]:
-    """Headline (scalar) metrics of every evaluated split."""
-    rows = []
-    for split in ("validation", "test"):
-        values = {k: v for k, v in metrics.get(split, {}).items() if isinstance(v, (int, float))}
-        if values:
-            rows.append(f"| {split} | " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()) + " |")
-    if not rows:
-        return ["No evaluation metrics were recorded.", ""]
-    return ["| split | metrics |", "|---|---|", *rows, ""]
-

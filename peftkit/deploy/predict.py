@@ -4,22 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftkit.data.sources import load_source
+from peftkit.data.sources import data_source, load_source
 from peftkit.deploy.attach import AttachedModel
 from peftkit.errors import UserError
-from peftkit.recipe.schema import DataSource
 from peftkit.run_folder import write_jsonl
 
 
 def predict_file(
     attached: AttachedModel, input_path: str, output_path: str, adapter_column: str | None = None,
-    batch_size: int = 32, **generation,
+    batch_size: int = 32, source_options: dict | None = None, **generation,
 ) -> int:
     """Write one JSON line per input row (the row plus the task's answer and the adapter used); returns the count.
 
     With `adapter_column`, each row names its adapter and rows for different adapters share mixed batches.
     """
-    rows = list(load_source(DataSource(path=input_path), "--input"))
+    rows = list(load_source(data_source({"path": input_path, **(source_options or {})}), "--input"))
     if adapter_column is not None and rows and adapter_column not in rows[0]:
         raise UserError(f"--adapter-column: `{input_path}` has no column {adapter_column!r} (columns: {sorted(rows[0])})")
     adapters = [row[adapter_column] if adapter_column else attached.active for row in rows]

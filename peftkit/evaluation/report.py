@@ -11,8 +11,9 @@ from peftkit.run_folder import REPORT_FILE, write_text_atomic
 def write_report(run_dir: Path, recipe: Recipe, summary: dict, split_sections: dict[str, str], has_loss_plot: bool) -> None:
     parameters = summary["parameters"]
     lines = [
-        f"# Run report: {recipe.name}",
+        f"# Run report: {run_dir.name}",
         "",
+        f"- recipe: {recipe.name}",
         f"- model: `{recipe.model.name}`" + (" (trust_remote_code ON)" if recipe.model.trust_remote_code else ""),
         f"- task: {recipe.task.type}",
         f"- adapter: {recipe.adapter.method}"
@@ -24,10 +25,11 @@ def write_report(run_dir: Path, recipe: Recipe, summary: dict, split_sections: d
     ]
     train = summary.get("train", {})
     if train:
-        lines.append(
-            f"- training: {train.get('global_step')} steps, {train.get('train_runtime', 0):.1f} s, "
-            f"final training loss {train.get('train_loss', float('nan')):.4f}"
-        )
+        # A fit without gradient steps (features: logistic regression) has no step count or training loss.
+        parts = [f"{train['global_step']} steps" if train.get("global_step") else None,
+                 f"{train['train_runtime']:.1f} s" if "train_runtime" in train else None,
+                 f"final training loss {train['train_loss']:.4f}" if "train_loss" in train else None]
+        lines.append("- training: " + ", ".join(part for part in parts if part))
     if summary.get("skipped_steps"):
         lines.append(f"- steps skipped for non-finite or exploding gradients: {summary['skipped_steps']}")
     if summary.get("fp16_overflow_steps"):

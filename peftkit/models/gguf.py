@@ -29,7 +29,8 @@ def converted_folder(gguf_file: Path) -> Path:
     """The cached HF folder for `gguf_file`, converting it on first use (keyed by path, size and mtime)."""
     gguf_file = Path(gguf_file).resolve()
     stat = gguf_file.stat()
-    key = hashlib.sha256(f"{gguf_file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    # v2: folders converted before carried the GGUF quantization_config, which made trainers refuse the model.
+    key = hashlib.sha256(f"v2|{gguf_file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     folder = cache_root() / "gguf" / f"{gguf_file.stem}-{key}"
     if (folder / COMPLETE_MARKER).is_file() and is_plain_model_folder(folder):
         return folder
@@ -51,8 +52,8 @@ def _convert(gguf_file: Path, folder: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
     config = loaded.config
-    # The loaded config records the file's GGUF quantization; kept, it would make every later load of the
-    # (already dequantized, fp32) folder a "quantized model" that peft and the Trainer refuse to train.
+    # The weights are dequantized: a leftover GGUF quantization_config would mark the saved model as quantized
+    # (not trainable, and loaded through the GGUF quantizer again).
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = torch.float32

@@ -177,7 +177,7 @@ def estimate(recipe: Recipe, counts: ParameterCounts, gpus: int = 1, gpu_memory:
     if params_sharded:
         rows.append(Row("gathered layers", 2 * counts.largest_layer_bytes, "current + prefetched layer, unsharded"))
 
-    tokens = recipe.training.batch_size * recipe.data.max_length
+    tokens = micro_batch_sequences(recipe) * recipe.data.max_length
     activation_bytes, activation_note = activations(recipe, counts, precision)
     rows.append(Row("activations", activation_bytes, activation_note))
     if counts.logits_width:
@@ -186,6 +186,14 @@ def estimate(recipe: Recipe, counts: ParameterCounts, gpus: int = 1, gpu_memory:
             Row("logits + loss", tokens * counts.logits_width * (2 * element + 12),
                 f"{tokens:,} tokens x {counts.logits_width:,} vocabulary")
         )
+        passes = reference_passes(recipe)
+        if passes:
+            # The reference forward runs without gradients while the policy's activations are held: its logits
+            # and their float32 log-probabilities are live on top (the weights are the base's: adapter disabled).
+            rows.append(
+                Row("reference forward", tokens * counts.logits_width * (element + 4),
+                    f"{passes} no-grad pass(es) of the base with the adapter disabled, {tokens:,} tokens")
+            )
     allocated = sum(row.bytes for row in rows)
     rows.append(
         Row(RUNTIME_ROW, RUNTIME_FIXED_BYTES + int(FRAGMENTATION_SHARE * allocated),
@@ -198,6 +206,20 @@ def estimate(recipe: Recipe, counts: ParameterCounts, gpus: int = 1, gpu_memory:
         host_bytes=host,
         settings={"precision": precision, "sharding": mode, "tokens_per_micro_batch": tokens},
     )
+
+
+def micro_batch_sequences(recipe: Recipe) -> int:
+    """Sequences in one forward pass: preference pairs batch chosen and rejected together (KTO's rows are single)."""
+    task = recipe.task
+    return recipe.training.batch_size * (2 if task.type == "preference" and task.loss != "kto" else 1)
+
+
+def reference_passes(recipe: Recipe) -> int:
+    """No-grad reference forwards per step: DPO-family 1, KTO 2 (its KL batch too), ORPO and other tasks none."""
+    task = recipe.task
+    if task.type != "preference" or task.loss == "orpo":
+        return 0
+    return 2 if task.loss == "kto" else 1
 
 
 def activations(recipe: Recipe, counts: ParameterCounts, precision: str) -> tuple[int, str]:
@@ -214,7 +236,7 @@ def activations(recipe: Recipe, counts: ParameterCounts, precision: str) -> tupl
     element = 2 if precision in ("bf16", "fp16") else 4
     h, kv, i, heads = dims["hidden"], dims["kv_heads"] * dims["head_dim"], dims["intermediate"], dims["heads"]
     layers, seq = dims["layers"], recipe.data.max_length
-    tokens = recipe.training.batch_size * seq
+    tokens = micro_batch_sequences(recipe) * seq
     per_token_layer = 2 * (4 + element) * h + 3 * element * h + 2 * element * kv
     per_token_layer += (4 if dims["gated_mlp"] else 2) * element * i
     attention = recipe.model.attn_implementation or "sdpa"

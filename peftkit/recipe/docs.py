@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from peftkit.recipe.schema import Recipe
+from peftkit.recipe.schema import Recipe, aliases_of
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "recipe.md"
 
@@ -21,6 +21,17 @@ HEADER = """# Recipe reference
 Generated from `peftkit/recipe/schema.py` by `python -m peftkit.recipe.docs`; do not edit by hand.
 Every key below can be set in the YAML file, in a fragment named by `extends:`, or on the command
 line as `key.path=value`. `peftkit validate RECIPE` prints the fully resolved recipe.
+
+Keys after a `/` are the same option under its Hugging Face / peft / axolotl name (`num_train_epochs`,
+`lora_alpha`, `bnb_4bit_quant_type`, ...): either name works, the resolved recipe uses the first.
+transformers' `load_in_4bit: true` / `load_in_8bit: true` under `quantization` mean `bits: 4` / `bits: 8`.
+Options peftkit does not model go unchanged to the library through `training.trainer_args`
+(`TrainingArguments`) and `adapter.peft_args` (the method's peft config), checked against its fields.
+
+On the command line, a text key takes the raw text after `=` (`task.prompt=Translate to German: {en}`),
+other values are YAML, and `key=null` returns a key to its default. A later file or override that sets
+`adapter.method` drops the earlier layers' options of other methods (`adapter.method=ia3` on a LoRA recipe
+needs no `adapter.r=null`).
 """
 
 
@@ -72,9 +83,11 @@ def render() -> str:
     for model, paths in paths_of.items():
         title = " / ".join(f"`{path}`" for path in paths) if paths != [""] else "top level"
         lines += [f"## {title}", "", "| key | type | default | description |", "|---|---|---|---|"]
+        aliases = aliases_of(model)
         for name, field in model.model_fields.items():
             description = (field.description or "").replace("|", "\\|")
-            lines.append(f"| `{name}` | {_type_name(field.annotation)} | {_default(field)} | {description} |")
+            also = "".join(f" / `{alias}`" for alias, key in aliases.items() if key == name)
+            lines.append(f"| `{name}`{also} | {_type_name(field.annotation)} | {_default(field)} | {description} |")
         lines.append("")
     return "\n".join(lines)
 

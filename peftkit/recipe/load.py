@@ -11,19 +11,34 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from peftkit.errors import UserError
-from peftkit.recipe.schema import Recipe
+from peftkit.recipe.keys import accepted_keys, canonical_keys, canonical_path, field_at, is_text, model_at, task_types
+from peftkit.recipe.schema import ADAPTER_OPTION_METHODS, Recipe, aliases_of
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read, compose, override and validate a recipe file."""
+    """Read, compose, override and validate a recipe file.
+
+    Overrides: a text field takes the raw text after `=`; other values are YAML; `null` returns a key to its
+    default. A layer (later file or override) that sets `adapter.method` drops the earlier layers' options of
+    other methods (e.g. `r` for `ia3`).
+    """
     path = Path(path)
     merged = _read_with_extends(path, chain=())
+    overridden = []
     for override in overrides:
-        key_path, value = parse_override(override)
+        key_path, raw_value = split_override(override)
+        key_path = canonical_path(key_path, merged)
+        field = field_at(key_path, merged)
+        # `task.prompt=Translate to German: {en}` is text, not a YAML mapping.
+        as_text = field is not None and is_text(field) and raw_value.strip() not in ("null", "~")
+        value = raw_value if as_text else parse_value(override, raw_value)
         set_key_path(merged, key_path, value)
+        overridden.append(key_path)
+    if ["adapter", "method"] in overridden:
+        _drop_options_of_other_methods(merged, {path[1] for path in overridden if path[0] == "adapter"})
     merged.setdefault("name", path.stem)
     return validate_recipe(merged)
 
@@ -35,6 +50,17 @@ def load_saved_recipe(path: Path) -> Recipe:
     except UserError as error:
         message = str(error)
         raise UserError(message if str(path) in message else f"{path}: {message}") from None
+
+
+def _drop_options_of_other_methods(merged: dict[str, Any], kept: set[str]) -> None:
+    """A layer that switches adapter.method (a later file or an override) keeps only the earlier layers' adapter
+    options that the new method reads, and the `kept` ones it sets itself."""
+    adapter = merged.get("adapter")
+    if not isinstance(adapter, dict):
+        return
+    for option, methods in ADAPTER_OPTION_METHODS.items():
+        if adapter.get("method") not in methods and option not in kept:
+            adapter.pop(option, None)
 
 
 def validate_recipe(data: dict[str, Any]) -> Recipe:
@@ -96,7 +122,7 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if resolved in chain:
         cycle = " -> ".join(str(p) for p in (*chain, resolved))
         raise UserError(f"`extends` forms a cycle: {cycle}")
-    content = read_yaml_mapping(path)
+    content = canonical_keys(read_yaml_mapping(path), str(path))
     extends = content.pop("extends", [])
     if isinstance(extends, str):
         extends = [extends]
@@ -105,8 +131,16 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for fragment in extends:
         fragment_path = _find_fragment(path.parent, fragment)
-        merged = deep_merge(merged, _read_with_extends(fragment_path, (*chain, resolved)))
-    return deep_merge(merged, content)
+        merged = _merge_layer(merged, _read_with_extends(fragment_path, (*chain, resolved)))
+    return _merge_layer(merged, content)
+
+
+def _merge_layer(merged: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    merged = deep_merge(merged, layer)
+    adapter = layer.get("adapter")
+    if isinstance(adapter, dict) and "method" in adapter:
+        _drop_options_of_other_methods(merged, set(adapter))
+    return merged
 
 
 def _find_fragment(base_dir: Path, name: str) -> Path:
@@ -130,20 +164,31 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`training.learning_rate=1e-4` -> (["training", "learning_rate"], 1e-4); values are YAML scalars/lists."""
+    key_path, raw_value = split_override(text)
+    return key_path, parse_value(text, raw_value)
+
+
+def split_override(text: str) -> tuple[list[str], str]:
+    """`key.path=value` -> (key path, the raw text after the first `=`)."""
     key, sep, raw_value = text.partition("=")
     if not sep or not key.strip():
         raise UserError(f"override `{text}` must look like key.path=value (e.g. training.epochs=2)")
     key_path = key.strip().split(".")
     if any(not part for part in key_path):
         raise UserError(f"override `{text}` has an empty part in its key path")
+    return key_path, raw_value
+
+
+def parse_value(text: str, raw_value: str) -> Any:
     try:
-        value = safe_load_unique(raw_value) if raw_value.strip() else None
+        return safe_load_unique(raw_value) if raw_value.strip() else None
     except yaml.YAMLError:
         raise UserError(f"override `{text}`: value `{raw_value}` is not a valid YAML value") from None
-    return key_path, value
 
 
 def set_key_path(data: dict[str, Any], key_path: list[str], value: Any) -> None:
+    """Set a key (Hugging Face / peft names accepted); None removes it, so that the default applies."""
+    key_path = canonical_path(key_path, data)
     node = data
     for depth, part in enumerate(key_path[:-1]):
         child = node.get(part)
@@ -153,7 +198,10 @@ def set_key_path(data: dict[str, Any], key_path: list[str], value: Any) -> None:
             prefix = ".".join(key_path[: depth + 1])
             raise UserError(f"override {'.'.join(key_path)}: `{prefix}` is a value, not a section")
         node = child
-    node[key_path[-1]] = value
+    if value is None:
+        node.pop(key_path[-1], None)
+    else:
+        node[key_path[-1]] = value
 
 
 def format_validation_error(exc: ValidationError, data: dict[str, Any]) -> str:
@@ -175,7 +223,7 @@ def _readable_location(loc: tuple) -> str:
     """Drop what pydantic inserts for unions (`task.classification.x` -> `task.x`, `list[str]`)."""
     parts = []
     for index, part in enumerate(loc):
-        if index and loc[index - 1] == "task" and part in _task_types():
+        if index and loc[index - 1] == "task" and part in task_types():
             continue
         if isinstance(part, str) and ("[" in part or part.startswith("function-")):
             continue
@@ -183,43 +231,11 @@ def _readable_location(loc: tuple) -> str:
     return ".".join(parts)
 
 
-def _task_types() -> set[str]:
-    task_union = Recipe.model_fields["task"].annotation
-    return {member.model_fields["type"].default for member in getattr(task_union, "__args__", (task_union,))}
-
-
 def _did_you_mean(loc: tuple, data: dict[str, Any]) -> str:
-    model = _model_at(loc[:-1], data)
+    model = model_at(loc[:-1], data)
     if model is None:
         return ""
-    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
-    hint = f"; did you mean `{close[0]}`?" if close else ""
+    close = difflib.get_close_matches(str(loc[-1]), accepted_keys(model), n=1)
+    alias_of = aliases_of(model).get(close[0]) if close else None
+    hint = f"; did you mean `{close[0]}`" + (f" (= `{alias_of}`)" if alias_of else "") + "?" if close else ""
     return f"{hint}; allowed keys: {', '.join(model.model_fields)}"
-
-
-def _model_at(loc: tuple, data: dict[str, Any]) -> type[BaseModel] | None:
-    """The schema class that validates the mapping at `loc` (for listing its allowed keys)."""
-    model: type[BaseModel] = Recipe
-    node: Any = data
-    for part in loc:
-        if isinstance(part, str) and part in _task_types():
-            continue
-        field = model.model_fields.get(str(part))
-        if field is None:
-            return None
-        node = node.get(part) if isinstance(node, dict) else None
-        model = _section_class(field.annotation, node)
-        if model is None:
-            return None
-    return model
-
-
-def _section_class(annotation: Any, node: Any) -> type[BaseModel] | None:
-    candidates = [annotation, *getattr(annotation, "__args__", ())]
-    for inner in list(candidates):
-        candidates.extend(getattr(inner, "__args__", ()))
-    models = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
-    if len(models) > 1 and isinstance(node, dict):
-        tagged = [m for m in models if m.model_fields.get("type") and m.model_fields["type"].default == node.get("type")]
-        models = tagged or models
-    return models[0] if models else None

@@ -7,9 +7,13 @@ so that impossible combinations fail before any model or data is loaded.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+import codecs
+import dataclasses
+import difflib
+import importlib
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -19,14 +23,50 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
+def aliases_of(model: type[BaseModel]) -> dict[str, str]:
+    """`{alias: key}`: the Hugging Face / peft names (`validation_alias`) a section accepts for its keys."""
+    found = {}
+    for name, field in model.model_fields.items():
+        for choice in getattr(field.validation_alias, "choices", ()):
+            if choice != name:
+                found[choice] = name
+    return found
+
+
+def check_pass_through(
+    options: dict[str, Any], target: str, section_name: str, key: str, section: type[BaseModel]
+) -> None:
+    """Options handed unchanged to a library dataclass (`module:Class`) must be fields of it, and not ones the
+    recipe already models (those have one place: the section's own key)."""
+    if not options:
+        return
+    module, _, name = target.partition(":")
+    known = {field.name for field in dataclasses.fields(getattr(importlib.import_module(module), name))}
+    modelled = {**{field: field for field in section.model_fields}, **aliases_of(section)}
+    for option in options:
+        if option in modelled:
+            raise ValueError(f"{key}.{option} is a recipe key: set {section_name}.{modelled[option]} instead")
+        if option not in known:
+            close = difflib.get_close_matches(option, sorted(known), n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            raise ValueError(f"{key}.{option} is not an option of {module}'s {name}{hint}")
+
+
 class ModelSection(Section):
     name: str = Field(
         description="Base model: a hub id, a local folder, or `package:<module>/<subdir>` for a model "
-        "shipped inside an installed Python package."
+        "shipped inside an installed Python package.",
+        validation_alias=AliasChoices("name", "model_name_or_path", "base_model"),
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    hub_id: str | None = Field(
+        None,
+        description="Hub id of the base when `name` is a local folder, recorded as the adapter's "
+        "`base_model_name_or_path` and in its model card so that others can load it (packaged models know theirs).",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "float32", description="Dtype of the (unquantized) base weights; `auto` uses the checkpoint's dtype."
+        "float32", description="Dtype of the (unquantized) base weights; `auto` uses the checkpoint's dtype.",
+        validation_alias=AliasChoices("dtype", "torch_dtype"),
     )
     trust_remote_code: bool = Field(
         False, description="Allow the model repository to run its own Python code. Off unless you trust it."
@@ -114,6 +154,14 @@ class CausalLMTask(Section):
         description="Instruction / chat SFT of a decoder; loss on responses only. Downstream tasks are learned "
         "generatively and scored on generated text (see response_metric).",
     )
+    format: Literal["auto", "template", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
+        "auto",
+        description="Row format: `messages` (OpenAI `[{role, content}]`), `sharegpt` (`conversations` of `{from, value}`), "
+        "`alpaca` (`instruction`, `input`, `output`), `prompt_completion` (strings or message lists), `text` (raw text "
+        "for continued pre-training: loss on every token, long texts cut into data.max_length pieces), `template` "
+        "(`prompt`/`response` templates over any columns). `auto` uses `template` when the templates are changed, "
+        "else detects the format from the columns.",
+    )
     messages_column: str | None = Field(
         None,
         description="Column of chat messages (`[{role, content}, ...]`); every assistant turn is trained. "
@@ -152,8 +200,41 @@ class CausalLMTask(Section):
         return self
 
 
+class PreferenceTask(Section):
+    type: Literal["preference"] = Field(
+        "preference",
+        description="Preference tuning of a decoder (DPO, its variants, ORPO, KTO) on TRL's trainers; the reference "
+        "model is the base with the adapter disabled.",
+    )
+    loss: Literal["dpo", "ipo", "hinge", "robust", "sppo_hard", "nca_pair", "bco_pair", "apo_zero", "apo_down",
+                  "orpo", "kto"] = Field(
+        "dpo",
+        description="`dpo` (sigmoid) and the DPO variants TRL's DPOTrainer computes (`ipo`, `hinge`, `robust`, ...); "
+        "`orpo` (odds-ratio, no reference model); `kto` (pairs or unpaired prompt/completion/label rows).",
+    )
+    beta: float = Field(
+        0.1, gt=0,
+        description="DPO/KTO: strength of the pull towards the reference (higher = closer); ORPO: weight of the "
+        "odds-ratio term (lambda).",
+    )
+    format: Literal["auto", "explicit", "implicit", "unpaired"] = Field(
+        "auto",
+        description="`explicit` (prompt, chosen, rejected), `implicit` (chosen/rejected whole dialogues sharing every "
+        "turn but the last, e.g. Anthropic HH-RLHF text), `unpaired` (prompt, completion, label; KTO only); `auto` "
+        "detects it from the columns. Each value may be a string or a list of {role, content} messages.",
+    )
+    system_prompt: str | None = Field(None, description="System message put before every prompt.")
+    chat_template: Literal["auto", "chatml", "plain"] = Field(
+        "auto", description="`auto` uses the tokenizer's chat template; `chatml` or `plain` for tokenizers without one."
+    )
+    compare_generations: int = Field(
+        3, ge=0, description="Evaluation prompts answered by the tuned model and the base, shown side by side in the report."
+    )
+
+
 Task = Annotated[
-    Union[ClassificationTask, FeaturesTask, CausalLMTask, ExtractiveQATask, TranslationTask, SummarizationTask],
+    Union[ClassificationTask, FeaturesTask, CausalLMTask, ExtractiveQATask, TranslationTask, SummarizationTask,
+          PreferenceTask],
     Field(discriminator="type"),
 ]
 
@@ -163,8 +244,15 @@ class DataSource(Section):
         description="Local file (.json, .jsonl, .csv, .tsv, .parquet), `package:<module>/<file>`, "
         "or a hub dataset name."
     )
-    format: Literal["auto", "json", "jsonl", "csv", "tsv", "parquet", "hub"] = Field(
-        "auto", description="File format; `auto` uses the file extension, or `hub` when no such file exists."
+    format: Literal["auto", "json", "jsonl", "csv", "tsv", "parquet", "label_text", "hub"] = Field(
+        "auto",
+        description="File format; `auto` uses the file extension, or `hub` when no such file exists. `label_text`: "
+        "one example a line, `<label> <text>` (the SST/SentEval/TREC releases), read into columns `label` and `text`.",
+    )
+    encoding: str = Field(
+        "utf-8",
+        description="Text encoding of a local file (e.g. `latin-1`, `cp1252`); an undecodable line is an error "
+        "naming the line.",
     )
     split: str | None = Field(None, description="Hub split to load (defaults to the section's own name).")
     subset: str | None = Field(None, description="Hub dataset configuration name.")
@@ -183,7 +271,21 @@ class DataSource(Section):
         description="Keep the row range `start:end` (Python slice, applied before `limit`), e.g. to split by article.",
     )
     limit: int | None = Field(None, gt=0, description="Keep at most this many rows (after shuffling with `seed`).")
-    seed: int = Field(0, ge=0, lt=2**32, description="Seed of the shuffle applied before `limit`.")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed of the shuffle applied before `limit` (and of `weight`'s sample).")
+    weight: float | None = Field(
+        None, gt=0,
+        description="When a split lists several sources: rows taken from this one = weight x its rows (after `rows`/"
+        "`limit`): a whole part repeats them, a fraction samples them with `seed`; unset is 1. The mixture is "
+        "shuffled with the first source's seed; metrics.json counts the rows of each source.",
+    )
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        try:
+            return codecs.lookup(value).name
+        except LookupError:
+            raise ValueError(f"unknown text encoding `{value}`; use e.g. utf-8, latin-1 or cp1252") from None
 
     @model_validator(mode="after")
     def _languages_are_files(self) -> DataSource:
@@ -192,22 +294,42 @@ class DataSource(Section):
         return self
 
 
+# A split is one source, or several mixed (each with an optional weight).
+Sources = Union[DataSource, Annotated[list[DataSource], Field(min_length=1)]]
+
+
 class DataSection(Section):
-    train: DataSource = Field(description="Training data.")
-    validation: DataSource | None = Field(None, description="Validation data, used for periodic evaluation.")
-    test: DataSource | None = Field(None, description="Held-out test data, evaluated once at the end.")
+    train: Sources = Field(description="Training data: one source, or a list of sources mixed by `weight`.")
+    validation: Sources | None = Field(None, description="Validation data, used for periodic evaluation.")
+    test: Sources | None = Field(None, description="Held-out test data, evaluated once at the end.")
     validation_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Split this fraction off the training data when no validation source is set."
     )
-    max_length: int = Field(256, gt=0, description="Maximum tokens per example; longer inputs are truncated.")
+    max_length: int = Field(
+        256, gt=0, description="Maximum tokens per example; longer inputs are truncated.",
+        validation_alias=AliasChoices("max_length", "max_seq_length", "sequence_len"),
+    )
+    num_proc: int | None = Field(
+        None, gt=0, description="Processes that tokenize (`datasets.map`); tokenized data is cached between runs."
+    )
     skip_bad_rows: bool = Field(
         False,
-        description="Classification and features: skip rows whose text is empty (counted in a warning) instead of "
-        "stopping with an error that names the file and rows.",
+        description="Classification and features: skip rows whose text is empty; preference: skip rows that are not "
+        "valid pairs (identical or empty responses, dialogues that differ before the last turn). Counted in a "
+        "warning instead of stopping with an error that names the file and row.",
     )
 
 
 PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
+# The peft config class each method is configured with (names, so that validating a recipe does not import peft).
+PEFT_CONFIG_CLASSES = {
+    "lora": "LoraConfig",
+    "adalora": "AdaLoraConfig",
+    "ia3": "IA3Config",
+    "prompt_tuning": "PromptTuningConfig",
+    "prefix_tuning": "PrefixTuningConfig",
+    "p_tuning": "PromptEncoderConfig",
+}
 
 # Which adapter options each method reads; changing one the chosen method ignores is an error, not a no-op.
 ADAPTER_OPTION_METHODS: dict[str, tuple[str, ...]] = {
@@ -235,13 +357,23 @@ class AdapterSection(Section):
         "training), `ia3` (learned activation scaling), `prompt_tuning`, `prefix_tuning`, `p_tuning` (learned "
         "virtual tokens), or `none` for full fine-tuning.",
     )
-    r: int = Field(8, gt=0, description="LoRA rank; for AdaLoRA the average rank the budget is pruned down to.")
-    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    r: int = Field(
+        8, gt=0, description="LoRA rank; for AdaLoRA the average rank the budget is pruned down to.",
+        validation_alias=AliasChoices("r", "lora_r"),
+    )
+    alpha: float = Field(
+        16, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).",
+        validation_alias=AliasChoices("alpha", "lora_alpha"),
+    )
+    dropout: float = Field(
+        0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.",
+        validation_alias=AliasChoices("dropout", "lora_dropout"),
+    )
     target_modules: Literal["all-linear"] | list[str] = Field(
         "all-linear",
         description="Modules that get adapters: `all-linear` or a list of module names. For IA3, `all-linear` means "
         "peft's default attention + feed-forward modules of the architecture.",
+        validation_alias=AliasChoices("target_modules", "lora_target_modules"),
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases are trained.")
     modules_to_save: list[str] | None = Field(
@@ -253,18 +385,36 @@ class AdapterSection(Section):
         "default",
         description="LoRA initialization: `default` (B = 0), `gaussian`, `pissa` (principal singular vectors), "
         "`olora` (QR), `loftq` (compensates 4-bit quantization error; needs quantization.bits: 4).",
+        validation_alias=AliasChoices("init", "init_lora_weights"),
     )
-    adalora_init_r: int = Field(12, gt=0, description="AdaLoRA: starting rank of every module before pruning to `r`.")
+    adalora_init_r: int = Field(
+        12, gt=0, description="AdaLoRA: starting rank of every module before pruning to `r`.",
+        validation_alias=AliasChoices("adalora_init_r", "init_r"),
+    )
     adalora_warmup: float = Field(
         0.1, ge=0.0, lt=1.0, description="AdaLoRA: fraction of training steps before ranks start being pruned."
     )
     adalora_final: float = Field(
         0.2, ge=0.0, lt=1.0, description="AdaLoRA: fraction of training steps at the end with ranks frozen."
     )
-    adalora_interval: int = Field(1, gt=0, description="AdaLoRA: optimizer steps between two rank re-allocations.")
+    adalora_interval: int = Field(
+        1, gt=0, description="AdaLoRA: optimizer steps between two rank re-allocations.",
+        validation_alias=AliasChoices("adalora_interval", "deltaT"),
+    )
     num_virtual_tokens: int = Field(
         20, gt=0, description="Prompt tuning / prefix tuning / P-tuning: number of learned virtual tokens."
     )
+    peft_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further options of the method's peft config, passed unchanged and checked against its fields "
+        "(e.g. LoRA's `rank_pattern`, `alpha_pattern`, `layers_to_transform`, `exclude_modules`).",
+    )
+
+    @field_validator("init", mode="before")
+    @classmethod
+    def _peft_init_names(cls, value):
+        # peft's `init_lora_weights: true` is its default initialization.
+        return "default" if value is True else value
 
     @model_validator(mode="after")
     def _options_fit_method(self) -> AdapterSection:
@@ -275,6 +425,11 @@ class AdapterSection(Section):
                     f"adapter.{option} applies to method {' / '.join(methods)}, not `{self.method}`; "
                     f"remove it or choose one of those methods"
                 )
+        if self.method == "none" and self.peft_args:
+            raise ValueError("adapter.peft_args needs an adapter method; remove it for adapter.method: none")
+        if self.method != "none":
+            config_class = f"peft:{PEFT_CONFIG_CLASSES[self.method]}"
+            check_pass_through(self.peft_args, config_class, "adapter", "peft_args", type(self))
         if self.method == "adalora":
             if self.adalora_init_r < self.r:
                 raise ValueError(
@@ -290,19 +445,44 @@ class QuantizationSection(Section):
     bits: Literal[4, 8] | None = Field(
         None, description="Quantize the frozen base to 4 or 8 bits with bitsandbytes; unset (or `none`) keeps it."
     )
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
-    double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too.")
+    quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="4-bit data type.",
+        validation_alias=AliasChoices("quant_type", "bnb_4bit_quant_type"),
+    )
+    double_quant: bool = Field(
+        True, description="Quantize the 4-bit quantization constants too.",
+        validation_alias=AliasChoices("double_quant", "bnb_4bit_use_double_quant"),
+    )
     compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Dtype the 4-bit layers compute in."
+        "float32", description="Dtype the 4-bit layers compute in.",
+        validation_alias=AliasChoices("compute_dtype", "bnb_4bit_compute_dtype"),
     )
     storage_dtype: Literal["uint8", "float32", "bfloat16", "float16"] = Field(
-        "uint8", description="Dtype that stores packed 4-bit weights; ZeRO-3/FSDP need it equal to compute_dtype."
+        "uint8", description="Dtype that stores packed 4-bit weights; ZeRO-3/FSDP need it equal to compute_dtype.",
+        validation_alias=AliasChoices("storage_dtype", "bnb_4bit_quant_storage"),
     )
 
     @field_validator("bits", mode="before")
     @classmethod
     def _none_means_unquantized(cls, value):
         return None if isinstance(value, str) and value.lower() == "none" else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bitsandbytes_flags(cls, data):
+        """transformers' `load_in_4bit: true` / `load_in_8bit: true` are `bits: 4` / `bits: 8`."""
+        if not isinstance(data, dict) or not ({"load_in_4bit", "load_in_8bit"} & set(data)):
+            return data
+        data = dict(data)
+        flagged = [bits for bits in (4, 8) if data.pop(f"load_in_{bits}bit", False) is True]
+        if len(flagged) > 1 or (flagged and data.get("bits") not in (None, "none", flagged[0])):
+            raise ValueError(
+                f"load_in_4bit / load_in_8bit and bits name different precisions ({flagged} vs bits: "
+                f"{data.get('bits')}); keep only `bits: 4` or `bits: 8`"
+            )
+        if flagged:
+            data["bits"] = flagged[0]
+        return data
 
 
 class DistributedSection(Section):
@@ -342,20 +522,36 @@ class DistributedSection(Section):
 
 
 class TrainingSection(Section):
-    epochs: float = Field(3.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    epochs: float = Field(
+        3.0, gt=0, description="Passes over the training data (ignored when max_steps is set).",
+        validation_alias=AliasChoices("epochs", "num_train_epochs"),
+    )
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
-    batch_size: int = Field(16, gt=0, description="Examples per device per forward pass.")
-    eval_batch_size: int | None = Field(None, gt=0, description="Evaluation batch size; unset uses twice batch_size.")
-    gradient_accumulation: int = Field(1, gt=0, description="Forward passes per optimizer step.")
+    batch_size: int = Field(
+        16, gt=0, description="Examples per device per forward pass.",
+        validation_alias=AliasChoices("batch_size", "per_device_train_batch_size", "micro_batch_size"),
+    )
+    eval_batch_size: int | None = Field(
+        None, gt=0, description="Evaluation batch size; unset uses twice batch_size.",
+        validation_alias=AliasChoices("eval_batch_size", "per_device_eval_batch_size"),
+    )
+    gradient_accumulation: int = Field(
+        1, gt=0, description="Forward passes per optimizer step.",
+        validation_alias=AliasChoices("gradient_accumulation", "gradient_accumulation_steps"),
+    )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "polynomial"] = Field(
-        "linear", description="Learning-rate schedule after warmup."
+        "linear", description="Learning-rate schedule after warmup.",
+        validation_alias=AliasChoices("scheduler", "lr_scheduler_type", "lr_scheduler"),
     )
     warmup_ratio: float = Field(0.06, ge=0.0, lt=1.0, description="Fraction of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0.0, description="Gradient clipping norm (0 disables clipping).")
     optimizer: Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"] = (
-        Field("adamw_torch", description="Optimizer (transformers names).")
+        Field(
+            "adamw_torch", description="Optimizer (transformers names).",
+            validation_alias=AliasChoices("optimizer", "optim"),
+        )
     )
     seed: int = Field(42, ge=0, lt=2**32, description="Seed for model init, data order and dropout (numpy takes 0 to 2**32-1).")
     gradient_checkpointing: bool | None = Field(
@@ -366,17 +562,24 @@ class TrainingSection(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Mixed precision; `auto` is bf16 on GPUs that support it, else fp32."
     )
-    eval_strategy: Literal["steps", "epoch", "no"] = Field("epoch", description="When to evaluate on validation.")
+    eval_strategy: Literal["steps", "epoch", "no"] = Field(
+        "epoch", description="When to evaluate on validation.",
+        validation_alias=AliasChoices("eval_strategy", "evaluation_strategy"),
+    )
     eval_steps: int = Field(100, gt=0, description="Steps between evaluations when eval_strategy is `steps`.")
     save_strategy: Literal["steps", "epoch", "no"] = Field("epoch", description="When to save a checkpoint.")
     save_steps: int = Field(100, gt=0, description="Steps between checkpoints when save_strategy is `steps`.")
-    keep_last: int = Field(2, gt=0, description="Checkpoints kept on disk (the best one is never deleted).")
+    keep_last: int = Field(
+        2, gt=0, description="Checkpoints kept on disk (the best one is never deleted).",
+        validation_alias=AliasChoices("keep_last", "save_total_limit"),
+    )
     logging_steps: int = Field(10, gt=0, description="Steps between logged training losses.")
     early_stopping_patience: int | None = Field(
         None, gt=0, description="Stop after this many evaluations without improvement of metric_for_best."
     )
     metric_for_best: str | None = Field(
-        None, description="Validation metric that selects the best checkpoint; unset uses the task's default."
+        None, description="Validation metric that selects the best checkpoint; unset uses the task's default.",
+        validation_alias=AliasChoices("metric_for_best", "metric_for_best_model"),
     )
     resume: bool = Field(False, description="Continue from the last complete checkpoint in the run folder.")
     on_nonfinite: Literal["stop", "skip"] = Field(
@@ -385,12 +588,28 @@ class TrainingSection(Section):
     abort_grad_norm: float | None = Field(
         None, gt=0, description="Treat a gradient norm above this as divergence (handled like on_nonfinite)."
     )
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Experiment trackers that receive the training curves, the final metrics and the report's plots: "
+        "`tensorboard` (`<run>/tensorboard`), `mlflow` ($MLFLOW_TRACKING_URI, else `<run>/mlruns`), `wandb` (online "
+        "with WANDB_API_KEY, else offline in `<run>/wandb`); `[]` for none. mlflow and wandb are optional extras.",
+    )
+    trainer_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further `transformers.TrainingArguments`, passed unchanged and checked against its fields "
+        "(e.g. `neftune_noise_alpha`, `lr_scheduler_kwargs`, `group_by_length`, `torch_compile`).",
+    )
 
     @field_validator("eval_strategy", "save_strategy", mode="before")
     @classmethod
     def _yaml_no_is_a_strategy(cls, value):
         # YAML 1.1 reads a bare `no` as false; `eval_strategy: no` means the strategy "no".
         return "no" if value is False else value
+
+    @model_validator(mode="after")
+    def _trainer_args_exist(self) -> TrainingSection:
+        check_pass_through(self.trainer_args, "transformers:TrainingArguments", "training", "trainer_args", type(self))
+        return self
 
     @model_validator(mode="after")
     def _cadence_fits(self) -> TrainingSection:
@@ -418,9 +637,17 @@ class GenerationSection(Section):
 
 
 class OutputSection(Section):
-    dir: str | None = Field(None, description="Run folder; unset is `runs/<recipe name>`.")
-    overwrite: bool = Field(False, description="Replace an existing run folder instead of refusing.")
-    tensorboard: bool = Field(True, description="Write TensorBoard logs to `<run>/tensorboard`.")
+    dir: str | None = Field(
+        None, description="Run folder; unset is `runs/<recipe name>`.",
+        validation_alias=AliasChoices("dir", "output_dir"),
+    )
+    overwrite: bool = Field(
+        False, description="Replace an existing run folder instead of refusing.",
+        validation_alias=AliasChoices("overwrite", "overwrite_output_dir"),
+    )
+    tensorboard: bool = Field(
+        True, description="false leaves `tensorboard` out of training.report_to (the key of older recipes)."
+    )
 
 
 class Recipe(Section):
@@ -439,6 +666,12 @@ class Recipe(Section):
         default_factory=GenerationSection, description="Decoding settings for tasks that generate text."
     )
     output: OutputSection = Field(default_factory=OutputSection, description="Where results go.")
+
+    @model_validator(mode="after")
+    def _tensorboard_switch(self) -> Recipe:
+        if not self.output.tensorboard and "tensorboard" in self.training.report_to:
+            self.training.report_to = [name for name in self.training.report_to if name != "tensorboard"]
+        return self
 
     @model_validator(mode="after")
     def _combinations_are_possible(self) -> Recipe:

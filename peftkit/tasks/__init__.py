@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from peftkit.tasks import causal_lm, classification, extractive_qa, features, summarization, translation
+from peftkit.tasks import causal_lm, classification, extractive_qa, features, preference, summarization, translation
 from peftkit.tasks.base import check_task, deploys
 
 TASKS: dict[str, ModuleType] = {
@@ -20,6 +20,7 @@ TASKS: dict[str, ModuleType] = {
     "extractive_qa": extractive_qa,
     "translation": translation,
     "summarization": summarization,
+    "preference": preference,
 }
 for _name, _module in TASKS.items():
     check_task(_name, _module)

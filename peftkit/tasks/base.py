@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Generic, Protocol, runtime_checkable
+from typing import Any, Callable, Generic, NamedTuple, Protocol, runtime_checkable
 
 
 @dataclass
@@ -68,6 +68,26 @@ class TrainerTask(TrainingTask, Protocol):
 
     def compute_metrics(self, info: dict) -> Callable | None:
         """Metrics of periodic evaluation inside the Trainer; None reports the loss only."""
+
+
+class TrainerSetup(NamedTuple):
+    """The `transformers.Trainer` subclass a task trains with, its arguments class and the extra arguments it takes.
+    `training.run` mixes peftkit's checkpoints, guards and SIGTERM save into the class."""
+
+    trainer_class: type
+    arguments_class: type
+    arguments: dict
+
+
+@runtime_checkable
+class OwnTrainerTask(TrainerTask, Protocol):
+    """A task trained with another Trainer subclass than transformers' own (TRL's preference trainers)."""
+
+    def trainer_setup(self, recipe) -> TrainerSetup: ...
+
+    def adopt_trainer(self, trainer, recipe) -> None: """Adjust the built trainer before training starts."""
+
+    def before_save(self, trainer) -> None: """Adjust the model before its adapter is saved."""
 
 
 @runtime_checkable
@@ -131,6 +151,10 @@ def fits_itself(task: ModuleType) -> bool:
     return isinstance(task, SelfFittingTask)
 
 
+def trains_with_own_trainer(task: ModuleType) -> bool:
+    return isinstance(task, OwnTrainerTask)
+
+
 def deploys(task: ModuleType) -> bool:
     return isinstance(task, DeploymentTask)
 
@@ -142,7 +166,7 @@ def check_task(name: str, module: ModuleType) -> None:
     module that declares part of it must declare all of it.
     """
     problems = [f"{member} ({TrainingTask.__name__})" for member in missing_members(module, TrainingTask)]
-    training = SelfFittingTask if hasattr(module, "fit") else TrainerTask
+    training = SelfFittingTask if hasattr(module, "fit") else OwnTrainerTask if hasattr(module, "trainer_setup") else TrainerTask
     problems += [f"{member} ({training.__name__})" for member in missing_members(module, training)]
     deployment = missing_members(module, DeploymentTask)
     if len(deployment) < len(protocol_members(DeploymentTask)):

@@ -8,198 +8,169 @@ from __future__ import annotations
 
 import logging
 import math
-import re
-import string
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, DataCollatorWithFlattening
+from tqdm.auto import tqdm
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
+from peftkit.data import formats
+from peftkit.data.chat import (
+    IGNORE_INDEX,
+    conversation,
+    encode,
+    encode_text,
+    prompt_and_response,
+    template_columns,
+    use_chat_template,
+)
 from peftkit.data.sources import require_columns, split_origin
 from peftkit.errors import UserError
 from peftkit.evaluation import text_metrics
 from peftkit.evaluation.analysis import markdown_cell
-from peftkit.models.build import build_model
 from peftkit.recipe.schema import Recipe
-from peftkit.tasks import generation, labelled_text
-from peftkit.tasks.generation import Decoding
+from peftkit.tasks import labelled_text
+from peftkit.tasks.decoder import (  # noqa: F401  (the decoder half of this task's contract)
+    AUTO_CLASS,
+    COMPLETES_PROMPTS,
+    GENERATES,
+    INPUT_FIELDS,
+    WINDOWS_LONG_INPUTS,
+    forward_logits,
+    generate,
+    head_modules,
+    infer,
+    load_model,
+    model_kwargs,
+    prompt_from_messages,
+)
 
 log = logging.getLogger("peftkit")
 
 PEFT_TASK_TYPE = "CAUSAL_LM"
 DEFAULT_METRIC = "loss"
 LOSS_SUMS_OVER_ITEMS = False  # the Trainer is not handed num_items_in_batch: the model averages over each batch's tokens
-IGNORE_INDEX = -100
 
-NAMED_TEMPLATES = {
-    "chatml": (
-        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-        "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    ),
-    "plain": (
-        "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ message['content'] + eos_token + '\n' }}"
-        "{% else %}{{ message['content'] + '\n' }}{% endif %}{% endfor %}"
-    ),
-}
+def detect_format(task, dataset, origin: str, split: str) -> str:
+    """The split's row format: `task.format`, else detected from its columns (see `peftkit.data.formats`).
 
-
-# ---- turning rows into conversations -------------------------------------------------------------------------
-
-
-def template_columns(template: str) -> list[str]:
-    """Top-level columns a `{column}` / `{column[0][key]}` template reads."""
-    fields = [field for _, field, _, _ in string.Formatter().parse(template) if field]
-    return list(dict.fromkeys(re.split(r"[.\[]", field)[0] for field in fields))
-
-
-def _render(template: str, row: dict, key: str) -> str:
-    try:
-        return template.format_map({k: "" if v is None else v for k, v in row.items()}).strip()
-    except (KeyError, IndexError, TypeError) as exc:
-        raise UserError(f"{key}: template {template!r} cannot be filled from a row with columns {list(row)}: {exc!r}") from None
-
-
-def conversation(row: dict, recipe: Recipe, label_names: list[str] | None = None) -> list[dict]:
-    """The chat messages of one row; the last message is the assistant response being learned/predicted."""
-    task = recipe.task
-    if task.messages_column:
-        messages = row[task.messages_column]
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages):
-            raise UserError(
-                f"task.messages_column: column {task.messages_column!r} must hold lists of {{role, content}} messages"
-            )
-        return [{"role": m["role"], "content": m["content"] or ""} for m in messages]
-    messages = [{"role": "system", "content": task.system_prompt}] if task.system_prompt else []
-    messages.append({"role": "user", "content": _render(task.prompt, row, "task.prompt")})
-    if any(column not in row for column in template_columns(task.response)):
-        return messages  # a prompt-only row (prediction input): nothing to learn or score
-    response = _render(task.response, row, "task.response")
-    if label_names and response.isdigit() and int(response) < len(label_names):
-        response = label_names[int(response)]  # integer class ids index into the label strings
-    return messages + [{"role": "assistant", "content": response}]
-
-
-def prompt_and_response(messages: list[dict]) -> tuple[list[dict], str]:
-    """Split off the final assistant turn: what generation is asked for, and the gold answer."""
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None:
-        return messages, ""
-    return messages[:last], messages[last]["content"]
-
-
-# ---- tokenization with response-only labels --------------------------------------------------------------------
-
-
-def use_chat_template(tokenizer, recipe: Recipe) -> None:
-    """Install the recipe's named chat template, or check the tokenizer brings one."""
-    name = recipe.task.chat_template
-    if name != "auto":
-        tokenizer.chat_template = NAMED_TEMPLATES[name]
-    elif not tokenizer.chat_template:
-        raise UserError(
-            f"task.chat_template: the tokenizer of `{recipe.model.name}` has no chat template; "
-            f"set task.chat_template to one of {sorted(NAMED_TEMPLATES)}"
-        )
-
-
-def _chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of every assistant turn (with its end-of-turn marker).
-
-    Each assistant turn spans from the end of the conversation-so-far rendered with a generation prompt to the
-    end of the conversation rendered through that turn; templates must render earlier turns unchanged.
+    Templates that differ from the defaults mean `template`; rows are then filled from the columns they name.
     """
-    text = _chat_text(tokenizer, messages)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before = _chat_text(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
-        through = _chat_text(tokenizer, messages[: i + 1])
-        if not (text.startswith(through) and through.startswith(before)):
-            raise UserError(
-                "task.chat_template: the chat template renders earlier turns differently once later turns follow, "
-                "so the response tokens cannot be located; use task.chat_template: chatml"
-            )
-        spans.append((len(before), len(through)))
-    return text, spans
+    if task.messages_column:
+        return "messages"
+    if task.format != "auto":
+        return task.format
+    defaults = type(task).model_fields
+    if task.prompt != defaults["prompt"].default or task.response != defaults["response"].default:
+        return "template"
+    return formats.detect(dataset.column_names, _known_formats(task), origin, f"data.{split}")
 
 
-def encode(tokenizer, messages: list[dict], max_length: int) -> dict[str, list[int]] | None:
-    """input_ids and labels (prompt tokens = -100); None when no response token survives truncation."""
-    text, spans = assistant_spans(tokenizer, messages)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=max_length)
-    labels = [
-        token if any(start <= begin < end for start, end in spans) and end_char > begin else IGNORE_INDEX
-        for token, (begin, end_char) in zip(encoded["input_ids"], encoded["offset_mapping"])
-    ]
-    if all(label == IGNORE_INDEX for label in labels):
-        return None
-    return {"input_ids": list(encoded["input_ids"]), "labels": labels}
+def _known_formats(task) -> dict[str, tuple[str, ...]]:
+    """Chat formats in detection order, with the recipe's templates between prompt/completion and raw text."""
+    known = dict(formats.CHAT_FORMATS)
+    text = known.pop("text")
+    return {**known, "template": tuple(template_columns(task.prompt) + template_columns(task.response)), "text": text}
 
 
 def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -> tuple[dict, dict]:
-    """Check columns, render conversations with the chat template and tokenize with response-only labels.
+    """Detect each split's format, render conversations with the chat template and tokenize with response-only
+    labels (raw text: every token), through `datasets.map` so a second run over the same data and tokenizer
+    reads the tokenized rows from the datasets cache.
 
-    `info` (a saved run's task info) fixes the label strings instead of deriving them from `splits['train']`;
-    its splits may then hold prompts only (no response columns, or chats without an assistant turn), which
-    `predict` generates for without scoring.
+    `info` (a saved run's task info) fixes the label strings and the format instead of deriving them from
+    `splits['train']`; its splits may then hold prompts only (no response columns, or chats without an assistant
+    turn), which `predict` generates for without scoring.
     """
-    import datasets
-
     task = recipe.task
-    use_chat_template(tokenizer, recipe)
-    prompt_columns = [task.messages_column] if task.messages_column else template_columns(task.prompt)
-    response_columns = [] if task.messages_column else template_columns(task.response)
+    use_chat_template(tokenizer, task, recipe.model.name)
+    split_formats = {}
     for split, dataset in splits.items():
-        prompts_only = info is not None and not set(response_columns) <= set(dataset.column_names)
-        columns = prompt_columns + ([] if prompts_only else response_columns)
-        require_columns(dataset, columns, split, split_origin(recipe.data, split), "task.prompt/task.response/task.messages_column")
+        origin = split_origin(recipe.data, split)
+        data_format = info.get("format", "template") if info else detect_format(task, dataset, origin, split)
+        split_formats[split] = data_format
+        if data_format == "template":
+            prompt_columns = template_columns(task.prompt)
+            response_columns = template_columns(task.response)
+            prompts_only = info is not None and not set(response_columns) <= set(dataset.column_names)
+            columns = prompt_columns + ([] if prompts_only else response_columns)
+            require_columns(dataset, columns, split, origin, "task.prompt/task.response/task.messages_column")
+        elif info is None:
+            known = _known_formats(task) if not task.messages_column else {"messages": (task.messages_column,)}
+            formats.check_rows(dataset, data_format, known, origin)
+    train_format = split_formats.get("train", next(iter(split_formats.values())))
+    if len(set(split_formats.values())) > 1 and info is None:
+        raise UserError(
+            f"data: splits have different formats {split_formats}; give every split the same format (or convert "
+            "the evaluation files to the training format)"
+        )
+    if train_format == "text" and task.response_metric != "none":
+        raise UserError("task.response_metric: raw text (continued pre-training) has no responses to score; set it to none")
     names = None
     if task.response_metric == "classification":
-        names = info["labels"] if info else _label_names(recipe, splits["train"])
+        names = info["labels"] if info else _label_names(recipe, splits["train"], train_format)
+        for split, dataset in splits.items():
+            for row in dataset:
+                response = prompt_and_response(conversation(row, task, names, train_format))[1]
+                if response.strip():
+                    _check_label(response, names, split, recipe)
 
     tokenized = {}
     for split, dataset in splits.items():
-        rows, empty, truncated = {"input_ids": [], "labels": []}, 0, 0
-        for row in dataset:
-            messages = conversation(row, recipe, names)
-            if not prompt_and_response(messages)[1].strip():
-                empty += 1
-                continue
-            if names is not None:
-                _check_label(prompt_and_response(messages)[1], names, split, recipe)
-            example = encode(tokenizer, messages, recipe.data.max_length)
-            if example is None:
-                truncated += 1
-                continue
-            rows["input_ids"].append(example["input_ids"])
-            rows["labels"].append(example["labels"])
         origin = split_origin(recipe.data, split)
-        if empty and info is None:
-            log.warning("data.%s: skipped %d of %d rows with an empty response (%s)", split, empty, len(dataset), origin)
-        if truncated:
+        encoded = dataset.map(
+            _encode_rows, batched=True, remove_columns=dataset.column_names, num_proc=recipe.data.num_proc,
+            fn_kwargs={"tokenizer": tokenizer, "task": task, "names": names, "data_format": train_format,
+                       "max_length": recipe.data.max_length},
+            desc=f"Tokenizing data.{split}",
+        )
+        counts = {status: 0 for status in ("ok", "empty", "truncated")}
+        for status in encoded["status"]:
+            counts[status] += 1
+        if counts["empty"] and info is None:
+            log.warning("data.%s: skipped %d of %d rows with an empty response (%s)", split, counts["empty"], len(dataset), origin)
+        if counts["truncated"]:
             log.warning(
                 "data.%s: skipped %d of %d rows whose response starts beyond data.max_length=%d tokens",
-                split, truncated, len(dataset), recipe.data.max_length,
+                split, counts["truncated"], len(dataset), recipe.data.max_length,
             )
-        if not rows["input_ids"] and info is None:
+        if not counts["ok"] and info is None:
             raise UserError(f"data.{split}: no row of `{origin}` has a non-empty response within data.max_length")
-        tokenized[split] = datasets.Dataset.from_dict(rows)
-    info: dict[str, Any] = {"response_metric": task.response_metric}
+        kept = encoded.filter(lambda batch: [status == "ok" for status in batch["status"]], batched=True)
+        tokenized[split] = kept.remove_columns("status")
+    info: dict[str, Any] = {"response_metric": task.response_metric, "format": train_format}
     if names is not None:
         info["labels"] = names
     return tokenized, info
 
 
-def _label_names(recipe: Recipe, train) -> list[str]:
+
+def _encode_rows(batch: dict, tokenizer, task, names, data_format: str, max_length: int) -> dict:
+    """`datasets.map` body: a batch of rows -> examples with a status (`ok`, or why the row is skipped); a raw
+    text may give several examples."""
+    out = {"input_ids": [], "labels": [], "status": []}
+    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+    for row in rows:
+        if data_format == "text":
+            examples = encode_text(tokenizer, row["text"] or "", max_length)
+            status = "ok" if examples else "empty"
+        else:
+            messages = conversation(row, task, names, data_format)
+            example = encode(tokenizer, messages, max_length) if prompt_and_response(messages)[1].strip() else None
+            examples = [example] if example else []
+            status = "ok" if example else ("truncated" if prompt_and_response(messages)[1].strip() else "empty")
+        for example in examples or [{"input_ids": [], "labels": []}]:
+            out["input_ids"].append(example["input_ids"])
+            out["labels"].append(example["labels"])
+            out["status"].append(status)
+    return out
+
+
+def _label_names(recipe: Recipe, train, data_format: str) -> list[str]:
     if recipe.task.labels:
         return list(recipe.task.labels)
-    return sorted({prompt_and_response(conversation(row, recipe))[1] for row in train} - {""})
+    return sorted({prompt_and_response(conversation(row, recipe.task, None, data_format))[1] for row in train} - {""})
 
 
 def _check_label(response: str, names: list[str], split: str, recipe: Recipe) -> None:
@@ -211,14 +182,6 @@ def _check_label(response: str, names: list[str], split: str, recipe: Recipe) ->
 
 
 # ---- training -------------------------------------------------------------------------------------------------
-
-
-def load_model(recipe: Recipe, info: dict):
-    return build_model(recipe.model, recipe.quantization, AutoModelForCausalLM, keep_unquantized=["lm_head"])
-
-
-def head_modules(model) -> list[str]:
-    return []  # the LM head is the pretrained one; adapters on the body are enough
 
 
 def collator(tokenizer, recipe: Recipe):
@@ -251,7 +214,7 @@ def response_losses(model, examples: list[dict]) -> list[tuple[float, int]]:
     """Summed negative log-likelihood and token count of each example's response tokens."""
     device = next(model.parameters()).device
     results = []
-    for example in examples:
+    for example in tqdm(examples, desc="scoring responses", unit="example", disable=not examples):
         input_ids = torch.tensor([example["input_ids"]], device=device)
         labels = torch.tensor([example["labels"]], device=device)
         # Prompt tuning and P-tuning prepend virtual tokens to the logits; the last positions are the input's.
@@ -264,19 +227,6 @@ def response_losses(model, examples: list[dict]) -> list[tuple[float, int]]:
     return results
 
 
-def generate(model, tokenizer, prompts: list[list[dict]], recipe: Recipe, batch_size: int) -> list[str]:
-    """Continuations of each chat prompt with the recipe's decoding settings (left-padded batches)."""
-    decoding = Decoding.from_settings(recipe.generation)
-    device = next(model.parameters()).device
-    outputs = []
-    for start in range(0, len(prompts), batch_size):
-        texts = [_chat_text(tokenizer, messages, add_generation_prompt=True) for messages in prompts[start : start + batch_size]]
-        batch = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt").to(device)
-        answers = generation.generate(model, tokenizer, batch, batch["input_ids"].shape[1], recipe.generation.max_new_tokens, decoding)
-        outputs += [answer["text"].strip() for answer in answers]
-    return outputs
-
-
 def predict(trainer, tokenized, raw, recipe: Recipe, info: dict) -> list[dict]:
     """One record per row: prompt and generated response; a row with a gold response adds it and its loss.
 
@@ -286,9 +236,12 @@ def predict(trainer, tokenized, raw, recipe: Recipe, info: dict) -> list[dict]:
     model, tokenizer = trainer.model, trainer.processing_class
     model.eval()
     names = info.get("labels")
+    data_format = info.get("format", "template")
+    if data_format == "text":
+        return _text_records(model, tokenizer, raw, recipe)
     kept = []
     for row in raw:
-        messages = conversation(row, recipe, names)
+        messages = conversation(row, recipe.task, names, data_format)
         prompt, gold = prompt_and_response(messages)
         if not gold.strip():
             kept.append((prompt, None, None))
@@ -311,6 +264,15 @@ def predict(trainer, tokenized, raw, recipe: Recipe, info: dict) -> list[dict]:
                 record["gold_probability"] = math.exp(-nll)
         records.append(record)
     return records
+
+
+def _text_records(model, tokenizer, raw, recipe: Recipe) -> list[dict]:
+    """Raw text (continued pre-training) is scored by its loss on every token; nothing is generated."""
+    pieces = [(row["text"], piece) for row in raw for piece in encode_text(tokenizer, row["text"] or "", recipe.data.max_length)]
+    return [
+        {"prompt": text[:200], "generated": "", "gold": "", "loss": round(nll / max(tokens, 1), 6), "tokens": tokens}
+        for (text, _), (nll, tokens) in zip(pieces, response_losses(model, [piece for _, piece in pieces]))
+    ]
 
 
 def match_label(generated: str, names: list[str]) -> str:
@@ -380,54 +342,14 @@ def report(records: list[dict], metrics: dict, split: str, run_dir: Path, worst:
     return "\n".join(lines)
 
 
-# --- inference for deployment (peftkit.deploy): attach adapters, generate, compare logits ---
-
-AUTO_CLASS = AutoModelForCausalLM
-GENERATES = True
-INPUT_FIELDS = {"prompt": True}
-WINDOWS_LONG_INPUTS = False
-COMPLETES_PROMPTS = True  # rows are {"prompt": text}: the server's completions and chat endpoints
-
-
-def model_kwargs(info: dict) -> dict:
-    return {}
+# --- inference for deployment: the shared decoder half (peftkit.tasks.decoder) plus this task's rows ---
 
 
 def inference_rows(recipe: Recipe, dataset) -> list[dict]:
     """Each row's conversation as plain text (message contents, one per line): prompt and response, so that merge
     verification compares the logits on the response tokens the adapter learned."""
     names = recipe.task.labels
-    return [{"prompt": "\n".join(m["content"] for m in conversation(row, recipe, names))} for row in dataset]
-
-
-def forward_logits(model, tokenizer, rows: list[dict], adapter_names: list[str] | None = None,
-                   infos: list[dict] | None = None) -> list[torch.Tensor]:
-    """Next-token logits at every prompt position, one `[tokens, vocab]` tensor per row.
-
-    Right padding keeps each row's positions identical to running it alone.
-    """
-    inputs = tokenizer([row["prompt"] for row in rows], padding=True, padding_side="right", return_tensors="pt").to(model.device)
-    with torch.inference_mode():
-        logits = model(**inputs, **({"adapter_names": adapter_names} if adapter_names else {})).logits
-    lengths = inputs["attention_mask"].sum(dim=1).tolist()
-    return [row_logits[:length].float().cpu() for row_logits, length in zip(logits, lengths)]
-
-
-def infer(
-    model, tokenizer, rows: list[dict], infos: list[dict], adapter_names: list[str] | None = None,
-    max_new_tokens: list[int] | int = generation.DEFAULT_MAX_NEW_TOKENS, decoding: Decoding = Decoding(), streamer=None,
-) -> list[dict]:
-    """Continuation of each prompt (`peftkit.tasks.generation`); `max_new_tokens` may differ per row."""
-    inputs = tokenizer([row["prompt"] for row in rows], padding=True, padding_side="left", return_tensors="pt").to(model.device)
-    return generation.generate(
-        model, tokenizer, inputs, inputs["input_ids"].shape[1], max_new_tokens, decoding, adapter_names, streamer
-    )
-
-
-def prompt_from_messages(tokenizer, messages: list[dict]) -> str:
-    """Chat messages as one prompt: the tokenizer's chat template when it has one, else `role: content` lines."""
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "".join(f"{message['role']}: {message['content']}\n" for message in messages) + "assistant:"
-
-
+    data_format = detect_format(recipe.task, dataset, "merge verification data", "test")
+    if data_format == "text":
+        return [{"prompt": row["text"]} for row in dataset]
+    return [{"prompt": "\n".join(m["content"] for m in conversation(row, recipe.task, names, data_format))} for row in dataset]

@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments
 
-from peftkit.training.distributed import build_deepspeed_config, build_fsdp_config, configure_cpu_deepspeed_processes
+from peftkit.errors import UserError
+from peftkit.recipe.resolved import resolve_gradient_checkpointing, resolve_precision
 from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import CHECKPOINTS
-from peftkit.recipe.resolved import resolve_gradient_checkpointing, resolve_precision
+from peftkit.training.distributed import build_deepspeed_config, build_fsdp_config, configure_cpu_deepspeed_processes
 
 
 def training_setup(recipe: Recipe) -> dict:
@@ -28,8 +29,12 @@ def training_setup(recipe: Recipe) -> dict:
     }
 
 
-def build_training_args(recipe: Recipe, run_dir: Path, best_metric: str, world_size: int = 1) -> TrainingArguments:
-    """`world_size` is the number of launched processes; DeepSpeed's batch sizes are computed from it."""
+def build_training_args(
+    recipe: Recipe, run_dir: Path, best_metric: str, world_size: int = 1,
+    arguments_class: type[TrainingArguments] = TrainingArguments, **extra,
+) -> TrainingArguments:
+    """`world_size` is the number of launched processes; DeepSpeed's batch sizes are computed from it.
+    `arguments_class` / `extra`: a subclass such as TRL's DPOConfig and its own options."""
     training = recipe.training
     deepspeed = build_deepspeed_config(recipe, world_size)
     on_cpu = not torch.cuda.is_available()
@@ -38,7 +43,7 @@ def build_training_args(recipe: Recipe, run_dir: Path, best_metric: str, world_s
     fsdp_config = build_fsdp_config(recipe, world_size)
     precision = resolve_precision(training.precision)
     evaluating = training.eval_strategy != "no"
-    return TrainingArguments(
+    arguments = dict(
         output_dir=str(run_dir / CHECKPOINTS),
         num_train_epochs=training.epochs,
         max_steps=training.max_steps or -1,
@@ -77,4 +82,15 @@ def build_training_args(recipe: Recipe, run_dir: Path, best_metric: str, world_s
         deepspeed=deepspeed,
         fsdp=fsdp_config is not None,
         fsdp_config=fsdp_config,
+        **extra,
     )
+    set_by_peftkit = sorted(set(training.trainer_args) & set(arguments))
+    if set_by_peftkit:
+        raise UserError(
+            f"training.trainer_args: {set_by_peftkit} are set by peftkit (run folder, evaluation and checkpoint "
+            "cadence, precision, sharding); remove them from trainer_args"
+        )
+    try:
+        return arguments_class(**arguments, **training.trainer_args)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"training.trainer_args: transformers rejects {training.trainer_args}: {exc}") from None

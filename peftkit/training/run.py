@@ -16,8 +16,7 @@ import os
 from pathlib import Path
 
 from accelerate import PartialState
-from transformers import EarlyStoppingCallback, set_seed
-from transformers.integrations import TensorBoardCallback
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
 from peftkit.adapters import (
     adapter_callbacks,
@@ -27,6 +26,7 @@ from peftkit.adapters import (
     count_parameters,
     save_adapter,
 )
+from peftkit.console import attach_log_file
 from peftkit.data.sources import load_splits
 from peftkit.training.distributed import (
     adopt_recipe_sharding,
@@ -35,6 +35,7 @@ from peftkit.training.distributed import (
     launched_world_size,
     write_sharding_configs,
 )
+from peftkit.evaluation.model_card import adapter_card
 from peftkit.evaluation.plots import plot_losses
 from peftkit.evaluation.report import write_report
 from peftkit.models.load import load_config, load_tokenizer
@@ -42,14 +43,16 @@ from peftkit.plan.preflight import warn_if_recipe_will_not_fit
 from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import (
     ADAPTER_DIR,
+    LOG_FILE,
     ADAPTER_RECORD,
     LOG_HISTORY_FILE,
     LOSS_PLOT,
     MANIFEST_FILE,
     METRICS_FILE,
+    MODEL_CARD,
+    PLOTS_DIR,
     PREDICTIONS_FILE,
     RECIPE_FILE,
-    TENSORBOARD_DIR,
     TRAINER_ARGUMENTS,
     check_run_folder,
     checkpoint_step,
@@ -73,10 +76,12 @@ from peftkit.training.checkpoints import (
     usable_checkpoint,
 )
 from peftkit.errors import Preempted
-from peftkit.tasks.base import FitResult, fits_itself
-from peftkit.training.trainer import PeftkitTrainer, PreemptionCallback
+from peftkit.tasks.base import FitResult, TrainerSetup, fits_itself, trains_with_own_trainer
+from peftkit.training.tracking import final_metrics, open_trackers
+from peftkit.training.trainer import PreemptionCallback, with_peftkit_training
 
 log = logging.getLogger("peftkit")
+SUPERVISED = TrainerSetup(Trainer, TrainingArguments, {})  # tasks trained with transformers' own Trainer
 
 
 def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, callbacks: list = ()) -> Path:
@@ -91,7 +96,8 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
     adopt_recipe_sharding()
     best_metric = best_metric_name(recipe)
     # Built before the model is loaded: under ZeRO-3 this makes from_pretrained load partitioned weights.
-    args = build_training_args(recipe, run_dir_for(recipe), best_metric, world_size)
+    setup = task.trainer_setup(recipe) if trains_with_own_trainer(task) else SUPERVISED
+    args = build_training_args(recipe, run_dir_for(recipe), best_metric, world_size, setup.arguments_class, **setup.arguments)
     state = PartialState()
 
     base_config = load_config(recipe.model)
@@ -99,9 +105,12 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
     warn_if_recipe_will_not_fit(recipe, base_config)
     tokenizer = load_tokenizer(recipe.model)
     raw_splits = load_splits(recipe.data)
+    sources = {split: dataset.source_rows for split, dataset in raw_splits.items() if hasattr(dataset, "source_rows")}
     tokenized, info = task.prepare(recipe, raw_splits, tokenizer)
 
     with run_folder(recipe, resume, state.is_main_process) as run_dir, PreemptionCallback() as preemption:
+        if state.is_main_process:
+            attach_log_file(run_dir / LOG_FILE)
         state.wait_for_everyone()
         checkpoint = usable_checkpoint(run_dir) if resume else None
         if resume:
@@ -114,10 +123,14 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
             write_text_atomic(run_dir / RECIPE_FILE, recipe_as_yaml(recipe))
             write_sharding_configs(run_dir, recipe, world_size, args.deepspeed)
 
+        trackers = open_trackers(recipe, run_dir) if state.is_main_process else []
         set_seed(recipe.training.seed)
         # Tasks that need no gradient steps (feature extraction) bring their own fit step.
-        fit = task.fit if fits_itself(task) else functools.partial(fit_with_trainer, args, preemption, best_metric)
-        result = fit(recipe, task, info, tokenized, tokenizer, run_dir, checkpoint, list(callbacks))
+        fit = task.fit if fits_itself(task) else functools.partial(
+            fit_with_trainer, args, preemption, best_metric, with_peftkit_training(setup.trainer_class)
+        )
+        tracking = [tracker.callback() for tracker in trackers]
+        result = fit(recipe, task, info, tokenized, tokenizer, run_dir, checkpoint, [*tracking, *callbacks])
         if state.is_main_process:
             check_saved_weights(run_dir / ADAPTER_DIR)
             write_json(run_dir / ADAPTER_DIR / ADAPTER_RECORD, adapter_record(recipe, base_config, info))
@@ -131,6 +144,7 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
                 "parameters": result.parameters,
                 "setup": training_setup(recipe),
                 "examples": {split: len(dataset) for split, dataset in raw_splits.items()},
+                **({"sources": sources} if sources else {}),
                 "train": result.train_metrics,
                 "best_checkpoint": result.best_checkpoint,
                 "best_metric_name": result.best_metric_name,
@@ -139,15 +153,21 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
                 **result.summary,
             }
             _write_results(run_dir, recipe, task, info, summary, split_results, result.log_history)
+            write_text_atomic(run_dir / ADAPTER_DIR / MODEL_CARD, adapter_card(recipe, run_dir))
+            results = final_metrics({split: metrics for split, (_, metrics) in split_results.items()})
+            pictures = sorted((run_dir / PLOTS_DIR).glob("*.png"))
+            for tracker in trackers:
+                tracker.log_results(results, pictures, result.train_metrics.get("global_step", 0))
     state.wait_for_everyone()
     return run_dir
 
 
 def fit_with_trainer(
-    args, preemption: PreemptionCallback, best_metric: str, recipe: Recipe, task, info: dict, tokenized: dict, tokenizer,
-    run_dir: Path, checkpoint, callbacks: list,
+    args, preemption: PreemptionCallback, best_metric: str, trainer_class: type, recipe: Recipe, task, info: dict,
+    tokenized: dict, tokenizer, run_dir: Path, checkpoint, callbacks: list,
 ) -> FitResult:
-    """Gradient training with the HF Trainer: the task's model + adapter, periodic evaluation, best checkpoint."""
+    """Gradient training with `trainer_class` (the HF Trainer, or TRL's for preference tuning, with peftkit's behaviour
+    mixed in): the task's model + adapter, periodic evaluation, best checkpoint."""
     model = task.load_model(recipe, info)
     model = attach_adapter(model, recipe, task.PEFT_TASK_TYPE, task.head_modules(model))
     parameters = count_parameters(model)
@@ -156,7 +176,7 @@ def fit_with_trainer(
         f"{parameters['trainable']:,}", f"{parameters['total']:,}",
         100 * parameters["trainable"] / parameters["total"],
     )
-    trainer = PeftkitTrainer(
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=tokenized["train"],
@@ -164,19 +184,23 @@ def fit_with_trainer(
         data_collator=task.collator(tokenizer, recipe),
         processing_class=tokenizer,
         compute_metrics=task.compute_metrics(info),
-        callbacks=[*_callbacks(recipe, run_dir, args.should_save), preemption, *callbacks, *adapter_callbacks(recipe)],
+        callbacks=[*_callbacks(recipe), preemption, *callbacks, *adapter_callbacks(recipe)],
         on_nonfinite=recipe.training.on_nonfinite,
         abort_grad_norm=recipe.training.abort_grad_norm,
     )
     # The Trainer rescales losses of models whose forward takes **kwargs as if they were sums over a global
     # item count (x processes, no division by accumulation steps); a per-batch mean loss must not be rescaled.
     trainer.model_accepts_loss_kwargs = trainer.model_accepts_loss_kwargs and task.LOSS_SUMS_OVER_ITEMS
+    if trains_with_own_trainer(task):
+        task.adopt_trainer(trainer, recipe)
     train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if preemption.received:
         raise Preempted(
             f"SIGTERM received: saved {last_complete_checkpoint(run_dir)} at step {trainer.state.global_step}; "
             "continue with `peftkit train RECIPE --resume`"
         )
+    if trains_with_own_trainer(task):
+        task.before_save(trainer)
     save_adapter(trainer, run_dir / ADAPTER_DIR)  # every rank: ZeRO-3/FSDP gather the shards here
     if trainer.is_world_process_zero():
         # The Trainer pickles its arguments next to the weights; a deployable folder holds safetensors only.
@@ -193,12 +217,8 @@ def fit_with_trainer(
     )
 
 
-def _callbacks(recipe: Recipe, run_dir: Path, is_main_process: bool) -> list:
+def _callbacks(recipe: Recipe) -> list:
     callbacks = [CheckSavedWeights()]
-    if recipe.output.tensorboard and is_main_process:  # one event file, written by the main process
-        from torch.utils.tensorboard import SummaryWriter
-
-        callbacks.append(TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))))
     if recipe.training.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=recipe.training.early_stopping_patience))
     return callbacks
