@@ -1,7 +1,7 @@
 """One GPU training measurement: peak CUDA memory and tokens/s of a few LoRA/QLoRA steps on a real Llama shape.
 
 `benchmarks/gpu_check.sh` runs every setting x stack in its own process (clean peak-memory counters):
-- stack `peftkit`: the model is built from a recipe (`load_base_model`, `attach_adapter`, `build_training_args`);
+- stack `peftkit`: the model is built from a recipe (`build_model`, `attach_adapter`, `build_training_args`);
 - stack `baseline`: the same thing written directly against transformers + peft, as a user would without peftkit.
 Both train with `transformers.Trainer` on random tokens (causal LM loss), so differences come from model
 preparation. `--dry-run` runs every combination in-process on a tiny shape on CPU (for the test suite).
@@ -48,7 +48,7 @@ def _peftkit_model_and_args(model_dir: Path, setting: dict, args, output_dir: Pa
     from transformers import AutoModelForCausalLM
 
     from peftkit.adapters import attach_adapter
-    from peftkit.models.load import load_base_model
+    from peftkit.models.build import build_model
     from peftkit.recipe.load import validate_recipe
     from peftkit.training.arguments import build_training_args
 
@@ -64,7 +64,7 @@ def _peftkit_model_and_args(model_dir: Path, setting: dict, args, output_dir: Pa
         },
         "output": {"dir": str(output_dir), "tensorboard": False},
     })
-    model = attach_adapter(load_base_model(recipe, AutoModelForCausalLM), recipe, "CAUSAL_LM")
+    model = attach_adapter(build_model(recipe.model, recipe.quantization, AutoModelForCausalLM), recipe, "CAUSAL_LM")
     return model, build_training_args(recipe, output_dir, "loss")
 
 

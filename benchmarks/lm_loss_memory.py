@@ -32,7 +32,7 @@ def measure(model_name: str, setting: str, steps: int, batch: int, seq: int) -> 
     from transformers import AutoModelForCausalLM
 
     from peftkit.adapters import attach_adapter
-    from peftkit.models.load import load_base_model
+    from peftkit.models.build import build_model
     from peftkit.recipe.load import validate_recipe
     from peftkit.tasks.lm_loss import EfficientLMLoss
 
@@ -41,7 +41,7 @@ def measure(model_name: str, setting: str, steps: int, batch: int, seq: int) -> 
         "adapter": {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.0},
         "training": {"eval_strategy": "no", "gradient_checkpointing": True},
     })
-    model = load_base_model(recipe, AutoModelForCausalLM)
+    model = build_model(recipe.model, recipe.quantization, AutoModelForCausalLM)
     _own_unquantized_weights(model)
     model = attach_adapter(model, recipe, "CAUSAL_LM")
     model.activation_checkpointing_enable()

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from peftkit.adapters import attach_adapter
-from peftkit.models.load import load_base_model
+from peftkit.models.build import build_model
 from peftkit.plan.memory import GiB, estimate
 from peftkit.plan.shapes import count_parameters, known_models
 from peftkit.recipe.load import deep_merge, validate_recipe
@@ -88,7 +88,7 @@ def train_steps(recipe, steps: int, device: str, workdir: Path) -> None:
     from transformers import Trainer
 
     device_map = {"": 0} if device == "cuda" else None
-    model = load_base_model(recipe, AutoModelForCausalLM, device_map=device_map)
+    model = build_model(recipe.model, recipe.quantization, AutoModelForCausalLM, model_kwargs={"device_map": device_map})
     if recipe.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = attach_adapter(model, recipe, "CAUSAL_LM")

@@ -1,7 +1,7 @@
 """Bytes of base weights after bitsandbytes quantization, as a fraction of the fp32 weights (same model, same process).
 
 Model: a random-init Llama of ~105M parameters (`bench-100m` in random_llama.py), loaded through peftkit's own
-`load_base_model` with each quantization setting. Counted: every parameter and buffer plus the quantization
+`build_model` with each quantization setting. Counted: every parameter and buffer plus the quantization
 state bitsandbytes keeps beside each weight (4-bit absmax/code tables, 8-bit row scales), i.e. what the model
 holds in memory. Embeddings, norms and the (tied) output layer stay unquantized, as in any QLoRA model; the
 shape keeps them at 2% of the weights so that the ratio measures the quantized layers, and the linear-layers-only
@@ -55,14 +55,14 @@ def weight_bytes(model) -> tuple[int, int]:
 def load(model_dir: Path, quantization: dict):
     from transformers import AutoModelForCausalLM
 
-    from peftkit.models.load import load_base_model
+    from peftkit.models.build import build_model
     from peftkit.recipe.load import validate_recipe
 
     recipe = validate_recipe({
         "model": {"name": str(model_dir)}, "data": {"train": {"path": "unused.jsonl"}},
         "training": {"eval_strategy": "no"}, "quantization": quantization,
     })
-    return load_base_model(recipe, AutoModelForCausalLM)
+    return build_model(recipe.model, recipe.quantization, AutoModelForCausalLM)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Peak process memory (RSS) of training steps: full fine-tuning vs LoRA vs QLoRA on the same model, on CPU.
 
-Each setting runs in its own process: the model is loaded and prepared through peftkit (`load_base_model`,
+Each setting runs in its own process: the model is loaded and prepared through peftkit (`build_model`,
 `attach_adapter`), the peak-RSS counter is reset (Linux `clear_refs`), then a few AdamW steps on random tokens
 run and the process reports its peak RSS (`VmHWM`). The peak therefore covers the training steps (weights,
 gradients, optimizer state, activations) and not the one-off cost of loading/quantizing the checkpoint.
@@ -73,7 +73,7 @@ def measure(model_dir: Path, setting: dict, steps: int, batch: int, seq: int) ->
     from transformers import AutoModelForCausalLM
 
     from peftkit.adapters import attach_adapter, count_parameters
-    from peftkit.models.load import load_base_model
+    from peftkit.models.build import build_model
     from peftkit.recipe.load import validate_recipe
     from peftkit.recipe.resolved import resolve_gradient_checkpointing
 
@@ -83,7 +83,7 @@ def measure(model_dir: Path, setting: dict, steps: int, batch: int, seq: int) ->
         "training": {"eval_strategy": "no"}, **setting,
     })
     before_load = _status_kb("VmRSS")
-    model = load_base_model(recipe, AutoModelForCausalLM)
+    model = build_model(recipe.model, recipe.quantization, AutoModelForCausalLM)
     _own_unquantized_weights(model)
     model = attach_adapter(model, recipe, "CAUSAL_LM")
     if resolve_gradient_checkpointing(recipe):

@@ -18,6 +18,7 @@ from peft import (
     PeftConfig,
     PeftModel,
     PrefixTuningConfig,
+    PromptLearningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
     get_peft_model,
@@ -25,10 +26,12 @@ from peft import (
     prepare_model_for_kbit_training,
     replace_lora_weights_loftq,
 )
+from peft.utils.error import NoMatchingPeftModuleError
 from safetensors.torch import load_file, save_file
 from transformers import PretrainedConfig, TrainerCallback
 
 from peftkit.errors import UserError
+from peftkit.models.build import FRESH_MODULES
 from peftkit.models.fingerprint import architecture, fingerprint
 from peftkit.models.load import is_decoder_only, model_location
 from peftkit.recipe.schema import AdapterSection, Recipe
@@ -144,6 +147,31 @@ def check_adapter_fits_model(recipe: Recipe, config: PretrainedConfig, task_type
             "adapter.init: loftq is computed by peft on a CUDA GPU and none is available; "
             "use init: default or gaussian with quantization"
         )
+    if task_type == "CAUSAL_LM":
+        from peftkit.models.build import check_model_does_task
+        from transformers import AutoModelForCausalLM
+
+        check_model_does_task(recipe.model, config, AutoModelForCausalLM)
+    alternative = "use lora, adalora or ia3"
+    if method in ("prompt_tuning", "p_tuning") and task_type == "SEQ_CLS" and config.is_encoder_decoder:
+        raise UserError(
+            f"adapter.method: {method} cannot classify with the encoder-decoder model `{recipe.model.name}` "
+            f"({config.model_type}): its classification head finds the end-of-sequence token in input_ids, and peft "
+            f"prepends virtual tokens as embeddings only; {alternative}"
+        )
+    if method == "prefix_tuning" and task_type == "QUESTION_ANS":
+        raise UserError(f"adapter.method: peft has no prefix tuning for extractive question answering; {alternative}")
+    if method == "prefix_tuning" and _shared_key_value_heads(config):
+        raise UserError(
+            f"adapter.method: prefix tuning cannot build the key/value prefix of `{recipe.model.name}` "
+            f"({config.model_type}): its attention shares keys and values across heads (multi-query), which peft's "
+            f"prefix does not follow; {alternative}"
+        )
+    if method == "prefix_tuning" and recipe.training.gradient_checkpointing:
+        raise UserError(
+            "training.gradient_checkpointing: prefix tuning passes its prefix as a key/value cache, which gradient "
+            "checkpointing recomputes without it; set training.gradient_checkpointing: false or use lora"
+        )
     hidden = _hidden_size(config)
     rank = max(recipe.adapter.r, recipe.adapter.adalora_init_r if method == "adalora" else 0)
     if method in ("lora", "adalora") and hidden and rank > hidden:
@@ -163,6 +191,16 @@ def check_adapter_fits_model(recipe: Recipe, config: PretrainedConfig, task_type
         )
 
 
+def _shared_key_value_heads(config: PretrainedConfig) -> bool:
+    """Multi-query attention declared in a form peft's prefix does not read (Falcon's `multi_query`, `num_kv_heads`)."""
+    text = config.get_text_config()
+    if getattr(text, "num_key_value_heads", None) is not None and not hasattr(text, "num_kv_heads"):
+        return False  # the form peft follows (Llama, Mistral, Qwen)
+    heads = getattr(text, "num_attention_heads", None)
+    kv_heads = getattr(text, "num_kv_heads", None)
+    return bool(getattr(text, "multi_query", False)) or (kv_heads is not None and kv_heads != heads)
+
+
 def _hidden_size(config: PretrainedConfig) -> int | None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     for name in ("hidden_size", "d_model", "n_embd", "dim"):
@@ -173,15 +211,26 @@ def _hidden_size(config: PretrainedConfig) -> int | None:
 
 
 def attach_adapter(model, recipe: Recipe, task_type: str, head_modules: list[str] = ()):
-    """Prepare a quantized base for training, inject the adapter, and apply initializations that need the model."""
-    config = build_peft_config(recipe, task_type, head_modules)
+    """Prepare a quantized base for training, inject the adapter, and apply initializations that need the model.
+
+    Besides the task's heads, the modules the checkpoint did not fill (`models.build.FRESH_MODULES`) are trained
+    and saved with the adapter: left out, they would stay random and differ on every reload.
+    """
+    config = build_peft_config(recipe, task_type, outermost_modules(model, [*head_modules, *getattr(model, FRESH_MODULES, [])]))
     if config is None:
         return model
+    fit_config_to_model(config, model, recipe)
     if recipe.quantization.bits:
         # Freezes the base and upcasts the unquantized parameters (norms, embeddings, heads) to fp32 for stable
         # training; gradient checkpointing is left to the Trainer (training.gradient_checkpointing).
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = get_peft_model(model, config)
+    try:
+        model = get_peft_model(model, config)
+    except NoMatchingPeftModuleError:
+        raise UserError(
+            f"adapter.target_modules: {recipe.adapter.target_modules} names no module of `{recipe.model.name}`; its "
+            f"linear layers are {sorted(linear_module_names(model))[:30]} (or use all-linear)"
+        ) from None
     shared_name = hub_id(recipe.model.name, recipe.model.hub_id)
     if shared_name:  # peft records the local path it loaded from; the hub id is what others can load
         model.peft_config[model.active_adapter].base_model_name_or_path = shared_name
@@ -194,6 +243,50 @@ def attach_adapter(model, recipe: Recipe, task_type: str, head_modules: list[str
         initial = {name: tensor.detach().clone() for name, tensor in get_peft_model_state_dict(model).items()}
         setattr(model, _INITIAL_ADAPTER, initial)
     return model
+
+
+def outermost_modules(model, names: list[str]) -> list[str]:
+    """`names` without those inside another listed module (peft matches by suffix: `classifier` covers
+    `classifier.dense`), so a module is never wrapped for saving inside a wrapped module."""
+    paths = {name: [path for path, _ in model.named_modules() if path == name or path.endswith("." + name)] for name in names}
+    return [
+        name for name in dict.fromkeys(names)
+        if not any(path.startswith(other_path + ".") for other in names if other != name for other_path in paths[other]
+                   for path in paths[name])
+    ]
+
+
+def linear_module_names(model) -> set[str]:
+    """Leaf names of the model's linear layers (GPT-2's Conv1D included), as peft's target_modules match them."""
+    from transformers.pytorch_utils import Conv1D
+
+    return {name.split(".")[-1] for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))}
+
+
+def fit_config_to_model(config: PeftConfig, model, recipe: Recipe) -> None:
+    """Fill in what peft would guess wrongly, or not at all, from the model itself."""
+    saved = config.modules_to_save or []
+    if saved and hasattr(config, "exclude_modules"):
+        # peft picks modules_to_save by name suffix ("classifier" also names "pre_classifier"); a module wrapped for
+        # saving must not also receive adapter layers (peft refuses such a model), so adapters skip all of them.
+        wrapped = {name for name, _ in model.named_modules() if name and any(name.endswith(key) for key in saved)}
+        config.exclude_modules = set(config.exclude_modules or ()) | wrapped
+    if isinstance(config, IA3Config) and config.target_modules is None:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
+
+        if model.config.model_type not in TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING:
+            # peft has no IA3 defaults for this architecture: scale the output of every linear layer instead.
+            config.target_modules = linear_module_names(model) - {"lm_head"}
+            config.feedforward_modules = set()
+    if isinstance(config, PromptLearningConfig):
+        # Read through the config's attribute aliases (DistilBERT's `dim`, `n_heads`), which peft's dict lookup
+        # misses; virtual tokens are input embeddings, narrower than the hidden size in ELECTRA-like models.
+        text = model.config.get_text_config()
+        config.num_layers = config.num_layers or getattr(text, "num_hidden_layers", None)
+        config.num_attention_heads = config.num_attention_heads or getattr(text, "num_attention_heads", None)
+        if config.token_dim is None:
+            embedding_dim = model.get_input_embeddings().embedding_dim
+            config.token_dim = getattr(text, "hidden_size", None) if isinstance(config, PrefixTuningConfig) else embedding_dim
 
 
 class AdaLoraRankAllocation(TrainerCallback):

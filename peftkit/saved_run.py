@@ -80,7 +80,9 @@ def _prediction_trainer(recipe: Recipe, info: dict, run_dir: Path, tokenizer) ->
     else:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(task.load_model(recipe, info), str(saved))
+        # peft's AdaLoRA adds its orthogonal regularization to every loss, which needs the adapter loaded trainable.
+        model = PeftModel.from_pretrained(task.load_model(recipe, info), str(saved),
+                                          is_trainable=recipe.adapter.method == "adalora")
     # The recipe's batch size, precision and device, without its evaluation and checkpoint cadence.
     predicting = recipe.training.model_copy(update={"eval_strategy": "no", "save_strategy": "no"})
     return PeftkitTrainer(

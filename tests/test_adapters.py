@@ -263,3 +263,24 @@ def test_a_dumped_recipe_validates_again(method):
     recipe = validate_recipe({"model": {"name": "m"}, "data": {"train": {"path": "t.jsonl"}},
                               "adapter": {"method": method}, "training": {"eval_strategy": "no"}})
     assert validate_recipe(recipe.model_dump(mode="json")) == recipe
+
+
+def test_prefix_tuning_turns_gradient_checkpointing_off_and_refuses_it_when_asked(tiny_llama_dir):
+    """Checkpointed layers recompute without the prefix's key/value cache (a size mismatch inside the model)."""
+    from peftkit.adapters import check_adapter_fits_model
+    from peftkit.errors import UserError
+    from peftkit.models.load import load_config
+    from peftkit.recipe.load import validate_recipe
+    from peftkit.recipe.resolved import resolve_gradient_checkpointing
+
+    def recipe(**training):
+        return validate_recipe({
+            "model": {"name": str(tiny_llama_dir)}, "task": {"type": "causal_lm", "prompt": "{q}", "response": "{a}"},
+            "data": {"train": {"path": "t.jsonl"}}, "adapter": {"method": "prefix_tuning"},
+            "quantization": {"bits": 4}, "training": {"eval_strategy": "no", **training},
+        })
+
+    assert resolve_gradient_checkpointing(recipe()) is False
+    asked = recipe(gradient_checkpointing=True)
+    with pytest.raises(UserError, match="training.gradient_checkpointing"):
+        check_adapter_fits_model(asked, load_config(asked.model), "CAUSAL_LM")

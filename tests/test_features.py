@@ -46,7 +46,7 @@ def test_features_end_to_end_and_cached_rerun(tiny_bert_dir, sentiment_files, tm
     assert "![confusion matrix](plots/confusion_matrix_test.png)" in (run_dir / "report.md").read_text()
 
     # A rerun refits from the cached embeddings: the model is never loaded, the scores are identical.
-    monkeypatch.setattr(features, "load_base_model", lambda *a, **k: pytest.fail("model loaded despite cache"))
+    monkeypatch.setattr(features, "build_model", lambda *a, **k: pytest.fail("model loaded despite cache"))
     train(recipe, resume=True)
     again = json.loads((run_dir / "metrics.json").read_text())
     assert again["train"]["embeddings_reused"] is True

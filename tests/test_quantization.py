@@ -13,18 +13,22 @@ def recipe_for(model_dir, **quantization):
                             "training": {"eval_strategy": "no"}, "quantization": quantization})
 
 
+def _build(recipe, auto_class, **kwargs):
+    from peftkit.models.build import build_model
+
+    return build_model(recipe.model, recipe.quantization, auto_class, **kwargs)
+
+
 @pytest.mark.parametrize("bits,layer_class", [(4, "Linear4bit"), (8, "Linear8bitLt")])
 def test_heads_and_lm_head_stay_unquantized(bits, layer_class, tiny_llama_dir):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from peftkit.models.load import load_base_model
-
-    classifier = load_base_model(recipe_for(tiny_llama_dir, bits=bits), AutoModelForSequenceClassification,
-                                 keep_unquantized=["score"], num_labels=3)
+    classifier = _build(recipe_for(tiny_llama_dir, bits=bits), AutoModelForSequenceClassification,
+                        keep_unquantized=["score"], model_kwargs={"num_labels": 3})
     assert type(classifier.model.layers[0].self_attn.q_proj).__name__ == layer_class
     assert type(classifier.score) is torch.nn.Linear and classifier.score.weight.dtype == torch.float32
     # A task that names its own head must not lose transformers' protection of the LM output layer.
-    decoder = load_base_model(recipe_for(tiny_llama_dir, bits=bits), AutoModelForCausalLM, keep_unquantized=["score"])
+    decoder = _build(recipe_for(tiny_llama_dir, bits=bits), AutoModelForCausalLM, keep_unquantized=["score"])
     assert type(decoder.lm_head) is torch.nn.Linear
     assert type(decoder.model.layers[1].mlp.down_proj).__name__ == layer_class
 
@@ -92,9 +96,7 @@ def test_frozen_4bit_base_is_bit_identical_after_evaluation_and_saving(tiny_llam
     from bitsandbytes.nn import Linear4bit
     from transformers import AutoModelForCausalLM
 
-    from peftkit.models.load import load_base_model
-
-    model = load_base_model(recipe_for(tiny_llama_dir, bits=4), AutoModelForCausalLM)
+    model = _build(recipe_for(tiny_llama_dir, bits=4), AutoModelForCausalLM)
     inputs = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
 
     def evaluate_and_save():

@@ -54,7 +54,7 @@ def find_adapter(name: str, reference: str) -> AdapterSource:
     if task_type is None:
         raise UserError(
             f"adapter {name!r}: peft task type {peft_task_type!r} of `{reference}` has no deployable peftkit task "
-            f"(known: {sorted(TASKS)})"
+            f"(deployable: {sorted({m.PEFT_TASK_TYPE for m in TASKS.values() if hasattr(m, 'infer')})})"
         )
     return AdapterSource(name, path, task_type, _run_task_info(path), None)
 

@@ -20,8 +20,8 @@ from peft import LoraConfig, PeftConfig, PeftModel
 
 from peftkit.deploy.adapter_folder import AdapterSource, check_base, find_adapter
 from peftkit.errors import UserError
-from peftkit.models.load import load_config, load_tokenizer, model_location
-from peftkit.models.quantization import build_quantization_config, freeze_4bit_layout, torch_dtype
+from peftkit.models.build import build_model
+from peftkit.models.load import context_length, load_config, load_tokenizer, model_location
 from peftkit.recipe.schema import GenerationSection, ModelSection, QuantizationSection
 from peftkit.tasks import get_task
 from peftkit.tasks.generation import Decoding
@@ -120,14 +120,10 @@ class AttachedModel:
         quantization = QuantizationSection() if self.full_precision_base else source.quantization
         # Modules the adapter trains fully (task heads) hold full-precision weights: they must not be quantized.
         full_modules = PeftConfig.from_pretrained(str(source.path)).modules_to_save or []
-        quantization_config = build_quantization_config(quantization, full_modules)
-        base_model = task.AUTO_CLASS.from_pretrained(
-            self.location, dtype=torch_dtype(self._model_section.dtype), use_safetensors=True,
-            trust_remote_code=self._model_section.trust_remote_code, **task.model_kwargs(source.info),
-            **({"quantization_config": quantization_config} if quantization_config else {}),
+        base_model = build_model(
+            self._model_section, quantization, task.AUTO_CLASS, model_kwargs=task.model_kwargs(source.info),
+            keep_unquantized=full_modules, config=self.config,
         )
-        if quantization.bits == 4:  # computes as training evaluated it (no bf16 repack on AVX512-BF16 CPUs)
-            freeze_4bit_layout(base_model)
         self.model = PeftModel.from_pretrained(base_model, str(source.path), adapter_name=peft_name).eval()
         self.task_type, self.quantization = source.task, quantization
 
@@ -158,7 +154,7 @@ class AttachedModel:
         if self.task_type is None:
             raise UserError("no adapter is attached; load one first")
         fields = self.task.INPUT_FIELDS
-        limit = None if self.task.WINDOWS_LONG_INPUTS else getattr(self.config, "max_position_embeddings", None)
+        limit = None if self.task.WINDOWS_LONG_INPUTS else context_length(self.config)
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise UserError(f"input {i}: expected an object with fields {sorted(fields)}")

@@ -33,6 +33,7 @@ ONTO = ("original", "dequantized")
 # outputs far more closely than onto the original weights (docs/deploy.md has the measurement).
 DEFAULT_ONTO_QUANTIZED = "dequantized"
 VERIFY_SPLITS = ("test", "validation", "train")
+VIRTUAL_TOKEN_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
 
 
 def merge_run(
@@ -58,6 +59,7 @@ def merge_run(
     reference = task.forward_logits(attached, tokenizer, rows, infos=infos)
     trained = task.forward_logits(trained_model(recipe, task, adapter), tokenizer, rows, infos=infos) if recipe.quantization.bits else None
 
+    _unwrap_saved_modules(attached)
     merged = attached.merge_and_unload().to(torch_dtype(dtype_name)).eval()
     merged_outputs = task.forward_logits(merged, tokenizer, rows, infos=infos)
     result = MergeResult(
@@ -75,9 +77,26 @@ def merge_run(
     return result
 
 
+def _unwrap_saved_modules(attached: PeftModel) -> None:
+    """Put each fully trained module (task heads, fresh layers) in place of its peft wrapper before merging: peft's
+    IA3 unload otherwise tries to unwrap a whole wrapped head as if it were one layer (T5's classification head)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    for name, module in list(attached.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent_name, _, child = name.rpartition(".")
+            setattr(attached.get_submodule(parent_name), child, module.modules_to_save[module.active_adapter])
+
+
 def _check_onto(onto: str | None, recipe: Recipe) -> str:
     if recipe.adapter.method == "none":
         raise UserError("this run fine-tuned the whole model (adapter.method: none); its adapter/ folder is already a full model")
+    if recipe.adapter.method in VIRTUAL_TOKEN_METHODS:
+        raise UserError(
+            f"this run trained {recipe.adapter.method}: learned virtual tokens that enter every forward pass, not a "
+            "weight update, so there is nothing to fold into the base; deploy the adapter with `peftkit serve` or "
+            "`peftkit predict`, or train with lora to get a mergeable adapter"
+        )
     if recipe.quantization.bits is None:
         if onto == "dequantized":
             raise UserError("--onto dequantized needs a run trained on a quantized base; this base was not quantized")
@@ -88,7 +107,11 @@ def _check_onto(onto: str | None, recipe: Recipe) -> str:
 def full_precision_base(recipe: Recipe, task, adapter: AdapterSource, onto: str):
     """The base in float32: its original weights, or the quantized weights the adapter was trained on, dequantized."""
     if onto == "dequantized":
-        return task.load_model(recipe, adapter.info).dequantize(dtype=torch.float32)
+        base = task.load_model(recipe, adapter.info)
+        # transformers' dequantize fails on a model with no quantized layer (every linear layer kept in full
+        # precision, as in Falcon here); then the original weights are the ones the adapter was trained on.
+        if any(type(module).__module__.startswith("bitsandbytes") for module in base.modules()):
+            return base.dequantize(dtype=torch.float32)
     full = recipe.model_copy(update={
         "model": recipe.model.model_copy(update={"dtype": "float32"}), "quantization": QuantizationSection(),
     })

@@ -32,10 +32,17 @@ def converted_folder(gguf_file: Path) -> Path:
     # v2: folders converted before carried the GGUF quantization_config, which made trainers refuse the model.
     key = hashlib.sha256(f"v2|{gguf_file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     folder = cache_root() / "gguf" / f"{gguf_file.stem}-{key}"
-    if (folder / COMPLETE_MARKER).is_file():
+    if (folder / COMPLETE_MARKER).is_file() and is_plain_model_folder(folder):
         return folder
     _convert(gguf_file, folder)
     return folder
+
+
+def is_plain_model_folder(folder: Path) -> bool:
+    """False for a folder converted by an older peftkit, whose config still claims GGUF quantization."""
+    import json
+
+    return "quantization_config" not in json.loads((folder / "config.json").read_text())
 
 
 def _convert(gguf_file: Path, folder: Path) -> None:
@@ -49,6 +56,7 @@ def _convert(gguf_file: Path, folder: Path) -> None:
     # (not trainable, and loaded through the GGUF quantizer again).
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    config.dtype = torch.float32
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config

@@ -7,7 +7,6 @@ bitsandbytes quantizer (so the modules that stay unquantized, embeddings, norms,
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from transformers import (
 from peftkit.adapters import attach_adapter
 from peftkit.errors import UserError
 from peftkit.models.load import load_config
-from peftkit.models.quantization import build_quantization_config, torch_dtype
+from peftkit.models.build import base_dtype, build_model
 from peftkit.recipe.schema import ModelSection, Recipe
 from peftkit.tasks import auto_class_for_peft_type, get_task
 from peftkit.tasks.base import fits_itself
@@ -96,16 +95,6 @@ class ParameterCounts:
         return sum(self.frozen_bytes.values())
 
 
-def base_dtype(recipe: Recipe, config: PretrainedConfig) -> torch.dtype:
-    dtype = recipe.model.resolved_dtype(on_gpu=True)  # plans are for GPUs
-    if dtype != "auto":
-        return torch_dtype(dtype)
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    return dtype or torch.float32
-
-
 def build_meta_model(recipe: Recipe, config: PretrainedConfig, peft_task_type: str | None = None):
     """The model exactly as training builds it (task head, quantization, adapter), on the meta device.
 
@@ -114,44 +103,17 @@ def build_meta_model(recipe: Recipe, config: PretrainedConfig, peft_task_type: s
     task = get_task(recipe.task.type)
     peft_task_type = peft_task_type or task.PEFT_TASK_TYPE
     auto_class = auto_class_for_peft_type(peft_task_type, default=AutoModel)  # the task registry's
-    dtype = base_dtype(recipe, config)
-    config = copy.deepcopy(config)
+    own_head = peft_task_type == task.PEFT_TASK_TYPE
+    model_kwargs = {}
     if auto_class is AutoModelForSequenceClassification:
-        config.num_labels = len(getattr(recipe.task, "labels", None) or []) or 2
-    with torch.device("meta"):
-        model = auto_class.from_config(config, dtype=dtype, trust_remote_code=recipe.model.trust_remote_code)
-    heads = task.head_modules(model) if not fits_itself(task) and peft_task_type == task.PEFT_TASK_TYPE else []
-    _quantize_on_meta(model, recipe, heads, dtype)
-    _keep_in_fp32(model, dtype)
+        model_kwargs["num_labels"] = len(getattr(recipe.task, "labels", None) or []) or 2
+    model = build_model(
+        recipe.model, recipe.quantization, auto_class, model_kwargs=model_kwargs, meta=True, config=config,
+        keep_unquantized=list(getattr(task, "HEAD_NAMES", ())) if own_head else [],
+    )
+    heads = task.head_modules(model) if not fits_itself(task) and own_head else []
     with torch.device("meta"):
         return attach_adapter(model, recipe, peft_task_type, heads)
-
-
-def _quantize_on_meta(model, recipe: Recipe, keep_unquantized: list[str], dtype: torch.dtype) -> None:
-    """Swap in bitsandbytes layers with the same quantizer `from_pretrained` uses (it touches no weights)."""
-    quantization_config = build_quantization_config(recipe.quantization, keep_unquantized)
-    if quantization_config is None:
-        return
-    from transformers.quantizers import AutoHfQuantizer
-
-    quantizer = AutoHfQuantizer.from_config(quantization_config, pre_quantized=False)
-    quantizer.preprocess_model(model=model, dtype=dtype, device_map=None, checkpoint_files=None, use_kernels=False)
-    model.hf_quantizer = quantizer
-    quantizer.postprocess_model(model)  # marks the model as loaded in 4/8 bits, which peft's layer dispatch reads
-
-
-def _keep_in_fp32(model, dtype: torch.dtype) -> None:
-    """Apply the model's own `_keep_in_fp32_modules` upcast, as `from_pretrained` does when loading weights."""
-    plan = model._get_dtype_plan(dtype)
-    if not plan:
-        return
-    from transformers.core_model_loading import build_glob_alternation
-
-    pattern, group_to_key, _ = build_glob_alternation(list(plan))
-    for name, param in model.named_parameters():
-        match = pattern.search(name)
-        if match and param.is_floating_point():
-            param.data = param.data.to(plan[group_to_key[match.lastgroup]])
 
 
 def quantized_bytes(param) -> tuple[str, int] | None:
@@ -198,7 +160,7 @@ def count_parameters(
         adapter_inputs=sum(module.in_features for module in _lora_layers(model)),
         adapter_ranks=sum(sum(module.r.values()) for module in _lora_layers(model)),
         logits_width=_logits_width(model),
-        dims={**model_dims(config), "frozen_numel": frozen_numel, "element_bytes": base_dtype(recipe, config).itemsize},
+        dims={**model_dims(config), "frozen_numel": frozen_numel, "element_bytes": base_dtype(recipe.model, config).itemsize},
     )
 
 

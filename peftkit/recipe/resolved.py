@@ -25,7 +25,8 @@ def resolve_precision(precision: str) -> str:
 
 
 def resolve_gradient_checkpointing(recipe: Recipe) -> bool:
-    """Unset means on for a quantized base: QLoRA trades recomputation for activation memory."""
+    """Unset means on for a quantized base: QLoRA trades recomputation for activation memory. Never for prefix
+    tuning: its prefix is a key/value cache, which recomputed layers do not receive."""
     if recipe.training.gradient_checkpointing is not None:
         return recipe.training.gradient_checkpointing
-    return recipe.quantization.bits is not None
+    return recipe.quantization.bits is not None and recipe.adapter.method != "prefix_tuning"

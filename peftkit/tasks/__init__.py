@@ -31,7 +31,8 @@ def get_task(task_type: str) -> ModuleType:
 
 
 def task_for_peft_type(peft_task_type: str | None) -> str | None:
-    """The task that deploys adapters of a peft task type (for adapters trained outside peftkit)."""
+    """The task that deploys adapters of a peft task type (for adapters trained outside peftkit); None when no
+    task can serve it (peftkit's `features` task fits a classifier on frozen features and serves nothing)."""
     return next(
         (name for name, module in TASKS.items() if module.PEFT_TASK_TYPE == peft_task_type and deploys(module)), None
     )

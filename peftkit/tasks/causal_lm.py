@@ -217,7 +217,8 @@ def response_losses(model, examples: list[dict]) -> list[tuple[float, int]]:
     for example in tqdm(examples, desc="scoring responses", unit="example", disable=not examples):
         input_ids = torch.tensor([example["input_ids"]], device=device)
         labels = torch.tensor([example["labels"]], device=device)
-        logits = model(input_ids=input_ids).logits[:, :-1].float()
+        # Prompt tuning and P-tuning prepend virtual tokens to the logits; the last positions are the input's.
+        logits = model(input_ids=input_ids).logits[:, -input_ids.shape[1] : -1].float()
         targets = labels[:, 1:]
         losses = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"

@@ -8,7 +8,8 @@ import torch
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
-from peftkit.models.load import load_base_model
+from peftkit.models.build import build_model
+from peftkit.models.load import context_length
 from peftkit.recipe.schema import Recipe
 from peftkit.tasks.labelled_text import prepare, records_from_probabilities, report, score  # noqa: F401  (the shared half of the contract)
 
@@ -35,7 +36,8 @@ def info_from_config(config) -> dict:
 
 
 def load_model(recipe: Recipe, info: dict):
-    return load_base_model(recipe, AUTO_CLASS, keep_unquantized=list(HEAD_NAMES), **model_kwargs(info))
+    return build_model(recipe.model, recipe.quantization, AUTO_CLASS, model_kwargs=model_kwargs(info),
+                       keep_unquantized=list(HEAD_NAMES))
 
 
 def head_modules(model) -> list[str]:
@@ -87,7 +89,7 @@ def forward_logits(model, tokenizer, rows: list[dict], adapter_names: list[str] 
     pairs = [row.get("text_pair") for row in rows]
     inputs = tokenizer(
         [row["text"] for row in rows], pairs if any(pair is not None for pair in pairs) else None,
-        padding=True, truncation=True, max_length=model.config.max_position_embeddings, return_tensors="pt",
+        padding=True, truncation=True, max_length=context_length(model.config, tokenizer), return_tensors="pt",
     ).to(model.device)
     with torch.inference_mode():
         logits = model(**inputs, **({"adapter_names": adapter_names} if adapter_names else {})).logits

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from peftkit.data.chat import chat_text
-from peftkit.models.load import load_base_model
+from peftkit.models.build import build_model
 from peftkit.recipe.schema import Recipe
 from peftkit.tasks import generation
 from peftkit.tasks.generation import Decoding
@@ -23,7 +23,7 @@ COMPLETES_PROMPTS = True  # rows are {"prompt": text}: the server's completions 
 
 
 def load_model(recipe: Recipe, info: dict):
-    return load_base_model(recipe, AutoModelForCausalLM, keep_unquantized=["lm_head"])
+    return build_model(recipe.model, recipe.quantization, AutoModelForCausalLM, keep_unquantized=["lm_head"])
 
 
 def head_modules(model) -> list[str]:

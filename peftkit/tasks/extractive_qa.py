@@ -20,7 +20,7 @@ from peftkit.data.sources import require_columns, split_origin
 from peftkit.errors import UserError
 from peftkit.evaluation.analysis import length_bucket_table, lowest_scoring_table, word_count
 from peftkit.evaluation.text_metrics import exact_match, token_f1
-from peftkit.models.load import load_base_model
+from peftkit.models.build import build_model
 from peftkit.recipe.schema import DataSection, ExtractiveQATask, Recipe
 
 log = logging.getLogger("peftkit")
@@ -206,7 +206,7 @@ def _answer_tokens(example: dict, mapping, sequence_ids) -> tuple[int, int]:
 
 
 def load_model(recipe: Recipe, info: dict):
-    return load_base_model(recipe, AutoModelForQuestionAnswering, keep_unquantized=list(HEAD_NAMES))
+    return build_model(recipe.model, recipe.quantization, AUTO_CLASS, keep_unquantized=list(HEAD_NAMES))
 
 
 def head_modules(model) -> list[str]:

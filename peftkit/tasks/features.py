@@ -23,7 +23,8 @@ from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 from transformers import AutoModel, DataCollatorWithPadding
 
-from peftkit.models.load import load_base_model, load_config
+from peftkit.models.build import build_model
+from peftkit.models.load import load_config
 from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import ADAPTER_DIR, CLASSIFIER_RECORD, CLASSIFIER_WEIGHTS, FEATURES_DIR
 from peftkit.tasks.labelled_text import prepare, records_from_probabilities, report, score  # noqa: F401  (shared with classification)
@@ -93,17 +94,19 @@ class EmbeddingCache:
     @torch.no_grad()
     def _embed(self, tokenized) -> np.ndarray:
         if self.model is None:
-            self.model = load_base_model(self.recipe, AutoModel).eval()
+            self.model = build_model(self.recipe.model, self.recipe.quantization, AutoModel).eval()
             (self.folder / "model.json").parent.mkdir(parents=True, exist_ok=True)
             parameters = sum(p.numel() for p in self.model.parameters())
             (self.folder / "model.json").write_text(json.dumps({"parameters": parameters, "pooling": self.pooling}))
         device = next(self.model.parameters()).device
+        # An encoder-decoder's features are its encoder's: the full model would also need decoder inputs.
+        encoder = self.model.get_encoder() if self.model.config.is_encoder_decoder else self.model
         collate = DataCollatorWithPadding(self.tokenizer)
         inputs = tokenized.remove_columns([c for c in ("labels",) if c in tokenized.column_names])
         chunks = []
         for start in tqdm(range(0, len(inputs), EMBEDDING_BATCH), desc="embedding", unit="batch"):
             batch = {k: v.to(device) for k, v in collate([inputs[i] for i in range(start, min(start + EMBEDDING_BATCH, len(inputs)))]).items()}
-            hidden = self.model(**batch).last_hidden_state
+            hidden = encoder(**batch).last_hidden_state
             chunks.append(pool(hidden, batch["attention_mask"], self.pooling).float().cpu().numpy())
         return np.concatenate(chunks)
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq
 from peftkit.data.sources import require_columns, split_origin
 from peftkit.errors import UserError
 from peftkit.evaluation.analysis import length_bucket_table, lowest_scoring_table, word_count
-from peftkit.models.load import load_base_model
+from peftkit.models.build import build_model
 from peftkit.recipe.schema import Recipe
 from peftkit.tasks import generation as decoding_path
 from peftkit.tasks.generation import Decoding
@@ -81,7 +81,7 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
 
 
 def load_model(recipe: Recipe, info: dict):
-    return load_base_model(recipe, AutoModelForSeq2SeqLM)
+    return build_model(recipe.model, recipe.quantization, AutoModelForSeq2SeqLM)
 
 
 def head_modules(model) -> list[str]:

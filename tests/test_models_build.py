@@ -1,0 +1,76 @@
+"""The one model builder: fresh modules found from the loading report, unloaded backbones and non-causal models refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftkit.errors import UserError
+from peftkit.recipe.load import validate_recipe
+from tests.support_matrix import build_checkpoint
+
+
+def _recipe(model_dir, task: str = "classification", **sections):
+    return validate_recipe({
+        "model": {"name": str(model_dir)}, "task": {"type": task, **({"prompt": "{text}", "response": "{label}"} if task == "causal_lm" else {})},
+        "data": {"train": {"path": "unused.jsonl"}}, "training": {"eval_strategy": "no"}, **sections,
+    })
+
+
+@pytest.fixture(scope="module")
+def distilbert_dir(tmp_path_factory):
+    """A masked-LM checkpoint: its classification model adds `pre_classifier` and `classifier`, both fresh."""
+    return build_checkpoint("distilbert", tmp_path_factory.mktemp("distilbert"))
+
+
+def test_fresh_modules_are_kept_out_of_quantization_and_trained_next_to_all_linear_lora(distilbert_dir):
+    from peftkit.adapters import attach_adapter
+    from peftkit.models.build import FRESH_MODULES
+    from peftkit.tasks import classification
+
+    recipe = _recipe(distilbert_dir, quantization={"bits": 8})
+    model = classification.load_model(recipe, {"labels": ["a", "b"]})
+    assert getattr(model, FRESH_MODULES) == ["classifier", "pre_classifier"]
+    assert type(model.pre_classifier) is torch.nn.Linear  # a random layer is trained, so never quantized
+    assert type(model.distilbert.transformer.layer[0].attention.q_lin).__name__ == "Linear8bitLt"
+    # "classifier" also names "pre_classifier" for peft; LoRA must not also wrap the module saved whole.
+    peft_model = attach_adapter(model, recipe, classification.PEFT_TASK_TYPE, classification.head_modules(model))
+    saved = peft_model.peft_config["default"].modules_to_save
+    assert {"classifier", "pre_classifier"} <= set(saved)
+    assert peft_model.base_model.model.pre_classifier.modules_to_save["default"].weight.requires_grad
+
+
+def test_a_backbone_the_checkpoint_does_not_fill_is_refused_with_both_prefixes(tmp_path):
+    from peftkit.tasks import extractive_qa
+
+    model_dir = build_checkpoint("llama", tmp_path / "llama")
+    with pytest.raises(UserError, match=r"expects the backbone under `transformer\.`.*`model\.`"):
+        extractive_qa.load_model(_recipe(model_dir, "extractive_qa"), {})
+
+
+def test_causal_lm_refuses_a_bidirectional_encoder(distilbert_dir, tiny_bert_dir):
+    from peftkit.adapters import check_adapter_fits_model
+    from peftkit.models.load import load_config
+
+    recipe = _recipe(tiny_bert_dir, "causal_lm")
+    with pytest.raises(UserError, match="not a causal"):
+        check_adapter_fits_model(recipe, load_config(recipe.model), "CAUSAL_LM")
+
+
+def test_feature_extraction_adapters_map_to_no_deployable_task():
+    from peftkit.tasks import task_for_peft_type
+
+    assert task_for_peft_type("FEATURE_EXTRACTION") is None
+    assert task_for_peft_type("SEQ_CLS") == "classification"
+
+
+def test_ia3_all_linear_falls_back_to_the_models_linear_layers(distilbert_dir):
+    from peftkit.adapters import attach_adapter
+    from peftkit.tasks import classification
+
+    recipe = _recipe(distilbert_dir, adapter={"method": "ia3"})
+    model = classification.load_model(recipe, {"labels": ["a", "b"]})
+    peft_model = attach_adapter(model, recipe, classification.PEFT_TASK_TYPE, classification.head_modules(model))
+    targets = peft_model.peft_config["default"].target_modules
+    assert {"q_lin", "v_lin", "lin2"} <= set(targets)
+    assert any("ia3_l" in name for name, _ in peft_model.named_parameters())
