@@ -225,7 +225,7 @@ def manifest(recipe: Recipe, **facts: Any) -> dict[str, Any]:
 # unless --force-resume, which keeps the recipe that ran before as `recipe.until-step-N.yaml`.
 RESUME_MAY_CHANGE = (
     "name", "output.dir", "output.overwrite", "output.tensorboard", "evaluation", "training.resume",
-    "training.logging_steps", "training.eval_batch_size",
+    "training.logging_steps", "training.eval_batch_size", "training.report_to",
 )
 
 
