@@ -9,6 +9,7 @@ from transformers import AutoTokenizer
 from peftkit.data.chat import IGNORE_INDEX
 from peftkit.data.sources import load_splits
 from peftkit.errors import UserError
+from peftkit.evaluation.report import write_report
 from peftkit.recipe.load import validate_recipe
 from peftkit.tasks import causal_lm
 from tests.conftest import write_jsonl
@@ -116,6 +117,10 @@ def test_several_sources_mix_by_weight_reproducibly(tmp_path):
     assert mixed.source_rows == [{"path": str(a), "weight": 0.5, "rows": 5}, {"path": str(b), "weight": 2.0, "rows": 8}]
     assert load_splits(recipe.data)["train"]["text"] == texts  # same seeds, same mixture
     assert split_origin(recipe.data, "train") == f"{a} + {b}"
+    # The run's report says how many rows each source gave (run.py passes `source_rows` as summary["sources"]).
+    summary = {"parameters": {"trainable": 1, "total": 2}, "examples": {"train": len(mixed)}, "sources": {"train": mixed.source_rows}}
+    write_report(tmp_path, recipe, summary, {}, has_loss_plot=False)
+    assert f"- train rows by source: `{a}` 5 (weight 0.5), `{b}` 8 (weight 2)\n" in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.parametrize("weight", [0, -1])

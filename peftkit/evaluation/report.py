@@ -23,6 +23,11 @@ def write_report(run_dir: Path, recipe: Recipe, summary: dict, split_sections: d
         f"({100 * parameters['trainable'] / max(parameters['total'], 1):.2f}%)",
         f"- examples: " + ", ".join(f"{split} {count}" for split, count in summary["examples"].items()),
     ]
+    # A mixed split's rows per source: weights are relative, so the counts are what tells the mixture actually used.
+    for split, sources in summary.get("sources", {}).items():
+        lines.append(f"- {split} rows by source: " + ", ".join(
+            f"`{source['path']}` {source['rows']:,} (weight {source['weight']:g})" for source in sources
+        ))
     train = summary.get("train", {})
     if train:
         # A fit without gradient steps (features: logistic regression) has no step count or training loss.

@@ -282,7 +282,7 @@ class DataSource(Section):
         None, gt=0,
         description="When a split lists several sources: rows taken from this one = weight x its rows (after `rows`/"
         "`limit`): a whole part repeats them, a fraction samples them with `seed`; unset is 1. The mixture is "
-        "shuffled with the first source's seed; metrics.json counts the rows of each source.",
+        "shuffled with the first source's seed; metrics.json and report.md count the rows of each source.",
     )
 
     @field_validator("encoding")
