@@ -82,6 +82,14 @@ PUBLISHED = [
         deep_merge(PEFT_FSDP_QLORA_70B, {"distributed": {"offload_params": True, "offload_optimizer": True}}),
         2,
     ),
+    (
+        "Llama-2-70B DeepSpeed ZeRO-3 + QLoRA, 2 GPUs (PEFT docs)", 36.6 * GB, "GPU memory in use",
+        "huggingface.co/docs/peft/accelerate/deepspeed, 'Memory usage' (run_peft_qlora_deepspeed_stage3.sh: "
+        "bs 2, packed 2048, r 8, all-linear, nested quant, bf16 quant storage, flash-attn, checkpointing)",
+        deep_merge(PEFT_FSDP_QLORA_70B, {"quantization": {"double_quant": True},
+                                         "distributed": {"strategy": "deepspeed", "zero_stage": 3}}),
+        2,
+    ),
 ]
 for name, figures in SWIFT_MAX_LENGTH.items():
     for length, gib in zip((512, 1024, 2048, 4096, 8192), figures):
