@@ -41,6 +41,19 @@ SWIFT_LORA = {
     "training": {"batch_size": 1, "gradient_accumulation": 16, "gradient_checkpointing": True, "precision": "bf16",
                  "lm_loss": "standard"},
 }
+# Qwen-1's own finetune.py (github.com/QwenLM/Qwen README, "Profiling of Memory and Speed": one A100 80GB,
+# torch 2.0, flash-attn 2, batch 1, accumulation 8): LoRA r 64 / alpha 16 / dropout 0.05 on c_attn, c_proj, w1,
+# w2 (every linear layer), bf16, checkpointing, AdamW; every sample is padded to model_max_length, so a batch is
+# exactly that many tokens. The README says "memory (GB)" without the counter; read as device memory in GiB.
+QWEN_README_LORA = deep_merge(SWIFT_LORA, {"adapter": {"r": 64, "alpha": 16, "target_modules": "all-linear"},
+                                           "training": {"gradient_accumulation": 8}})
+QWEN_README_SOURCE = "github.com/QwenLM/Qwen README, 'Profiling of Memory and Speed'"
+QWEN_README_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
+QWEN_README = {  # model -> "G" per sequence length, the LoRA rows (no trainable embedding / output layer)
+    "Qwen/Qwen-1_8B": (6.7, 7.4, 8.4, 11.0, 16.2, 21.8),
+    "Qwen/Qwen-7B": (20.1, 20.4, 21.5, 23.8, 29.7, 36.6),
+    "Qwen/Qwen-14B": (34.6, 35.1, 35.3, 37.4, 42.5, 55.2),
+}
 SWIFT_SOURCE = "github.com/modelscope/ms-swift docs/source_en/LLM/Benchmark.md"
 SWIFT_MAX_LENGTH = {  # model -> GiB at max_length 512, 1024, 2048, 4096, 8192 ("Model Type & Max Length", LoRA)
     "Qwen/Qwen-1_8B": (6.99, 10.71, 16.35, 23.80, 37.03),
@@ -98,6 +111,12 @@ for name, figures in SWIFT_MAX_LENGTH.items():
             f"{SWIFT_SOURCE}, 'Model Type & Max Length'",
             deep_merge(SWIFT_LORA, {"model": {"name": name}, "data": {"max_length": length}}), 1,
         ))
+for name, figures in QWEN_README.items():
+    for length, gib in zip(QWEN_README_LENGTHS, figures):
+        PUBLISHED.append((
+            f"{name.split('/')[-1]} LoRA r 64, {length} tokens (Qwen README)", gib * GiB, "GPU memory in use",
+            QWEN_README_SOURCE, deep_merge(QWEN_README_LORA, {"model": {"name": name}, "data": {"max_length": length}}), 1,
+        ))
 for batch, gib in ((2, 43.11), (4, 63.81)):
     PUBLISHED.append((f"Qwen-7B LoRA, batch {batch} (ms-swift)", gib * GiB, "peak reserved",
                       f"{SWIFT_SOURCE}, 'Batch Size'", deep_merge(SWIFT_LORA, {"training": {"batch_size": batch}}), 1))
@@ -150,7 +169,8 @@ def main() -> None:
         if VERBOSE:
             for row in plan.rows:
                 print(f"|   {row.component} | | {row.bytes / GiB:.2f} GiB | {row.note} | |")
-    print(f"\n{len(errors)} points: median error {statistics.median(errors):.1%}, worst {max(errors):.1%}")
+    print(f"\n{len(errors)} points: median error {statistics.median(errors):.1%}, worst {max(errors):.1%}, "
+          f"{sum(error <= 0.10 for error in errors)} within 10%")
 
 
 VERBOSE = "--rows" in sys.argv  # print each plan's rows too
