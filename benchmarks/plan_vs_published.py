@@ -104,38 +104,35 @@ PUBLISHED = [
         2,
     ),
 ]
+
+def add(label: str, gib: float, kind: str, source: str, base: dict, changes: dict) -> None:
+    """One single-GPU published point: `base` settings with `changes` applied."""
+    PUBLISHED.append((label, gib * GiB, kind, source, deep_merge(base, changes), 1))
+
+
 for name, figures in SWIFT_MAX_LENGTH.items():
     for length, gib in zip((512, 1024, 2048, 4096, 8192), figures):
-        PUBLISHED.append((
-            f"{name.split('/')[-1]} LoRA, max_length {length} (ms-swift)", gib * GiB, "peak reserved",
-            f"{SWIFT_SOURCE}, 'Model Type & Max Length'",
-            deep_merge(SWIFT_LORA, {"model": {"name": name}, "data": {"max_length": length}}), 1,
-        ))
+        add(f"{name.split('/')[-1]} LoRA, max_length {length} (ms-swift)", gib, "peak reserved",
+            f"{SWIFT_SOURCE}, 'Model Type & Max Length'", SWIFT_LORA,
+            {"model": {"name": name}, "data": {"max_length": length}})
 for name, figures in QWEN_README.items():
     for length, gib in zip(QWEN_README_LENGTHS, figures):
-        PUBLISHED.append((
-            f"{name.split('/')[-1]} LoRA r 64, {length} tokens (Qwen README)", gib * GiB, "GPU memory in use",
-            QWEN_README_SOURCE, deep_merge(QWEN_README_LORA, {"model": {"name": name}, "data": {"max_length": length}}), 1,
-        ))
+        add(f"{name.split('/')[-1]} LoRA r 64, {length} tokens (Qwen README)", gib, "GPU memory in use",
+            QWEN_README_SOURCE, QWEN_README_LORA, {"model": {"name": name}, "data": {"max_length": length}})
 for batch, gib in ((2, 43.11), (4, 63.81)):
-    PUBLISHED.append((f"Qwen-7B LoRA, batch {batch} (ms-swift)", gib * GiB, "peak reserved",
-                      f"{SWIFT_SOURCE}, 'Batch Size'", deep_merge(SWIFT_LORA, {"training": {"batch_size": batch}}), 1))
-PUBLISHED += [
-    ("Qwen-7B LoRA, no checkpointing (ms-swift)", 37.70 * GiB, "peak reserved",
-     f"{SWIFT_SOURCE}, 'Use Flash Attn & Gradient Checkpointing'",
-     deep_merge(SWIFT_LORA, {"training": {"gradient_checkpointing": False}}), 1),
-    ("Qwen-7B LoRA r 64 (ms-swift)", 27.85 * GiB, "peak reserved", f"{SWIFT_SOURCE}, 'LoRA Rank & Target Modules'",
-     deep_merge(SWIFT_LORA, {"adapter": {"r": 64}}), 1),
-    ("Qwen-7B LoRA all linear (ms-swift)", 27.87 * GiB, "peak reserved", f"{SWIFT_SOURCE}, 'LoRA Rank & Target Modules'",
-     deep_merge(SWIFT_LORA, {"adapter": {"target_modules": "all-linear"}}), 1),
-]
+    add(f"Qwen-7B LoRA, batch {batch} (ms-swift)", gib, "peak reserved", f"{SWIFT_SOURCE}, 'Batch Size'",
+        SWIFT_LORA, {"training": {"batch_size": batch}})
+add("Qwen-7B LoRA, no checkpointing (ms-swift)", 37.70, "peak reserved",
+    f"{SWIFT_SOURCE}, 'Use Flash Attn & Gradient Checkpointing'", SWIFT_LORA,
+    {"training": {"gradient_checkpointing": False}})
+add("Qwen-7B LoRA r 64 (ms-swift)", 27.85, "peak reserved", f"{SWIFT_SOURCE}, 'LoRA Rank & Target Modules'",
+    SWIFT_LORA, {"adapter": {"r": 64}})
+add("Qwen-7B LoRA all linear (ms-swift)", 27.87, "peak reserved", f"{SWIFT_SOURCE}, 'LoRA Rank & Target Modules'",
+    SWIFT_LORA, {"adapter": {"target_modules": "all-linear"}})
 for name, gib in (("Qwen/Qwen-7B", 23.85), ("Qwen/Qwen-14B", 30.05)):
-    PUBLISHED.append((
-        f"{name.split('/')[-1]} QLoRA bnb int4 (ms-swift)", gib * GiB, "peak reserved", f"{SWIFT_SOURCE}, 'Quantization'",
-        deep_merge(SWIFT_LORA, {"model": {"name": name},
-                                "quantization": {"bits": 4, "compute_dtype": "bfloat16", "double_quant": False}}), 1,
-    ))
-
+    add(f"{name.split('/')[-1]} QLoRA bnb int4 (ms-swift)", gib, "peak reserved", f"{SWIFT_SOURCE}, 'Quantization'",
+        SWIFT_LORA, {"model": {"name": name},
+                     "quantization": {"bits": 4, "compute_dtype": "bfloat16", "double_quant": False}})
 
 def recipe_from(sections: dict):
     return validate_recipe(deep_merge({"data": {"train": {"path": "unused.jsonl"}}, "training": {"eval_strategy": "no"}}, sections))
