@@ -151,6 +151,7 @@ def comparable(plan, kind: str) -> int:
 def main() -> None:
     counts_cache = {}
     errors = []
+    by_source: dict[str, list[float]] = {}
     print(f"| run | published | predicted total | predicted allocated | plan / published |")
     print("|---|---|---|---|---|")
     for label, published, kind, source, sections, gpus in PUBLISHED:
@@ -161,13 +162,16 @@ def main() -> None:
         plan = estimate(recipe, counts_cache[key], gpus)
         ratio = comparable(plan, kind) / published
         errors.append(abs(ratio - 1))
+        by_source.setdefault(label.rsplit("(", 1)[-1].rstrip(")"), []).append(abs(ratio - 1))
         print(f"| {label} | {published / GiB:.2f} GiB ({kind}) | {plan.total / GiB:.2f} GiB | "
               f"{plan.allocated / GiB:.2f} GiB | {ratio:.2f} |")
         if VERBOSE:
             for row in plan.rows:
                 print(f"|   {row.component} | | {row.bytes / GiB:.2f} GiB | {row.note} | |")
-    print(f"\n{len(errors)} points: median error {statistics.median(errors):.1%}, worst {max(errors):.1%}, "
-          f"{sum(error <= 0.10 for error in errors)} within 10%")
+    print()
+    for source, source_errors in [*by_source.items(), ("all", errors)]:
+        print(f"{source}: {len(source_errors)} points, median error {statistics.median(source_errors):.1%}, "
+              f"worst {max(source_errors):.1%}, {sum(error <= 0.10 for error in source_errors)} within 10%")
 
 
 VERBOSE = "--rows" in sys.argv  # print each plan's rows too
