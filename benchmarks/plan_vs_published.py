@@ -6,7 +6,10 @@ Each published figure comes from a framework that differs from peftkit in ways l
 
 from __future__ import annotations
 
-from peftkit.plan.memory import GiB, estimate
+import statistics
+import sys
+
+from peftkit.plan.memory import FRAGMENTATION_SHARE, GiB, estimate
 from peftkit.plan.shapes import count_parameters
 from peftkit.recipe.load import deep_merge, validate_recipe
 
@@ -23,7 +26,40 @@ PEFT_FSDP_QLORA_70B = {
     "data": {"max_length": 2048}, "adapter": {"r": 8, "alpha": 16, "dropout": 0.1},
     "quantization": {"bits": 4, "compute_dtype": "bfloat16", "storage_dtype": "bfloat16"},
     "distributed": {"strategy": "fsdp"},
-    "training": {"batch_size": 2, "gradient_accumulation": 2, "gradient_checkpointing": True, "precision": "bf16"},
+    "training": {"batch_size": 2, "gradient_accumulation": 2, "gradient_checkpointing": True, "precision": "bf16",
+                 "lm_loss": "standard"},  # transformers' Trainer: logits over the whole vocabulary
+}
+# ms-swift's benchmark (docs/source_en/LLM/Benchmark.md, A100 80GB, torch 2.1.1): `swift sft` defaults there are
+# LoRA r 8 (alpha 32, dropout 0.05) on DEFAULT targets (Qwen-1: the fused c_attn, i.e. q/k/v; Yi: q_proj/k_proj/
+# v_proj), batch 1, max_length 2048, checkpointing, flash-attn, bf16 weights, AdamW, the model's own loss over
+# full logits. The data (cls-fudan-news-zh, 3234 +- 2548 tokens) is truncated to max_length, so the longest
+# batch is max_length tokens. Memory is `torch.cuda.max_memory_reserved`.
+SWIFT_LORA = {
+    "model": {"name": "Qwen/Qwen-7B", "dtype": "bfloat16", "attn_implementation": "flash_attention_2"},
+    "data": {"max_length": 2048},
+    "adapter": {"r": 8, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj"]},
+    "training": {"batch_size": 1, "gradient_accumulation": 16, "gradient_checkpointing": True, "precision": "bf16",
+                 "lm_loss": "standard"},
+}
+# Qwen-1's own finetune.py (github.com/QwenLM/Qwen README, "Profiling of Memory and Speed": one A100 80GB,
+# torch 2.0, flash-attn 2, batch 1, accumulation 8): LoRA r 64 / alpha 16 / dropout 0.05 on c_attn, c_proj, w1,
+# w2 (every linear layer), bf16, checkpointing, AdamW; every sample is padded to model_max_length, so a batch is
+# exactly that many tokens. The README says "memory (GB)" without the counter; read as device memory in GiB.
+QWEN_README_LORA = deep_merge(SWIFT_LORA, {"adapter": {"r": 64, "alpha": 16, "target_modules": "all-linear"},
+                                           "training": {"gradient_accumulation": 8}})
+QWEN_README_SOURCE = "github.com/QwenLM/Qwen README, 'Profiling of Memory and Speed'"
+QWEN_README_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
+QWEN_README = {  # model -> "G" per sequence length, the LoRA rows (no trainable embedding / output layer)
+    "Qwen/Qwen-1_8B": (6.7, 7.4, 8.4, 11.0, 16.2, 21.8),
+    "Qwen/Qwen-7B": (20.1, 20.4, 21.5, 23.8, 29.7, 36.6),
+    "Qwen/Qwen-14B": (34.6, 35.1, 35.3, 37.4, 42.5, 55.2),
+}
+SWIFT_SOURCE = "github.com/modelscope/ms-swift docs/source_en/LLM/Benchmark.md"
+SWIFT_MAX_LENGTH = {  # model -> GiB at max_length 512, 1024, 2048, 4096, 8192 ("Model Type & Max Length", LoRA)
+    "Qwen/Qwen-1_8B": (6.99, 10.71, 16.35, 23.80, 37.03),
+    "Qwen/Qwen-7B": (18.01, 21.73, 27.74, 35.31, 48.41),
+    "Qwen/Qwen-14B": (30.14, 34.43, 40.14, 47.95, 60.74),
+    "01-ai/Yi-6B": (13.72, 15.44, 16.95, 28.25, 43.81),
 }
 
 # (label, published bytes, what "published" measures, source, recipe sections, gpus)
@@ -59,16 +95,64 @@ PUBLISHED = [
         deep_merge(PEFT_FSDP_QLORA_70B, {"distributed": {"offload_params": True, "offload_optimizer": True}}),
         2,
     ),
+    (
+        "Llama-2-70B DeepSpeed ZeRO-3 + QLoRA, 2 GPUs (PEFT docs)", 36.6 * GB, "GPU memory in use",
+        "huggingface.co/docs/peft/accelerate/deepspeed, 'Memory usage' (run_peft_qlora_deepspeed_stage3.sh: "
+        "bs 2, packed 2048, r 8, all-linear, nested quant, bf16 quant storage, flash-attn, checkpointing)",
+        deep_merge(PEFT_FSDP_QLORA_70B, {"quantization": {"double_quant": True},
+                                         "distributed": {"strategy": "deepspeed", "zero_stage": 3}}),
+        2,
+    ),
 ]
 
+def add(label: str, gib: float, kind: str, source: str, base: dict, changes: dict) -> None:
+    """One single-GPU published point: `base` settings with `changes` applied."""
+    PUBLISHED.append((label, gib * GiB, kind, source, deep_merge(base, changes), 1))
+
+
+for name, figures in SWIFT_MAX_LENGTH.items():
+    for length, gib in zip((512, 1024, 2048, 4096, 8192), figures):
+        add(f"{name.split('/')[-1]} LoRA, max_length {length} (ms-swift)", gib, "peak reserved",
+            f"{SWIFT_SOURCE}, 'Model Type & Max Length'", SWIFT_LORA,
+            {"model": {"name": name}, "data": {"max_length": length}})
+for name, figures in QWEN_README.items():
+    for length, gib in zip(QWEN_README_LENGTHS, figures):
+        add(f"{name.split('/')[-1]} LoRA r 64, {length} tokens (Qwen README)", gib, "GPU memory in use",
+            QWEN_README_SOURCE, QWEN_README_LORA, {"model": {"name": name}, "data": {"max_length": length}})
+for batch, gib in ((2, 43.11), (4, 63.81)):
+    add(f"Qwen-7B LoRA, batch {batch} (ms-swift)", gib, "peak reserved", f"{SWIFT_SOURCE}, 'Batch Size'",
+        SWIFT_LORA, {"training": {"batch_size": batch}})
+add("Qwen-7B LoRA, no checkpointing (ms-swift)", 37.70, "peak reserved",
+    f"{SWIFT_SOURCE}, 'Use Flash Attn & Gradient Checkpointing'", SWIFT_LORA,
+    {"training": {"gradient_checkpointing": False}})
+add("Qwen-7B LoRA r 64 (ms-swift)", 27.85, "peak reserved", f"{SWIFT_SOURCE}, 'LoRA Rank & Target Modules'",
+    SWIFT_LORA, {"adapter": {"r": 64}})
+add("Qwen-7B LoRA all linear (ms-swift)", 27.87, "peak reserved", f"{SWIFT_SOURCE}, 'LoRA Rank & Target Modules'",
+    SWIFT_LORA, {"adapter": {"target_modules": "all-linear"}})
+for name, gib in (("Qwen/Qwen-7B", 23.85), ("Qwen/Qwen-14B", 30.05)):
+    add(f"{name.split('/')[-1]} QLoRA bnb int4 (ms-swift)", gib, "peak reserved", f"{SWIFT_SOURCE}, 'Quantization'",
+        SWIFT_LORA, {"model": {"name": name},
+                     "quantization": {"bits": 4, "compute_dtype": "bfloat16", "double_quant": False}})
 
 def recipe_from(sections: dict):
     return validate_recipe(deep_merge({"data": {"train": {"path": "unused.jsonl"}}, "training": {"eval_strategy": "no"}}, sections))
 
 
+def comparable(plan, kind: str) -> int:
+    """The plan's figure for what was published: peak allocated is the allocator's peak, peak reserved adds the
+    allocator's caching (the plan's fragmentation share), device memory in use adds the CUDA context too."""
+    if kind == "peak allocated":
+        return plan.allocated
+    if kind == "peak reserved":
+        return int(plan.allocated * (1 + FRAGMENTATION_SHARE))
+    return plan.total
+
+
 def main() -> None:
     counts_cache = {}
-    print(f"| run | published | predicted total | predicted allocated | total / published |")
+    errors = []
+    by_source: dict[str, list[float]] = {}
+    print(f"| run | published | predicted total | predicted allocated | plan / published |")
     print("|---|---|---|---|---|")
     for label, published, kind, source, sections, gpus in PUBLISHED:
         recipe = recipe_from(sections)
@@ -76,11 +160,21 @@ def main() -> None:
         if key not in counts_cache:
             counts_cache[key] = count_parameters(recipe, peft_task_type="CAUSAL_LM")
         plan = estimate(recipe, counts_cache[key], gpus)
+        ratio = comparable(plan, kind) / published
+        errors.append(abs(ratio - 1))
+        by_source.setdefault(label.rsplit("(", 1)[-1].rstrip(")"), []).append(abs(ratio - 1))
         print(f"| {label} | {published / GiB:.2f} GiB ({kind}) | {plan.total / GiB:.2f} GiB | "
-              f"{plan.allocated / GiB:.2f} GiB | {plan.total / published:.2f} |")
-        for row in plan.rows:
-            print(f"|   {row.component} | | {row.bytes / GiB:.2f} GiB | {row.note} | |")
+              f"{plan.allocated / GiB:.2f} GiB | {ratio:.2f} |")
+        if VERBOSE:
+            for row in plan.rows:
+                print(f"|   {row.component} | | {row.bytes / GiB:.2f} GiB | {row.note} | |")
+    print()
+    for source, source_errors in [*by_source.items(), ("all", errors)]:
+        print(f"{source}: {len(source_errors)} points, median error {statistics.median(source_errors):.1%}, "
+              f"worst {max(source_errors):.1%}, {sum(error <= 0.10 for error in source_errors)} within 10%")
 
+
+VERBOSE = "--rows" in sys.argv  # print each plan's rows too
 
 if __name__ == "__main__":
     main()

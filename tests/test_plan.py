@@ -197,3 +197,12 @@ def test_overrides_may_follow_the_options(tmp_path, tiny_llama_dir):
     with pytest.raises(SystemExit) as wrong:  # argparse's usage error: exit code 2
         run_cli_in_process("plan", str(path), "--gpus", "1", "--no-such-option")
     assert wrong.value.code == 2
+
+
+def test_qwen1_shape_has_the_published_parameter_count():
+    """Qwen-1 is remote code; its built-in shape is declared as Qwen2 with the MLP width halved. ms-swift's
+    benchmark prints Qwen-7B's full parameter count (7721.3245 M): the declared shape must reproduce it, or the
+    published-table comparison in docs/plan.md plans a different model."""
+    qwen_7b = recipe(model={"name": "Qwen/Qwen-7B"}, adapter={"method": "none"})
+    counts = count_parameters(qwen_7b, peft_task_type="CAUSAL_LM")
+    assert counts.trainable_numel == 7_721_324_544
