@@ -170,7 +170,9 @@ def test_benchmark_smoke_mode_runs_on_cpu():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     rows_ = [line for line in result.stdout.splitlines() if line.startswith("| tiny-llama")]
-    assert len(rows_) == 2 and all("GiB" in line for line in rows_)
+    # LoRA and full fine-tuning with the default (chunked) loss, and LoRA with transformers' standard loss.
+    assert len(rows_) == 3 and all("GiB" in line for line in rows_)
+    assert sum("standard loss" in line for line in rows_) == 1
 
 
 @pytest.mark.slow
