@@ -186,16 +186,16 @@ def run_cell(cell: Cell, model_dir: Path, files: dict[str, Path], work: Path) ->
     try:
         recipe = validate_recipe(recipe_for(cell, model_dir, files, work / "run"))
     except (UserError, ValidationError) as exc:
-        cell.status, cell.detail = "schema", _first_line(exc).replace(str(model_dir), cell.architecture)
+        cell.status, cell.detail = "schema", _first_line(exc, model_dir, cell.architecture)
         return cell
     try:
         run_dir = train(recipe)
         _check_reloads(run_dir, cell, model_dir, work)
     except UserError as exc:
-        cell.status, cell.detail = "refused", _first_line(exc)
+        cell.status, cell.detail = "refused", _first_line(exc, model_dir, cell.architecture)
     except Exception as exc:  # noqa: BLE001 - every other outcome is recorded, and fails the test
         kind = "bitsandbytes-cpu" if cell.bits and is_bitsandbytes_error(exc) else "failed"
-        cell.status, cell.detail = kind, f"{type(exc).__name__}: {_first_line(exc)}"
+        cell.status, cell.detail = kind, f"{type(exc).__name__}: {_first_line(exc, model_dir, cell.architecture)}"
         if kind == "failed":
             cell.detail += "\n" + "".join(traceback.format_exception(exc)[-6:])
     else:
@@ -205,9 +205,11 @@ def run_cell(cell: Cell, model_dir: Path, files: dict[str, Path], work: Path) ->
     return cell
 
 
-def _first_line(exc: BaseException) -> str:
-    """The reason: a UserError's message, or the first problem of an invalid recipe (without its 'invalid' header)."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+def _first_line(exc: BaseException, model_dir: Path, architecture: str) -> str:
+    """The reason: a UserError's message, or the first problem of an invalid recipe (without its 'invalid' header).
+    The temporary model folder is replaced by the architecture before the reason is cut to length, so the rendered
+    matrix does not depend on where pytest puts its temporary files (xdist workers nest them one level deeper)."""
+    lines = [line.strip().replace(str(model_dir), architecture) for line in str(exc).strip().splitlines() if line.strip()]
     if len(lines) > 1 and lines[0].endswith(":"):
         lines = lines[1:]
     return lines[0][:240] if lines else type(exc).__name__
