@@ -13,6 +13,8 @@ from peftkit.errors import UserError
 from peftkit.plan.shapes import ParameterCounts
 from peftkit.recipe.schema import Recipe
 from peftkit.recipe.resolved import resolve_gradient_checkpointing
+from peftkit.tasks import get_task
+from peftkit.tasks.base import trains_with_own_trainer
 from peftkit.tasks.lm_loss import chunk_tokens
 
 GiB = 2**30
@@ -240,7 +242,9 @@ def loss_row(recipe: Recipe, counts: ParameterCounts, tokens: int, element: int)
     one chunk's float32 logits, their softmax-gradient and its cast, plus the labelled hidden rows and their
     gradient; every token is assumed labelled (response-only masks make it smaller)."""
     vocab, hidden = counts.logits_width, counts.dims.get("hidden", 0)
-    if recipe.training.lm_loss == "standard" or recipe.task.type == "preference":  # TRL's trainers: their own loss
+    # A task trained by its own Trainer class (TRL's preference trainers) computes its loss from the logits, and
+    # training hands it `standard` for that reason (training/run.py): the plan counts the same.
+    if recipe.training.lm_loss == "standard" or trains_with_own_trainer(get_task(recipe.task.type)):
         return Row("logits + loss", tokens * vocab * (2 * element + 12), f"{tokens:,} tokens x {vocab:,} vocabulary")
     chunk = min(tokens, chunk_tokens(tokens, vocab, hidden))
     size = chunk * vocab * (4 + 4 + element) + 2 * tokens * hidden * element
