@@ -112,8 +112,10 @@ def build_meta_model(recipe: Recipe, config: PretrainedConfig, peft_task_type: s
         keep_unquantized=list(getattr(task, "HEAD_NAMES", ())) if own_head else [],
     )
     heads = task.head_modules(model) if not fits_itself(task) and own_head else []
-    with torch.device("meta"):
-        return attach_adapter(model, recipe, peft_task_type, heads)
+    from peftkit.plan.memory import planning_precision  # memory builds on this module's counts
+
+    with torch.device("meta"):  # the GPU's precision decides whether k-bit preparation upcasts the embeddings
+        return attach_adapter(model, recipe, peft_task_type, heads, precision=planning_precision(recipe))
 
 
 def quantized_bytes(param) -> tuple[str, int] | None:
