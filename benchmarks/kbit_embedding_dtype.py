@@ -42,7 +42,7 @@ def train(upcast: str, args, folder: Path) -> tuple[dict[int, float], dict[int, 
         *QLORA_BF16, f"quantization.upcast_embeddings={upcast}", f"output.dir={run_dir}",
         f"training.max_steps={args.steps}", f"training.batch_size={args.batch}", f"data.max_length={args.max_length}",
         "training.logging_steps=1", "training.eval_strategy=steps", f"training.eval_steps={args.eval_steps}",
-        "training.save_strategy=no", "evaluation.splits=[]",
+        "training.save_strategy=steps", f"training.save_steps={args.eval_steps}", "evaluation.splits=[]",
     ]
     subprocess.run([sys.executable, "-m", "peftkit", "train", str(RECIPE), *overrides], check=True, cwd=ROOT,
                    stdout=subprocess.DEVNULL)
