@@ -115,6 +115,24 @@ def run_trl(work: Path, data_file: Path, steps: int, batch: int) -> float:
     return trainer.train().metrics["train_runtime"]
 
 
+def older_transformers_folder(work: Path) -> Path:
+    """The model folder as LLaMA-Factory 0.9.3's transformers 4.52 reads it: the folder peftkit converted with
+    transformers 5 names its tokenizer class `TokenizersBackend`, nests `rope_theta` in `rope_parameters` (4.52
+    would silently use 10,000 instead of 100,000) and records the GGUF source as a quantization config."""
+    source, folder = model_folder(), work / "lf-model"
+    folder.mkdir(exist_ok=True)
+    for path in source.iterdir():
+        if path.name not in ("config.json", "tokenizer_config.json") and not (folder / path.name).exists():
+            (folder / path.name).symlink_to(path)
+    config = json.loads((source / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config.update(config.pop("rope_parameters", {}))
+    tokenizer = {**json.loads((source / "tokenizer_config.json").read_text()), "tokenizer_class": "PreTrainedTokenizerFast"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+    return folder
+
+
 def run_llamafactory(work: Path, data_file: Path, steps: int, batch: int, threads: int) -> float:
     cli = LLAMAFACTORY / "bin" / "llamafactory-cli"
     if not cli.exists():
@@ -127,7 +145,7 @@ def run_llamafactory(work: Path, data_file: Path, steps: int, batch: int, thread
     (data_dir / "dataset_info.json").write_text(json.dumps({"peers": {"file_name": "peers.json"}}))
     output = work / "llamafactory"
     config = {
-        "model_name_or_path": str(model_folder()), "stage": "sft", "do_train": True, "finetuning_type": "lora",
+        "model_name_or_path": str(older_transformers_folder(work)), "stage": "sft", "do_train": True, "finetuning_type": "lora",
         "lora_rank": R, "lora_alpha": ALPHA, "lora_dropout": DROPOUT, "lora_target": "all",
         "dataset": "peers", "dataset_dir": str(data_dir), "template": "smollm2", "cutoff_len": MAX_LENGTH,
         "train_on_prompt": False, "output_dir": str(output), "overwrite_output_dir": True,
