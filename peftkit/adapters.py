@@ -223,10 +223,9 @@ def attach_adapter(model, recipe: Recipe, task_type: str, head_modules: list[str
         return model
     fit_config_to_model(config, model, recipe)
     if recipe.quantization.bits:
-        prepare_quantized_base(
-            model, config.modules_to_save or [],
-            recipe.quantization.upcast_embeddings or (precision or resolve_precision(recipe.training.precision)) != "bf16",
-        )
+        bf16 = (precision or resolve_precision(recipe.training.precision)) == "bf16"
+        embedding_dtype = torch.bfloat16 if bf16 and not recipe.quantization.upcast_embeddings else torch.float32
+        prepare_quantized_base(model, config.modules_to_save or [], embedding_dtype)
     try:
         model = get_peft_model(model, config)
     except NoMatchingPeftModuleError:
@@ -248,17 +247,18 @@ def attach_adapter(model, recipe: Recipe, task_type: str, head_modules: list[str
     return model
 
 
-def prepare_quantized_base(model, trained_modules: list[str], upcast_embeddings: bool) -> None:
+def prepare_quantized_base(model, trained_modules: list[str], embedding_dtype: torch.dtype = torch.float32) -> None:
     """peft's k-bit preparation: freeze the base and upcast its unquantized fp16/bf16 parameters to float32 for stable
     training (gradient checkpointing is left to the Trainer: training.gradient_checkpointing).
 
-    Unless `upcast_embeddings`, the frozen input embeddings and LM head keep the loaded dtype, as QLoRA's own code and
-    torchtune do under bf16: autocast computes the head's matmul in bf16 from a float32 weight anyway, so the float32
-    copy (3.9 GiB on Llama-3-8B) only cost memory (`benchmarks/kbit_embedding_dtype.py` measures the loss). The norms
-    stay float32, and modules the adapter trains (`trained_modules`, peft's `modules_to_save`) keep float32 master
-    weights. peft's function has no switch for this, hence its loop here.
+    The frozen input embeddings and LM head are cast to `embedding_dtype` instead: peftkit passes bf16 under bf16
+    training, as QLoRA's own code and torchtune keep them, because autocast computes the head's matmul in bf16 from a
+    float32 weight anyway, so the float32 copy (3.9 GiB on Llama-3-8B) only cost memory
+    (`benchmarks/kbit_embedding_dtype.py` measures the loss). The norms stay float32, and modules the adapter trains
+    (`trained_modules`, peft's `modules_to_save`) keep float32 master weights. peft's function has no switch for
+    this, hence its loop here.
     """
-    if upcast_embeddings:
+    if embedding_dtype == torch.float32:
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return
     embeddings = {model.get_input_embeddings(), model.get_output_embeddings()} - {None}
@@ -269,7 +269,9 @@ def prepare_quantized_base(model, trained_modules: list[str], upcast_embeddings:
     }
     for param in model.parameters():
         param.requires_grad = False
-        if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit" and id(param) not in kept:
+        if id(param) in kept and param.is_floating_point():
+            param.data = param.data.to(embedding_dtype)
+        elif param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
             param.data = param.data.to(torch.float32)
 
 

@@ -120,19 +120,21 @@ def test_frozen_4bit_base_is_bit_identical_after_evaluation_and_saving(tiny_llam
         assert _quantized_state_hash(model) != before
 
 
-@pytest.mark.parametrize("precision,upcast,kept", [("bf16", False, torch.bfloat16), ("bf16", True, torch.float32),
-                                                   ("fp32", False, torch.float32)])
+@pytest.mark.parametrize("model_dtype,precision,upcast,kept", [
+    ("bfloat16", "bf16", False, torch.bfloat16), ("float32", "bf16", False, torch.bfloat16),
+    ("bfloat16", "bf16", True, torch.float32), ("bfloat16", "fp32", False, torch.float32),
+])
 def test_kbit_preparation_keeps_frozen_embeddings_and_lm_head_in_bf16_under_bf16_training(
-    precision, upcast, kept, tiny_llama_dir
+    model_dtype, precision, upcast, kept, tiny_llama_dir
 ):
-    """Under bf16 training the frozen embeddings and LM head keep the loaded bf16 (autocast computes the head in bf16
-    anyway); norms and trained heads get float32 as in peft's preparation, and fp32 training upcasts everything."""
+    """Under bf16 training the frozen embeddings and LM head are bf16 whatever the loaded dtype (autocast computes the
+    head in bf16 anyway); norms and trained heads get float32 as in peft's preparation, fp32 training upcasts all."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from peftkit.adapters import attach_adapter
 
     recipe = validate_recipe({
-        "model": {"name": str(tiny_llama_dir), "dtype": "bfloat16"}, "data": {"train": {"path": "t.jsonl"}},
+        "model": {"name": str(tiny_llama_dir), "dtype": model_dtype}, "data": {"train": {"path": "t.jsonl"}},
         "training": {"eval_strategy": "no", "precision": precision},
         "quantization": {"bits": 4, "compute_dtype": "bfloat16", "upcast_embeddings": upcast},
         "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},

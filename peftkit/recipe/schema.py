@@ -468,9 +468,9 @@ class QuantizationSection(Section):
         validation_alias=AliasChoices("storage_dtype", "bnb_4bit_quant_storage"),
     )
     upcast_embeddings: bool = Field(
-        False, description="Also cast the frozen embeddings and LM head to float32 when preparing the k-bit base, as "
-        "peft does; off keeps them in the loaded dtype under bf16 training (its autocast runs the head's matmul in "
-        "bf16 anyway), half their memory. fp32/fp16 training always casts them.",
+        False, description="Cast the frozen embeddings and LM head to float32 when preparing the k-bit base, as peft "
+        "does; off keeps them in bf16 under bf16 training (its autocast runs the head's matmul in bf16 anyway), half "
+        "their memory. fp32/fp16 training always casts them to float32.",
     )
 
     @field_validator("bits", mode="before")
