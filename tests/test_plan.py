@@ -94,6 +94,22 @@ def test_activation_model_scales_with_tokens_and_shrinks_with_checkpointing():
     assert chunked["logits + loss"] < standard["logits + loss"] / 4
 
 
+@pytest.mark.parametrize("loss, sequences, passes", [("dpo", 2, 1), ("ipo", 2, 1), ("orpo", 2, 0), ("kto", 1, 2)])
+def test_preference_rows_follow_what_the_task_says_one_step_runs(loss, sequences, passes):
+    """The planner asks the task (its own Trainer decides the forwards): pairs double the tokens, a reference model
+    adds no-grad passes; SFT with the same batch has neither."""
+    counts = replace(COUNTS, logits_width=32000)
+    sft = estimate(recipe(), counts)
+    plan = estimate(recipe(task={"type": "preference", "loss": loss}), counts)
+    assert plan.settings["tokens_per_micro_batch"] == sequences * sft.settings["tokens_per_micro_batch"]
+    assert rows(plan)["activations"] == sequences * rows(sft)["activations"]
+    reference = rows(plan).get("reference forward")
+    assert (reference is None) == (passes == 0)
+    assert "reference forward" not in rows(sft)
+    if passes:
+        assert f"{passes} no-grad pass(es)" in next(row.note for row in plan.rows if row.component == "reference forward")
+
+
 def test_gathered_size_counts_a_head_larger_than_a_layer():
     zero3 = recipe(distributed={"strategy": "deepspeed", "zero_stage": 3})
     big_head = rows(estimate(zero3, replace(COUNTS, largest_outer_bytes=2 * GiB), 4))

@@ -223,17 +223,15 @@ def estimate(recipe: Recipe, counts: ParameterCounts, gpus: int = 1, gpu_memory:
 
 
 def micro_batch_sequences(recipe: Recipe) -> int:
-    """Sequences in one forward pass: preference pairs batch chosen and rejected together (KTO's rows are single)."""
-    task = recipe.task
-    return recipe.training.batch_size * (2 if task.type == "preference" and task.loss != "kto" else 1)
+    """Sequences in one forward pass: a task with its own Trainer says how many each batch row puts through."""
+    task = get_task(recipe.task.type)
+    return recipe.training.batch_size * (task.sequences_per_row(recipe) if trains_with_own_trainer(task) else 1)
 
 
 def reference_passes(recipe: Recipe) -> int:
-    """No-grad reference forwards per step: DPO-family 1, KTO 2 (its KL batch too), ORPO and other tasks none."""
-    task = recipe.task
-    if task.type != "preference" or task.loss == "orpo":
-        return 0
-    return 2 if task.loss == "kto" else 1
+    """No-grad reference forwards per step: only a task with its own Trainer runs any, and it says how many."""
+    task = get_task(recipe.task.type)
+    return task.reference_passes(recipe) if trains_with_own_trainer(task) else 0
 
 
 def loss_row(recipe: Recipe, counts: ParameterCounts, tokens: int, element: int) -> Row:
