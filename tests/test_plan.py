@@ -89,9 +89,37 @@ def test_activation_model_scales_with_tokens_and_shrinks_with_checkpointing():
     assert eager > plain
     training = {"batch_size": 16, "eval_strategy": "no"}
     standard = rows(estimate(recipe(training={**training, "lm_loss": "standard"}), replace(COUNTS, logits_width=32000)))
-    assert standard["logits + loss"] == 16 * 512 * 32000 * (2 * 2 + 12)
+    assert standard["logits + loss"] == 16 * 512 * 32000 * 12  # no layer working set without checkpointing
     chunked = rows(estimate(recipe(training=training), replace(COUNTS, logits_width=32000)))  # auto: chunked
     assert chunked["logits + loss"] < standard["logits + loss"] / 4
+
+
+def test_loss_peak_and_layer_recomputation_are_not_added():
+    """The loss runs before the checkpointed layers' backward: the plan holds the larger of the two, not their sum."""
+    training = {"batch_size": 16, "eval_strategy": "no", "lm_loss": "standard"}
+    counts = replace(COUNTS, logits_width=32000)
+    plain = estimate(recipe(training=training), counts)
+    checkpointed = estimate(recipe(training={**training, "gradient_checkpointing": True}), counts)
+    loss_peak = 16 * 512 * 32000 * 12
+    saved_inputs = 16 * 512 * DIMS["layers"] * 2 * DIMS["hidden"]  # bf16 layer inputs
+    working_set = rows(checkpointed)["activations"] - saved_inputs
+    assert 0 < working_set < loss_peak
+    assert rows(checkpointed)["activations"] + rows(checkpointed)["logits + loss"] == saved_inputs + loss_peak
+    assert rows(plain)["logits + loss"] == loss_peak
+    small_vocab = estimate(recipe(training={**training, "gradient_checkpointing": True}), replace(COUNTS, logits_width=8))
+    assert rows(small_vocab)["logits + loss"] == 0  # a loss smaller than the layer's backward adds nothing
+
+
+@pytest.mark.slow
+def test_loss_rows_match_the_measured_peak():
+    """The plan's bytes per logit for the standard and the chunked loss are what one training step really holds."""
+    result = subprocess.run([sys.executable, "-m", "benchmarks.lm_loss_peak", "--tokens", "1024"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, check=True)
+    table = {line.split("|")[1].strip(): line.split("|")[2:4] for line in result.stdout.splitlines() if line.startswith("| ")}
+    measured, planned = (float(x) for x in table["standard"])
+    assert 11.5 < measured < 12.5 and planned == 12.0
+    measured, planned = (float(x) for x in table["chunked"])
+    assert 0.8 * planned <= measured <= 1.4 * planned  # RSS pages; measured also holds the embedding gradient
 
 
 @pytest.mark.parametrize("loss, sequences, passes", [("dpo", 2, 1), ("ipo", 2, 1), ("orpo", 2, 0), ("kto", 1, 2)])

@@ -195,11 +195,11 @@ def estimate(recipe: Recipe, counts: ParameterCounts, gpus: int = 1, gpu_memory:
         rows.append(Row("live offloaded parameters", live, "ZeRO-3 stage3_max_live_parameters (1e9) in 16-bit"))
 
     tokens = micro_batch_sequences(recipe) * recipe.data.max_length
-    activation_bytes, activation_note = activations(recipe, counts, precision)
-    rows.append(Row("activations", activation_bytes, activation_note))
+    saved, working, activation_note = activations(recipe, counts, precision)
+    rows.append(Row("activations", saved + working, activation_note))
     if counts.logits_width:
         element = 2 if mixed else 4
-        rows.append(loss_row(recipe, counts, tokens, element))
+        rows.append(loss_row(recipe, counts, tokens, element, working))
         passes = reference_passes(recipe)
         if passes:
             # The reference forward runs without gradients while the policy's activations are held: its logits
@@ -234,23 +234,43 @@ def reference_passes(recipe: Recipe) -> int:
     return task.reference_passes(recipe) if trains_with_own_trainer(task) else 0
 
 
-def loss_row(recipe: Recipe, counts: ParameterCounts, tokens: int, element: int) -> Row:
-    """The language-model loss. Standard: logits in the compute dtype, their float32 copy, the log-softmax and
-    its gradient (2a + 12 bytes per token and vocabulary entry). Chunked (and the fused kernels, assumed alike):
-    one chunk's float32 logits, their softmax-gradient and its cast, plus the labelled hidden rows and their
-    gradient; every token is assumed labelled (response-only masks make it smaller)."""
+# Peak bytes per logit (token x vocabulary entry) of each loss, measured (`benchmarks/lm_loss_peak.py`); see `loss_row`
+STANDARD_LOSS_BYTES = 12
+CHUNK_LOSS_BYTES = 12
+
+
+def loss_row(recipe: Recipe, counts: ParameterCounts, tokens: int, element: int, layer_working_set: int) -> Row:
+    """What the language-model loss adds to the peak.
+
+    Standard (transformers' loss): 12 bytes per token and vocabulary entry at its peak, the start of backward: the
+    float32 log-softmax it saved, the gradient of it and the float32 gradient of the logits. The logits themselves
+    (and their float32 copies: transformers' upcast, accelerate's float32 outputs) are freed by then, and the forward
+    peaks lower (about 10 bytes). Measured on CPU as peak RSS growth per token x vocabulary entry with
+    transformers 5 (`docs/plan.md`): 12.0 in bf16 with and without autocast, and in float32.
+    Chunked (the fused kernels are assumed alike): 12 bytes per entry of one chunk, in bf16 and float32 alike (the
+    previous chunk's float32 logits and cast gradient are still referenced while the next chunk's logits and their
+    upcast are made), plus the labelled hidden rows and their gradient; every token is assumed labelled
+    (response-only masks make it smaller).
+    The loss runs before the layers' backward: its peak and the layer recomputation's working set (part of the
+    activations row) are not live together, so the row is what the loss needs beyond that working set."""
     vocab, hidden = counts.logits_width, counts.dims.get("hidden", 0)
     # A task trained by its own Trainer class (TRL's preference trainers) computes its loss from the logits, and
     # training hands it `standard` for that reason (training/run.py): the plan counts the same.
     if recipe.training.lm_loss == "standard" or trains_with_own_trainer(get_task(recipe.task.type)):
-        return Row("logits + loss", tokens * vocab * (2 * element + 12), f"{tokens:,} tokens x {vocab:,} vocabulary")
-    chunk = min(tokens, chunk_tokens(tokens, vocab, hidden))
-    size = chunk * vocab * (4 + 4 + element) + 2 * tokens * hidden * element
-    return Row("logits + loss", size, f"chunked: {chunk:,} of {tokens:,} tokens x {vocab:,} vocabulary at a time")
+        peak = tokens * vocab * STANDARD_LOSS_BYTES
+        note = f"{tokens:,} tokens x {vocab:,} vocabulary"
+    else:
+        chunk = min(tokens, chunk_tokens(tokens, vocab, hidden))
+        peak = chunk * vocab * CHUNK_LOSS_BYTES + 2 * tokens * hidden * element
+        note = f"chunked: {chunk:,} of {tokens:,} tokens x {vocab:,} vocabulary at a time"
+    if layer_working_set:
+        note += f"; peak {format_bytes(peak)}, less the layer backward's {format_bytes(layer_working_set)} it precedes"
+    return Row("logits + loss", max(peak - layer_working_set, 0), note)
 
 
-def activations(recipe: Recipe, counts: ParameterCounts, precision: str) -> tuple[int, str]:
-    """Saved activations at the start of backward plus one layer's backward working set.
+def activations(recipe: Recipe, counts: ParameterCounts, precision: str) -> tuple[int, int, str]:
+    """Saved activations at the start of backward, and one layer's backward working set (recomputation under
+    checkpointing; 0 without, where every layer's tensors are saved).
 
     Per token and layer (element size `a`, hidden `h`, key/value width `kv`, MLP width `i`): two RMS/LayerNorms
     keep a float32 input and a normalized copy ((4+a)h each); attention keeps q, k, v, its output and the
@@ -275,12 +295,12 @@ def activations(recipe: Recipe, counts: ParameterCounts, precision: str) -> tupl
         per_token_layer += (element + 1) * counts.adapter_inputs // layers
     per_token_layer += element * counts.adapter_ranks // max(layers, 1)
     if resolve_gradient_checkpointing(recipe):  # unset means on for a quantized base
-        saved = tokens * (layers * element * h + 2 * per_token_layer)
+        saved, working = tokens * layers * element * h, tokens * 2 * per_token_layer
         note = f"checkpointed, {attention} attention"
     else:
-        saved = tokens * (layers * per_token_layer + 2 * element * h)
+        saved, working = tokens * (layers * per_token_layer + 2 * element * h), 0
         note = f"{attention} attention"
-    return int(saved), f"{tokens:,} tokens/micro-batch, {note}"
+    return int(saved), int(working), f"{tokens:,} tokens/micro-batch, {note}"
 
 
 def format_bytes(size: float) -> str:
