@@ -23,7 +23,7 @@ GiB = 2**30
 # workspaces and NCCL buffers (fixed), and allocator fragmentation (a share of what is allocated).
 RUNTIME_FIXED_BYTES = 1 * GiB
 FRAGMENTATION_SHARE = 0.05
-PLAN_ERROR = 0.10  # about the median relative error on the published table of docs/plan.md (the worst is larger)
+PLAN_ERROR = 0.10  # between the median errors on docs/plan.md's published table without/with cache-holding counters
 
 BNB_OPTIMIZER_BLOCK = 256  # elements per absmax of a blockwise 8-bit optimizer state
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps smaller tensors' states in float32
