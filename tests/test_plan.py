@@ -138,6 +138,22 @@ def test_preference_rows_follow_what_the_task_says_one_step_runs(loss, sequences
         assert f"{passes} no-grad pass(es)" in next(row.note for row in plan.rows if row.component == "reference forward")
 
 
+def test_adamw_step_intermediate_counts_only_beyond_the_freed_activations():
+    """torch's foreach AdamW makes one parameter-sized intermediate after backward; only what exceeds the activations
+    (freed by then) raises the peak, and 8-bit/offloaded optimizers have none."""
+    trainable_bytes = 8 * 2**20 * 4
+    short = recipe(data={"max_length": 8}, training={"batch_size": 1, "eval_strategy": "no"})
+    plan = rows(estimate(short, COUNTS))
+    assert plan["optimizer step"] == trainable_bytes - plan["activations"] > 0
+    assert rows(estimate(recipe(), COUNTS))["optimizer step"] == 0  # 2,048 tokens of activations are larger
+    eight_bit = recipe(data={"max_length": 8}, training={"batch_size": 1, "eval_strategy": "no", "optimizer": "adamw_8bit"})
+    assert "optimizer step" not in rows(estimate(eight_bit, COUNTS))
+    zero2 = recipe(data={"max_length": 8}, training={"batch_size": 1, "eval_strategy": "no"},
+                   distributed={"strategy": "deepspeed", "zero_stage": 2})
+    sharded = rows(estimate(zero2, COUNTS, 4))
+    assert sharded["optimizer step"] == trainable_bytes // 4 - sharded["activations"]  # the fp32 partition
+
+
 def test_gathered_size_counts_a_head_larger_than_a_layer():
     zero3 = recipe(distributed={"strategy": "deepspeed", "zero_stage": 3})
     big_head = rows(estimate(zero3, replace(COUNTS, largest_outer_bytes=2 * GiB), 4))

@@ -64,6 +64,7 @@ class MemoryPlan:
 
 
 RUNTIME_ROW = "runtime + fragmentation"
+TRANSIENT_ROWS = ("activations", "logits + loss", "reference forward")  # freed when backward ends
 
 
 def optimizer_state_bytes(trainable: list[tuple[int, torch.dtype]], optimizer: str) -> int:
@@ -208,6 +209,14 @@ def estimate(recipe: Recipe, counts: ParameterCounts, gpus: int = 1, gpu_memory:
                 Row("reference forward", tokens * counts.logits_width * (element + 4),
                     f"{passes} no-grad pass(es) of the base with the adapter disabled, {tokens:,} tokens")
             )
+    if recipe.training.optimizer == "adamw_torch" and not offload_optimizer:
+        # torch's AdamW steps every parameter of one device and dtype at once (foreach, its CUDA default) and makes
+        # one parameter-sized intermediate (the square root of exp_avg_sq). The step runs after backward has freed
+        # the activations and the loss, so it raises the peak only by what it needs beyond them.
+        stepped = partition_numel * 4 if deepspeed else int(states - ADAM_STEP_BYTES * len(counts.trainable)) // 2
+        transient = sum(row.bytes for row in rows if row.component in TRANSIENT_ROWS)
+        rows.append(Row("optimizer step", max(stepped - transient, 0),
+                        f"foreach AdamW intermediate {format_bytes(stepped)}, beyond the freed activations"))
     allocated = sum(row.bytes for row in rows)
     rows.append(
         Row(RUNTIME_ROW, RUNTIME_FIXED_BYTES + int(FRAGMENTATION_SHARE * allocated),
