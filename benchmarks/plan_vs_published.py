@@ -68,6 +68,13 @@ QWEN_README = {  # model -> "G" per sequence length, the LoRA rows (no trainable
     "Qwen/Qwen-7B": (20.1, 20.4, 21.5, 23.8, 29.7, 36.6),
     "Qwen/Qwen-14B": (34.6, 35.1, 35.3, 37.4, 42.5, 55.2),
 }
+# "LoRA (emb)": the same sweep on the base (non-chat) models, for which finetune.py also trains copies of the
+# embeddings and the LM head (`modules_to_save = ["wte", "lm_head"]`, finetune.py lines 331-334).
+QWEN_README_EMB = {
+    "Qwen/Qwen-1_8B": (13.7, 14.0, 14.0, 15.1, 19.7, 27.7),
+    "Qwen/Qwen-7B": (33.7, 34.1, 35.2, 35.1, 39.2, 48.5),
+    "Qwen/Qwen-14B": (51.2, 51.1, 51.5, 54.1, 56.8, 67.7),
+}
 SWIFT_SOURCE = "github.com/modelscope/ms-swift docs/source_en/LLM/Benchmark.md"
 SWIFT_MAX_LENGTH = {  # model -> GiB at max_length 512, 1024, 2048, 4096, 8192 ("Model Type & Max Length", LoRA)
     "Qwen/Qwen-1_8B": (6.99, 10.71, 16.35, 23.80, 37.03),
@@ -138,6 +145,11 @@ for name, figures in QWEN_README.items():
     for length, gib in zip(QWEN_README_LENGTHS, figures):
         add(f"{name.split('/')[-1]} LoRA r 64, {length} tokens (Qwen README)", gib, "GPU memory in use",
             QWEN_README_SOURCE, QWEN_README_LORA, {"model": {"name": name}, "data": {"max_length": length}})
+for name, figures in QWEN_README_EMB.items():
+    for length, gib in zip(QWEN_README_LENGTHS, figures):
+        add(f"{name.split('/')[-1]} LoRA (emb) r 64, {length} tokens (Qwen README)", gib, "GPU memory in use",
+            QWEN_README_SOURCE, QWEN_README_LORA, {"model": {"name": name}, "data": {"max_length": length},
+                                                   "adapter": {"modules_to_save": ["embed_tokens", "lm_head"]}})
 for batch, gib in ((2, 43.11), (4, 63.81)):
     add(f"Qwen-7B LoRA, batch {batch} (ms-swift)", gib, "peak reserved", f"{SWIFT_SOURCE}, 'Batch Size'",
         SWIFT_LORA, {"training": {"batch_size": batch}}, VARIABLE_SHAPES)
