@@ -94,6 +94,20 @@ def test_activation_model_scales_with_tokens_and_shrinks_with_checkpointing():
     assert chunked["logits + loss"] < standard["logits + loss"] / 4
 
 
+def test_adapted_inputs_are_kept_with_or_without_dropout():
+    """Each adapted module keeps its own bf16 copy of its input (autocast re-casts it for the float32 adapter);
+    dropout adds only its 1-byte mask on a GPU. Full fine-tuning keeps the o_proj and down_proj inputs instead."""
+    counts = replace(COUNTS, adapter_inputs=8 * 6 * 1024, adapter_ranks=8 * 6 * 16)  # 6 adapted 1024-wide inputs a layer
+    lora = {"method": "lora", "r": 16}
+    no_dropout = rows(estimate(recipe(adapter={**lora, "dropout": 0.0}), counts))["activations"]
+    dropout = rows(estimate(recipe(adapter={**lora, "dropout": 0.1}), counts))["activations"]
+    tokens = 4 * 512
+    assert dropout - no_dropout == tokens * 8 * 6 * 1024  # + 1 byte per adapted input element and layer
+    full = rows(estimate(recipe(adapter={"method": "none"}), counts))["activations"]
+    frozen = no_dropout - tokens * 8 * 6 * 1024 * 2  # the same plan without the adapted inputs
+    assert full - frozen == tokens * 8 * 2 * (DIMS["hidden"] + DIMS["intermediate"])
+
+
 def test_loss_peak_and_layer_recomputation_are_not_added():
     """The loss runs before the checkpointed layers' backward: the plan holds the larger of the two, not their sum."""
     training = {"batch_size": 16, "eval_strategy": "no", "lm_loss": "standard"}

@@ -281,30 +281,38 @@ def activations(recipe: Recipe, counts: ParameterCounts, precision: str) -> tupl
     """Saved activations at the start of backward, and one layer's backward working set (recomputation under
     checkpointing; 0 without, where every layer's tensors are saved).
 
-    Per token and layer (element size `a`, hidden `h`, key/value width `kv`, MLP width `i`): two RMS/LayerNorms
-    keep a float32 input and a normalized copy ((4+a)h each); attention keeps q, k, v, its output and the
-    o_proj input (3ah + 2a*kv) plus a float32 logsumexp per head (eager attention instead keeps the
-    heads x seq float32 probabilities and their cast); a gated MLP keeps gate, activation, up and product
-    (4ai; 2ai ungated). LoRA with dropout keeps a dropped-out copy of each adapted input (+1 byte mask).
-    Gradient checkpointing keeps only each layer's input (ah) and recomputes one layer at a time.
+    Per token and layer (element size `a`, hidden `h`, key/value width `kv`, MLP width `i`), measured on CPU by
+    autograd's live bytes (`python -m benchmarks.lm_loss_peak --activations`): two RMS/LayerNorms keep their
+    float32 input (4h each; with frozen norm weights the normalized copy is not kept); attention keeps q, k, v
+    and its output (2ah + 2a*kv) plus a float32 logsumexp per head (eager attention instead keeps the
+    heads x seq float32 probabilities and their cast); a gated MLP keeps gate, activation and up (3ai; the
+    activation's input only, ai, ungated). Frozen linear layers keep no input. Each adapted module keeps its own
+    copy of its input (the adapter's float32 weights make autocast cast the input again: a per input element;
+    with dropout the dropped copy's cast and a 1-byte mask, a + 1) and its low-rank activation (a per rank).
+    Full fine-tuning keeps the inputs of the linear layers whose input is not already kept: a(h + i).
+    Gradient checkpointing keeps only each layer's input (ah) and recomputes one layer at a time; that
+    recomputation and its backward peak at about one layer's saved bytes (measured 0.9-1.2x).
     """
     dims = counts.dims
     element = 2 if precision in ("bf16", "fp16") else 4
     h, kv, i, heads = dims["hidden"], dims["kv_heads"] * dims["head_dim"], dims["intermediate"], dims["heads"]
     layers, seq = dims["layers"], recipe.data.max_length
     tokens = micro_batch_sequences(recipe) * seq
-    per_token_layer = 2 * (4 + element) * h + 3 * element * h + 2 * element * kv
-    per_token_layer += (4 if dims["gated_mlp"] else 2) * element * i
+    per_token_layer = 2 * 4 * h + 2 * element * h + 2 * element * kv
+    per_token_layer += (3 if dims["gated_mlp"] else 1) * element * i
     attention = recipe.model.attn_implementation or "sdpa"
     if attention == "eager":
         per_token_layer += heads * seq * (4 + element)
     else:
         per_token_layer += 4 * heads
-    if recipe.adapter.method != "none" and recipe.adapter.dropout > 0 and layers:
-        per_token_layer += (element + 1) * counts.adapter_inputs // layers
+    if recipe.adapter.method == "none":
+        per_token_layer += element * (h + i)
+    elif layers:
+        copy = element + 1 if recipe.adapter.dropout > 0 else element
+        per_token_layer += copy * counts.adapter_inputs // layers
     per_token_layer += element * counts.adapter_ranks // max(layers, 1)
     if resolve_gradient_checkpointing(recipe):  # unset means on for a quantized base
-        saved, working = tokens * layers * element * h, tokens * 2 * per_token_layer
+        saved, working = tokens * layers * element * h, tokens * per_token_layer
         note = f"checkpointed, {attention} attention"
     else:
         saved, working = tokens * (layers * per_token_layer + 2 * element * h), 0
