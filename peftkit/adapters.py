@@ -261,7 +261,7 @@ def prepare_quantized_base(model, trained_modules: list[str], embedding_dtype: t
     if embedding_dtype == torch.float32:
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return
-    embeddings = {model.get_input_embeddings(), model.get_output_embeddings()} - {None}
+    embeddings = {_embedding_module(model, "get_input_embeddings"), _embedding_module(model, "get_output_embeddings")} - {None}
     kept = {
         id(param) for path, module in model.named_modules() if module in embeddings
         and not any(path == name or path.endswith("." + name) for name in trained_modules)
@@ -273,6 +273,14 @@ def prepare_quantized_base(model, trained_modules: list[str], embedding_dtype: t
             param.data = param.data.to(embedding_dtype)
         elif param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
             param.data = param.data.to(torch.float32)
+
+
+def _embedding_module(model, getter: str):
+    """The module `getter` names, or None where the architecture does not say (it then keeps peft's float32)."""
+    try:
+        return getattr(model, getter)()
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 def outermost_modules(model, names: list[str]) -> list[str]:
