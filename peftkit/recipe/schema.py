@@ -746,6 +746,8 @@ UNSUPPORTED_METHOD_TASKS = {
         "the model scores is shifted by them while the answer positions are not; use lora, adalora or ia3"
         for method in ("prompt_tuning", "p_tuning")
     },
+    ("adalora", "preference"): "TRL's preference trainers keep a frozen copy of the adapter as the reference model, "
+    "and peft's AdaLoRA allows only one adapter per model; use lora (or use_dora: true) or ia3",
 }
 
 
