@@ -225,7 +225,7 @@ def _first_line(exc: BaseException, model_dir: Path, architecture: str) -> str:
     lines = [line.strip().replace(str(model_dir), architecture) for line in str(exc).strip().splitlines() if line.strip()]
     if len(lines) > 1 and lines[0].endswith(":"):
         lines = lines[1:]
-    return lines[0][:240] if lines else type(exc).__name__
+    return lines[0][:400] if lines else type(exc).__name__
 
 
 def _check_reloads(run_dir: Path, cell: Cell, model_dir: Path, work: Path) -> None:

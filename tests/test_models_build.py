@@ -84,8 +84,8 @@ def test_a_quantized_base_with_no_layer_quantized_is_refused_and_quantized_ones_
     from peftkit.tasks import classification
 
     falcon_dir = build_checkpoint("falcon", tmp_path / "falcon")
-    with pytest.raises(UserError, match=r"quantization.bits: 4: no layer of .* was quantized: its linear layers are "
-                                        r"`FalconLinear`.*Remove quantization.bits"):
+    with pytest.raises(UserError, match=r"quantization.bits: 4: no layer of .* would be quantized: its linear layers "
+                                        r"are `FalconLinear`.*Remove quantization.bits"):
         classification.load_model(_recipe(falcon_dir, quantization={"bits": 4}), {"labels": ["a", "b"]})
     model = classification.load_model(_recipe(distilbert_dir, quantization={"bits": 4}), {"labels": ["a", "b"]})
     # 2 layers x (q, k, v, out, 2 feed-forward) linear layers; the fresh head stays in full precision.

@@ -59,9 +59,9 @@ def check_model_does_task(model: ModelSection, config: PretrainedConfig, auto_cl
 
     if auto_class is AutoModelForCausalLM and not is_causal_lm(config):
         raise UserError(
-            f"model.name: `{model.name}` ({config.model_type}) is not a causal (left-to-right) language model, so it "
-            "cannot do task.type causal_lm; use a decoder model (Llama, Qwen, GPT-2, ...), or this model with "
-            "classification, extractive_qa or features"
+            f"model.name: `{model.name}` ({config.model_type}) is not a causal (left-to-right) language model, which "
+            "task.type causal_lm and preference need; use a decoder model (Llama, Qwen, GPT-2, ...), or this model "
+            "with classification, extractive_qa or features"
         )
 
 
@@ -105,13 +105,12 @@ def check_layers_quantized(model: ModelSection, quantization: QuantizationSectio
         return
     kept = {type(module).__name__ for module in built.modules()
             if isinstance(module, torch.nn.Linear) and type(module) is not torch.nn.Linear}
-    why = (f"its linear layers are {', '.join(f'`{name}`' for name in sorted(kept))}, subclasses of torch.nn.Linear "
-           "that transformers' bitsandbytes integration does not convert" if kept
+    why = (f"its linear layers are {', '.join(f'`{name}`' for name in sorted(kept))}, which transformers' "
+           "bitsandbytes integration does not convert (it converts torch.nn.Linear itself)" if kept
            else "it has no torch.nn.Linear layer outside the ones kept in full precision")
     raise UserError(
-        f"quantization.bits: {quantization.bits}: no layer of `{model.name}` ({type(built).__name__}) was quantized: "
-        f"{why}, so the run would train in full precision while the recipe asks for {quantization.bits}-bit. "
-        "Remove quantization.bits (train in full precision) or choose a model whose layers bitsandbytes quantizes"
+        f"quantization.bits: {quantization.bits}: no layer of `{model.name}` ({type(built).__name__}) would be "
+        f"quantized: {why}. Remove quantization.bits to train it in full precision, or choose another model"
     )
 
 
