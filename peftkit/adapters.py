@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PretrainedConfig, TrainerCallback
 
 from peftkit.errors import UserError
-from peftkit.models.build import FRESH_MODULES
+from peftkit.models.build import FRESH_MODULES, quantized_layer_count
 from peftkit.models.fingerprint import architecture, fingerprint
 from peftkit.models.load import is_decoder_only, model_location
 from peftkit.recipe.resolved import resolve_precision
@@ -378,12 +378,14 @@ def save_adapter(trainer, directory: Path) -> None:
 
 
 def count_parameters(model) -> dict[str, int]:
-    """Trainable and total parameters as peft / transformers count them (4-bit weights unpacked, ZeRO-3 shards whole)."""
+    """Trainable and total parameters as peft / transformers count them (4-bit weights unpacked, ZeRO-3 shards whole),
+    and on a quantized base how many layers bitsandbytes quantized (some architectures keep some in full precision)."""
     if isinstance(model, PeftModel):
         trainable, total = model.get_nb_trainable_parameters()
     else:  # full fine-tuning: no adapter
         trainable, total = model.num_parameters(only_trainable=True), model.num_parameters()
-    return {"trainable": trainable, "total": total}
+    quantized = quantized_layer_count(model)
+    return {"trainable": trainable, "total": total, **({"quantized_layers": quantized} if quantized else {})}
 
 
 def adapter_record(recipe: Recipe, base_config: PretrainedConfig, task_info: dict) -> dict:

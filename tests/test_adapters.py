@@ -204,6 +204,8 @@ INVALID = {
     "loftq-unquantized": ({"adapter": {"method": "lora", "init": "loftq"}}, "needs quantization.bits: 4"),
     "loftq-8bit": ({"adapter": {"method": "lora", "init": "loftq"}, "quantization": {"bits": 8}}, "(got 8)"),
     "prefix-classification": ({"adapter": {"method": "prefix_tuning"}}, "prefix_tuning does not work for task classification"),
+    "adalora-preference": ({"adapter": {"method": "adalora"}, "task": {"type": "preference"}},
+                           "adalora does not work for task preference"),
     "dora-on-ia3": ({"adapter": {"method": "ia3", "use_dora": True}}, "adapter.use_dora applies to method lora, not `ia3`"),
     "rank-on-prompt": ({"adapter": {"method": "prompt_tuning", "r": 4}}, "adapter.r applies to method lora / adalora"),
     "adalora-init-below-r": ({"adapter": {"method": "adalora", "r": 8, "adalora_init_r": 4}}, "must be at least adapter.r"),

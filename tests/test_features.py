@@ -98,6 +98,10 @@ def test_features_require_adapter_none(tiny_bert_dir, sentiment_files, tmp_path)
     recipe = classification_recipe(tiny_bert_dir, sentiment_files, tmp_path / "run", task={"type": "features"})
     with pytest.raises(UserError, match="set adapter.method: none"):
         validate_recipe(recipe)
+    # With method none, a k-bit base is refused for features itself, not sent back to "use an adapter".
+    recipe["adapter"], recipe["quantization"] = {"method": "none"}, {"bits": 4}
+    with pytest.raises(UserError, match="task.type features embeds with the frozen base .* remove quantization.bits"):
+        validate_recipe(recipe)
 
 
 @pytest.mark.parametrize("pooling, expected", [("mean", [[2.0, 2.0], [5.0, 5.0]]), ("last", [[3.0, 3.0], [6.0, 6.0]]), ("cls", [[1.0, 1.0], [4.0, 4.0]])])

@@ -74,3 +74,20 @@ def test_ia3_all_linear_falls_back_to_the_models_linear_layers(distilbert_dir):
     targets = peft_model.peft_config["default"].target_modules
     assert {"q_lin", "v_lin", "lin2"} <= set(targets)
     assert any("ia3_l" in name for name, _ in peft_model.named_parameters())
+
+
+def test_a_quantized_base_with_no_layer_quantized_is_refused_and_quantized_ones_are_counted(tmp_path, distilbert_dir):
+    """Falcon's linear layers are `FalconLinear`, a subclass that transformers' bitsandbytes integration skips: a
+    4-bit recipe would silently train in full precision."""
+    from peftkit.adapters import count_parameters
+    from peftkit.models.build import quantized_layer_count
+    from peftkit.tasks import classification
+
+    falcon_dir = build_checkpoint("falcon", tmp_path / "falcon")
+    with pytest.raises(UserError, match=r"quantization.bits: 4: no layer of .* would be quantized: its linear layers "
+                                        r"are `FalconLinear`.*Remove quantization.bits"):
+        classification.load_model(_recipe(falcon_dir, quantization={"bits": 4}), {"labels": ["a", "b"]})
+    model = classification.load_model(_recipe(distilbert_dir, quantization={"bits": 4}), {"labels": ["a", "b"]})
+    # 2 layers x (q, k, v, out, 2 feed-forward) linear layers; the fresh head stays in full precision.
+    assert quantized_layer_count(model) == count_parameters(model)["quantized_layers"] == 12
+    assert "quantized_layers" not in count_parameters(classification.load_model(_recipe(distilbert_dir), {"labels": ["a", "b"]}))

@@ -108,10 +108,14 @@ def full_precision_base(recipe: Recipe, task, adapter: AdapterSource, onto: str)
     """The base in float32: its original weights, or the quantized weights the adapter was trained on, dequantized."""
     if onto == "dequantized":
         base = task.load_model(recipe, adapter.info)
-        # transformers' dequantize fails on a model with no quantized layer (every linear layer kept in full
-        # precision, as in Falcon here); then the original weights are the ones the adapter was trained on.
+        # transformers' dequantize fails on a model with no quantized layer (training refuses such a base now, but
+        # adapters trained before may exist); then the original weights are the ones the adapter was trained on.
         if any(type(module).__module__.startswith("bitsandbytes") for module in base.modules()):
-            return base.dequantize(dtype=torch.float32)
+            base = base.dequantize(dtype=torch.float32)
+            # transformers leaves the loaded-in-k-bit flags set on the now float32 model, and peft's IA3 refuses to
+            # merge into a model so flagged.
+            base.is_loaded_in_4bit = base.is_loaded_in_8bit = False
+            return base
     full = recipe.model_copy(update={
         "model": recipe.model.model_copy(update={"dtype": "float32"}), "quantization": QuantizationSection(),
     })

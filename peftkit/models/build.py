@@ -47,6 +47,8 @@ def build_model(
         # Seen only after loading: reload with the fresh modules kept in full precision (they are trained).
         built, _ = _from_pretrained(model, quantization, auto_class, model_kwargs, [*keep_unquantized, *fresh])
     setattr(built, FRESH_MODULES, fresh)
+    if quantization.bits:
+        check_layers_quantized(model, quantization, built)
     # Training, evaluation and serving compute with the 4-bit layout it was loaded in (see freeze_4bit_layout).
     return freeze_4bit_layout(built) if quantization.bits == 4 else built
 
@@ -57,9 +59,9 @@ def check_model_does_task(model: ModelSection, config: PretrainedConfig, auto_cl
 
     if auto_class is AutoModelForCausalLM and not is_causal_lm(config):
         raise UserError(
-            f"model.name: `{model.name}` ({config.model_type}) is not a causal (left-to-right) language model, so it "
-            "cannot do task.type causal_lm; use a decoder model (Llama, Qwen, GPT-2, ...), or this model with "
-            "classification, extractive_qa or features"
+            f"model.name: `{model.name}` ({config.model_type}) is not a causal (left-to-right) language model, which "
+            "task.type causal_lm and preference need; use a decoder model (Llama, Qwen, GPT-2, ...), or this model "
+            "with classification, extractive_qa or features"
         )
 
 
@@ -86,6 +88,30 @@ def _check_backbone_loaded(model: ModelSection, built, fresh: list[str], report:
 
 def _is_quantized(module) -> bool:
     return type(module).__module__.startswith("bitsandbytes")
+
+
+def quantized_layer_count(model) -> int:
+    """The bitsandbytes layers of a model (0 for a full-precision one); recorded with a run's parameter counts."""
+    return sum(_is_quantized(module) for module in model.modules())
+
+
+def check_layers_quantized(model: ModelSection, quantization: QuantizationSection, built) -> None:
+    """A run that asked for k-bit quantization and got no layer quantized would silently train in full precision.
+
+    transformers' bitsandbytes integration converts only `torch.nn.Linear` itself (and GPT-2's Conv1D), not its
+    subclasses: a model whose linear layers are its own class (Falcon's `FalconLinear`) loads with none quantized.
+    """
+    if quantized_layer_count(built):
+        return
+    kept = {type(module).__name__ for module in built.modules()
+            if isinstance(module, torch.nn.Linear) and type(module) is not torch.nn.Linear}
+    why = (f"its linear layers are {', '.join(f'`{name}`' for name in sorted(kept))}, which transformers' "
+           "bitsandbytes integration does not convert (it converts torch.nn.Linear itself)" if kept
+           else "it has no torch.nn.Linear layer outside the ones kept in full precision")
+    raise UserError(
+        f"quantization.bits: {quantization.bits}: no layer of `{model.name}` ({type(built).__name__}) would be "
+        f"quantized: {why}. Remove quantization.bits to train it in full precision, or choose another model"
+    )
 
 
 def _from_pretrained(model: ModelSection, quantization: QuantizationSection, auto_class: type, model_kwargs: dict,

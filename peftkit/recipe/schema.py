@@ -693,12 +693,18 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _combinations_are_possible(self) -> Recipe:
-        _check_adapter_fits(self.adapter, self.quantization, self.task.type)
         if self.task.type == "features" and self.adapter.method != "none":
             raise ValueError(
                 "task.type features keeps the model frozen and trains a logistic regression on its embeddings; "
                 "set adapter.method: none"
             )
+        if self.task.type == "features" and self.quantization.bits:
+            # Checked before the adapter rules, whose alternative (an adapter) features cannot take.
+            raise ValueError(
+                "task.type features embeds with the frozen base in full precision (no adapter is trained, and "
+                "quantization.bits is for k-bit adapter training); remove quantization.bits"
+            )
+        _check_adapter_fits(self.adapter, self.quantization, self.task.type)
         if self.distributed.shards_parameters and self.quantization.bits == 8:
             raise ValueError(
                 "quantization.bits: 8 cannot be sharded by ZeRO-3/FSDP (int8 weights are not partitioned); "
@@ -751,6 +757,8 @@ UNSUPPORTED_METHOD_TASKS = {
         "the model scores is shifted by them while the answer positions are not; use lora, adalora or ia3"
         for method in ("prompt_tuning", "p_tuning")
     },
+    ("adalora", "preference"): "TRL's preference trainers keep a frozen copy of the adapter as the reference model, "
+    "and peft's AdaLoRA allows only one adapter per model; use lora (or use_dora: true) or ia3",
 }
 
 

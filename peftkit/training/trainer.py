@@ -58,7 +58,14 @@ class PeftkitTraining:
 
     def __init__(self, *args, on_nonfinite: str = "stop", abort_grad_norm: float | None = None,
                  lm_loss: str = "standard", **kwargs):
+        trained_dtypes = {name: param.dtype for name, param in kwargs["model"].named_parameters() if param.requires_grad}
         super().__init__(*args, **kwargs)
+        # TRL's trainers cast a k-bit model's adapter weights to bf16 (the QLoRA paper's choice); the adapter is saved
+        # so and reloads into peft's fp32 layers, which then compute other outputs than the model that was trained
+        # and evaluated. Trained weights keep the dtype peftkit prepared them in (mixed precision autocasts them).
+        for name, param in self.model.named_parameters():
+            if name in trained_dtypes and param.dtype != trained_dtypes[name]:
+                param.data = param.data.to(trained_dtypes[name])
         self.efficient_loss = EfficientLMLoss.for_model(self.model, lm_loss)
         self.on_nonfinite = on_nonfinite
         self.abort_grad_norm = abort_grad_norm

@@ -1,0 +1,5 @@
+"""The support matrix, part 3 of 4 (see `tests/test_support_matrix.py`)."""
+
+from tests.support_matrix import chunk_test
+
+test_every_cell_is_green_or_refused = chunk_test(2)
