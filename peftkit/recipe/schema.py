@@ -230,6 +230,12 @@ class PreferenceTask(Section):
         "detects it from the columns. Each value may be a string or a list of {role, content} messages.",
     )
     system_prompt: str | None = Field(None, description="System message put before every prompt.")
+    max_prompt_length: int | None = Field(
+        None, gt=0,
+        description="Tokens a prompt may keep: a longer dialogue loses its earliest turns (the system message and the "
+        "last user turn always stay), so the pair trains on the end of the conversation, which the responses "
+        "answer, instead of being dropped for filling data.max_length. None keeps whole prompts.",
+    )
     chat_template: Literal["auto", "chatml", "plain"] = Field(
         "auto", description="`auto` uses the tokenizer's chat template; `chatml` or `plain` for tokenizers without one."
     )
