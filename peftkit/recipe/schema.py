@@ -212,10 +212,11 @@ class PreferenceTask(Section):
         description="Preference tuning of a decoder (DPO, its variants, ORPO, KTO) on TRL's trainers; the reference "
         "model is the base with the adapter disabled.",
     )
-    loss: Literal["dpo", "ipo", "hinge", "robust", "sppo_hard", "nca_pair", "bco_pair", "apo_zero", "apo_down",
-                  "orpo", "kto"] = Field(
+    loss: Literal["dpo", "sigmoid_norm", "ipo", "hinge", "robust", "sppo_hard", "nca_pair", "bco_pair", "apo_zero",
+                  "apo_down", "orpo", "kto"] = Field(
         "dpo",
-        description="`dpo` (sigmoid) and the DPO variants TRL's DPOTrainer computes (`ipo`, `hinge`, `robust`, ...); "
+        description="`dpo` (sigmoid) and the DPO variants TRL's DPOTrainer computes (`sigmoid_norm`: DPO on "
+        "per-token log-ratios, so a longer response gains nothing from its length; `ipo`, `hinge`, `robust`, ...); "
         "`orpo` (odds-ratio, no reference model); `kto` (pairs or unpaired prompt/completion/label rows).",
     )
     beta: float = Field(

@@ -49,9 +49,11 @@ log = logging.getLogger("peftkit")
 PEFT_TASK_TYPE = "CAUSAL_LM"
 DEFAULT_METRIC = "loss"
 LOSS_SUMS_OVER_ITEMS = False  # TRL's losses are means over the batch's pairs
-# DPO-family losses TRL's DPOTrainer computes (`DPOConfig.loss_type`); `dpo` is its `sigmoid`.
-DPO_LOSSES = {"dpo": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust", "sppo_hard": "sppo_hard",
-              "nca_pair": "nca_pair", "bco_pair": "bco_pair", "apo_zero": "apo_zero", "apo_down": "apo_down"}
+# DPO-family losses TRL's DPOTrainer computes (`DPOConfig.loss_type`); `dpo` is its `sigmoid`, `sigmoid_norm` the
+# same on log-ratios averaged over each response's tokens (length-normalized DPO).
+DPO_LOSSES = {"dpo": "sigmoid", "sigmoid_norm": "sigmoid_norm", "ipo": "ipo", "hinge": "hinge", "robust": "robust",
+              "sppo_hard": "sppo_hard", "nca_pair": "nca_pair", "bco_pair": "bco_pair", "apo_zero": "apo_zero",
+              "apo_down": "apo_down"}
 REFERENCE_FREE = ("orpo",)  # losses without a reference model: no implicit reward to report
 
 
