@@ -76,14 +76,17 @@ def real_tokens(data: list[dict], folder: Path) -> int:
 # --- one run per tool, each in its own process -----------------------------------------------------------------
 
 
-def run_peftkit(work: Path, data_file: Path, steps: int, batch: int) -> float:
+SFT_TASK = {"type": "causal_lm", "prompt": "{prompt}", "response": "{response}", "packing": True}
+
+
+def run_peftkit(work: Path, data_file: Path, steps: int, batch: int, task: dict = SFT_TASK,
+                max_length: int = MAX_LENGTH) -> float:
     from peftkit.recipe.load import validate_recipe
     from peftkit.training.run import train
 
     recipe = validate_recipe({
-        "name": "peers", "model": {"name": SMOLLM2},
-        "task": {"type": "causal_lm", "prompt": "{prompt}", "response": "{response}", "packing": True},
-        "data": {"train": {"path": str(data_file)}, "max_length": MAX_LENGTH},
+        "name": "peers", "model": {"name": SMOLLM2}, "task": task,
+        "data": {"train": {"path": str(data_file)}, "max_length": max_length},
         "adapter": {"method": "lora", "r": R, "alpha": ALPHA, "dropout": DROPOUT},
         "training": {"max_steps": steps, "batch_size": batch, "learning_rate": LR, "eval_strategy": "no",
                      "save_strategy": "no", "logging_steps": 1000, "warmup_ratio": 0.0},
@@ -216,20 +219,8 @@ def dpo_pairs(count: int, folder: Path) -> tuple[list[dict], int]:
 
 
 def run_peftkit_dpo(work: Path, data_file: Path, steps: int, batch: int) -> float:
-    from peftkit.recipe.load import validate_recipe
-    from peftkit.training.run import train
-
-    recipe = validate_recipe({
-        "name": "peers-dpo", "model": {"name": SMOLLM2},
-        "task": {"type": "preference", "loss": "dpo", "beta": DPO_BETA, "format": "explicit", "compare_generations": 0},
-        "data": {"train": {"path": str(data_file)}, "max_length": DPO_MAX_LENGTH},
-        "adapter": {"method": "lora", "r": R, "alpha": ALPHA, "dropout": DROPOUT},
-        "training": {"max_steps": steps, "batch_size": batch, "learning_rate": LR, "eval_strategy": "no",
-                     "save_strategy": "no", "logging_steps": 1000, "warmup_ratio": 0.0},
-        "evaluation": {"splits": []}, "output": {"dir": str(work / "peftkit-dpo"), "tensorboard": False, "overwrite": True},
-    })
-    run_dir = train(recipe)
-    return json.loads((run_dir / "metrics.json").read_text())["train"]["train_runtime"]
+    task = {"type": "preference", "loss": "dpo", "beta": DPO_BETA, "format": "explicit", "compare_generations": 0}
+    return run_peftkit(work, data_file, steps, batch, task=task, max_length=DPO_MAX_LENGTH)
 
 
 def run_trl_dpo(work: Path, data_file: Path, steps: int, batch: int) -> float:
