@@ -89,9 +89,83 @@ def test_activation_model_scales_with_tokens_and_shrinks_with_checkpointing():
     assert eager > plain
     training = {"batch_size": 16, "eval_strategy": "no"}
     standard = rows(estimate(recipe(training={**training, "lm_loss": "standard"}), replace(COUNTS, logits_width=32000)))
-    assert standard["logits + loss"] == 16 * 512 * 32000 * (2 * 2 + 12)
+    assert standard["logits + loss"] == 16 * 512 * 32000 * 12  # no layer working set without checkpointing
     chunked = rows(estimate(recipe(training=training), replace(COUNTS, logits_width=32000)))  # auto: chunked
     assert chunked["logits + loss"] < standard["logits + loss"] / 4
+
+
+def test_adapted_inputs_are_kept_with_or_without_dropout():
+    """Each adapted module keeps its own bf16 copy of its input (autocast re-casts it for the float32 adapter);
+    dropout adds only its 1-byte mask on a GPU. Full fine-tuning keeps the o_proj and down_proj inputs instead."""
+    counts = replace(COUNTS, adapter_inputs=8 * 6 * 1024, adapter_ranks=8 * 6 * 16)  # 6 adapted 1024-wide inputs a layer
+    lora = {"method": "lora", "r": 16}
+    no_dropout = rows(estimate(recipe(adapter={**lora, "dropout": 0.0}), counts))["activations"]
+    dropout = rows(estimate(recipe(adapter={**lora, "dropout": 0.1}), counts))["activations"]
+    tokens = 4 * 512
+    assert dropout - no_dropout == tokens * 8 * 6 * 1024  # + 1 byte per adapted input element and layer
+    full = rows(estimate(recipe(adapter={"method": "none"}), counts))["activations"]
+    frozen = no_dropout - tokens * 8 * 6 * 1024 * 2  # the same plan without the adapted inputs
+    assert full - frozen == tokens * 8 * 2 * (DIMS["hidden"] + DIMS["intermediate"])
+
+
+def test_loss_peak_and_layer_recomputation_are_not_added():
+    """The loss runs before the checkpointed layers' backward: the plan holds the larger of the two, not their sum."""
+    training = {"batch_size": 16, "eval_strategy": "no", "lm_loss": "standard"}
+    counts = replace(COUNTS, logits_width=32000)
+    plain = estimate(recipe(training=training), counts)
+    checkpointed = estimate(recipe(training={**training, "gradient_checkpointing": True}), counts)
+    loss_peak = 16 * 512 * 32000 * 12
+    saved_inputs = 16 * 512 * DIMS["layers"] * 2 * DIMS["hidden"]  # bf16 layer inputs
+    working_set = rows(checkpointed)["activations"] - saved_inputs
+    assert 0 < working_set < loss_peak
+    assert rows(checkpointed)["activations"] + rows(checkpointed)["logits + loss"] == saved_inputs + loss_peak
+    assert rows(plain)["logits + loss"] == loss_peak
+    small_vocab = estimate(recipe(training={**training, "gradient_checkpointing": True}), replace(COUNTS, logits_width=8))
+    assert rows(small_vocab)["logits + loss"] == 0  # a loss smaller than the layer's backward adds nothing
+
+
+@pytest.mark.slow
+def test_loss_rows_match_the_measured_peak():
+    """The plan's bytes per logit for the standard and the chunked loss are what one training step really holds."""
+    result = subprocess.run([sys.executable, "-m", "benchmarks.lm_loss_peak", "--tokens", "1024"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, check=True)
+    table = {line.split("|")[1].strip(): line.split("|")[2:4] for line in result.stdout.splitlines() if line.startswith("| ")}
+    measured, planned = (float(x) for x in table["standard"])
+    assert 11.5 < measured < 12.5 and planned == 12.0
+    measured, planned = (float(x) for x in table["chunked"])
+    assert 0.8 * planned <= measured <= 1.4 * planned  # RSS pages; measured also holds the embedding gradient
+
+
+@pytest.mark.parametrize("loss, sequences, passes", [("dpo", 2, 1), ("ipo", 2, 1), ("orpo", 2, 0), ("kto", 1, 2)])
+def test_preference_rows_follow_what_the_task_says_one_step_runs(loss, sequences, passes):
+    """The planner asks the task (its own Trainer decides the forwards): pairs double the tokens, a reference model
+    adds no-grad passes; SFT with the same batch has neither."""
+    counts = replace(COUNTS, logits_width=32000)
+    sft = estimate(recipe(), counts)
+    plan = estimate(recipe(task={"type": "preference", "loss": loss}), counts)
+    assert plan.settings["tokens_per_micro_batch"] == sequences * sft.settings["tokens_per_micro_batch"]
+    assert rows(plan)["activations"] == sequences * rows(sft)["activations"]
+    reference = rows(plan).get("reference forward")
+    assert (reference is None) == (passes == 0)
+    assert "reference forward" not in rows(sft)
+    if passes:
+        assert f"{passes} no-grad pass(es)" in next(row.note for row in plan.rows if row.component == "reference forward")
+
+
+def test_adamw_step_intermediate_counts_only_beyond_the_freed_activations():
+    """torch's foreach AdamW makes one parameter-sized intermediate after backward; only what exceeds the activations
+    (freed by then) raises the peak, and 8-bit/offloaded optimizers have none."""
+    trainable_bytes = 8 * 2**20 * 4
+    short = recipe(data={"max_length": 8}, training={"batch_size": 1, "eval_strategy": "no"})
+    plan = rows(estimate(short, COUNTS))
+    assert plan["optimizer step"] == trainable_bytes - plan["activations"] > 0
+    assert rows(estimate(recipe(), COUNTS))["optimizer step"] == 0  # 2,048 tokens of activations are larger
+    eight_bit = recipe(data={"max_length": 8}, training={"batch_size": 1, "eval_strategy": "no", "optimizer": "adamw_8bit"})
+    assert "optimizer step" not in rows(estimate(eight_bit, COUNTS))
+    zero2 = recipe(data={"max_length": 8}, training={"batch_size": 1, "eval_strategy": "no"},
+                   distributed={"strategy": "deepspeed", "zero_stage": 2})
+    sharded = rows(estimate(zero2, COUNTS, 4))
+    assert sharded["optimizer step"] == trainable_bytes // 4 - sharded["activations"]  # the fp32 partition
 
 
 def test_gathered_size_counts_a_head_larger_than_a_layer():

@@ -16,6 +16,7 @@ from peftkit.recipe.schema import Recipe
 from peftkit.tasks import TASKS, auto_class_for_peft_type, task_for_peft_type
 from peftkit.tasks.base import (
     DeploymentTask,
+    OwnTrainerTask,
     SelfFittingTask,
     TrainerTask,
     TrainingTask,
@@ -23,6 +24,7 @@ from peftkit.tasks.base import (
     deploys,
     fits_itself,
     protocol_members,
+    trains_with_own_trainer,
 )
 
 
@@ -55,7 +57,8 @@ def test_every_task_fulfils_the_contract(name):
     module = TASKS[name]
     assert isinstance(module, TrainingTask)
     assert fits_itself(module) or isinstance(module, TrainerTask), name
-    _check_against(module, SelfFittingTask if fits_itself(module) else TrainerTask)
+    _check_against(module, SelfFittingTask if fits_itself(module) else OwnTrainerTask if trains_with_own_trainer(module)
+                   else TrainerTask)
     assert module.PEFT_TASK_TYPE in {t.value for t in TaskType}
     if deploys(module):
         _check_against(module, DeploymentTask)

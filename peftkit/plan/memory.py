@@ -23,7 +23,7 @@ GiB = 2**30
 # workspaces and NCCL buffers (fixed), and allocator fragmentation (a share of what is allocated).
 RUNTIME_FIXED_BYTES = 1 * GiB
 FRAGMENTATION_SHARE = 0.05
-PLAN_ERROR = 0.10  # about the median relative error on the published table of docs/plan.md (the worst is larger)
+PLAN_ERROR = 0.10  # between the median errors on docs/plan.md's published table without/with cache-holding counters
 
 BNB_OPTIMIZER_BLOCK = 256  # elements per absmax of a blockwise 8-bit optimizer state
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps smaller tensors' states in float32
@@ -64,6 +64,7 @@ class MemoryPlan:
 
 
 RUNTIME_ROW = "runtime + fragmentation"
+TRANSIENT_ROWS = ("activations", "logits + loss", "reference forward")  # freed when backward ends
 
 
 def optimizer_state_bytes(trainable: list[tuple[int, torch.dtype]], optimizer: str) -> int:
@@ -195,11 +196,11 @@ def estimate(recipe: Recipe, counts: ParameterCounts, gpus: int = 1, gpu_memory:
         rows.append(Row("live offloaded parameters", live, "ZeRO-3 stage3_max_live_parameters (1e9) in 16-bit"))
 
     tokens = micro_batch_sequences(recipe) * recipe.data.max_length
-    activation_bytes, activation_note = activations(recipe, counts, precision)
-    rows.append(Row("activations", activation_bytes, activation_note))
+    saved, working, activation_note = activations(recipe, counts, precision)
+    rows.append(Row("activations", saved + working, activation_note))
     if counts.logits_width:
         element = 2 if mixed else 4
-        rows.append(loss_row(recipe, counts, tokens, element))
+        rows.append(loss_row(recipe, counts, tokens, element, working))
         passes = reference_passes(recipe)
         if passes:
             # The reference forward runs without gradients while the policy's activations are held: its logits
@@ -208,6 +209,14 @@ def estimate(recipe: Recipe, counts: ParameterCounts, gpus: int = 1, gpu_memory:
                 Row("reference forward", tokens * counts.logits_width * (element + 4),
                     f"{passes} no-grad pass(es) of the base with the adapter disabled, {tokens:,} tokens")
             )
+    if recipe.training.optimizer == "adamw_torch" and not offload_optimizer:
+        # torch's AdamW steps every parameter of one device and dtype at once (foreach, its CUDA default) and makes
+        # one parameter-sized intermediate (the square root of exp_avg_sq). The step runs after backward has freed
+        # the activations and the loss, so it raises the peak only by what it needs beyond them.
+        stepped = partition_numel * 4 if deepspeed else int(states - ADAM_STEP_BYTES * len(counts.trainable)) // 2
+        transient = sum(row.bytes for row in rows if row.component in TRANSIENT_ROWS)
+        rows.append(Row("optimizer step", max(stepped - transient, 0),
+                        f"foreach AdamW intermediate {format_bytes(stepped)}, beyond the freed activations"))
     allocated = sum(row.bytes for row in rows)
     rows.append(
         Row(RUNTIME_ROW, RUNTIME_FIXED_BYTES + int(FRAGMENTATION_SHARE * allocated),
@@ -223,66 +232,92 @@ def estimate(recipe: Recipe, counts: ParameterCounts, gpus: int = 1, gpu_memory:
 
 
 def micro_batch_sequences(recipe: Recipe) -> int:
-    """Sequences in one forward pass: preference pairs batch chosen and rejected together (KTO's rows are single)."""
-    task = recipe.task
-    return recipe.training.batch_size * (2 if task.type == "preference" and task.loss != "kto" else 1)
+    """Sequences in one forward pass: a task with its own Trainer says how many each batch row puts through."""
+    task = get_task(recipe.task.type)
+    return recipe.training.batch_size * (task.sequences_per_row(recipe) if trains_with_own_trainer(task) else 1)
 
 
 def reference_passes(recipe: Recipe) -> int:
-    """No-grad reference forwards per step: DPO-family 1, KTO 2 (its KL batch too), ORPO and other tasks none."""
-    task = recipe.task
-    if task.type != "preference" or task.loss == "orpo":
-        return 0
-    return 2 if task.loss == "kto" else 1
+    """No-grad reference forwards per step: only a task with its own Trainer runs any, and it says how many."""
+    task = get_task(recipe.task.type)
+    return task.reference_passes(recipe) if trains_with_own_trainer(task) else 0
 
 
-def loss_row(recipe: Recipe, counts: ParameterCounts, tokens: int, element: int) -> Row:
-    """The language-model loss. Standard: logits in the compute dtype, their float32 copy, the log-softmax and
-    its gradient (2a + 12 bytes per token and vocabulary entry). Chunked (and the fused kernels, assumed alike):
-    one chunk's float32 logits, their softmax-gradient and its cast, plus the labelled hidden rows and their
-    gradient; every token is assumed labelled (response-only masks make it smaller)."""
+# Peak bytes per logit (token x vocabulary entry) of each loss, measured (`benchmarks/lm_loss_peak.py`); see `loss_row`
+STANDARD_LOSS_BYTES = 12
+CHUNK_LOSS_BYTES = 12
+
+
+def loss_row(recipe: Recipe, counts: ParameterCounts, tokens: int, element: int, layer_working_set: int) -> Row:
+    """What the language-model loss adds to the peak.
+
+    Standard (transformers' loss): 12 bytes per token and vocabulary entry at its peak, the start of backward: the
+    float32 log-softmax it saved, the gradient of it and the float32 gradient of the logits. The logits themselves
+    (and their float32 copies: transformers' upcast, accelerate's float32 outputs) are freed by then, and the forward
+    peaks lower (about 10 bytes). Measured on CPU as peak RSS growth per token x vocabulary entry with
+    transformers 5 (`docs/plan.md`): 12.0 in bf16 with and without autocast, and in float32.
+    Chunked (the fused kernels are assumed alike): 12 bytes per entry of one chunk, in bf16 and float32 alike (the
+    previous chunk's float32 logits and cast gradient are still referenced while the next chunk's logits and their
+    upcast are made), plus the labelled hidden rows and their gradient; every token is assumed labelled
+    (response-only masks make it smaller).
+    The loss runs before the layers' backward: its peak and the layer recomputation's working set (part of the
+    activations row) are not live together, so the row is what the loss needs beyond that working set."""
     vocab, hidden = counts.logits_width, counts.dims.get("hidden", 0)
     # A task trained by its own Trainer class (TRL's preference trainers) computes its loss from the logits, and
     # training hands it `standard` for that reason (training/run.py): the plan counts the same.
     if recipe.training.lm_loss == "standard" or trains_with_own_trainer(get_task(recipe.task.type)):
-        return Row("logits + loss", tokens * vocab * (2 * element + 12), f"{tokens:,} tokens x {vocab:,} vocabulary")
-    chunk = min(tokens, chunk_tokens(tokens, vocab, hidden))
-    size = chunk * vocab * (4 + 4 + element) + 2 * tokens * hidden * element
-    return Row("logits + loss", size, f"chunked: {chunk:,} of {tokens:,} tokens x {vocab:,} vocabulary at a time")
+        peak = tokens * vocab * STANDARD_LOSS_BYTES
+        note = f"{tokens:,} tokens x {vocab:,} vocabulary"
+    else:
+        chunk = min(tokens, chunk_tokens(tokens, vocab, hidden))
+        peak = chunk * vocab * CHUNK_LOSS_BYTES + 2 * tokens * hidden * element
+        note = f"chunked: {chunk:,} of {tokens:,} tokens x {vocab:,} vocabulary at a time"
+    if layer_working_set:
+        note += f"; peak {format_bytes(peak)}, less the layer backward's {format_bytes(layer_working_set)} it precedes"
+    return Row("logits + loss", max(peak - layer_working_set, 0), note)
 
 
-def activations(recipe: Recipe, counts: ParameterCounts, precision: str) -> tuple[int, str]:
-    """Saved activations at the start of backward plus one layer's backward working set.
+def activations(recipe: Recipe, counts: ParameterCounts, precision: str) -> tuple[int, int, str]:
+    """Saved activations at the start of backward, and one layer's backward working set (recomputation under
+    checkpointing; 0 without, where every layer's tensors are saved).
 
-    Per token and layer (element size `a`, hidden `h`, key/value width `kv`, MLP width `i`): two RMS/LayerNorms
-    keep a float32 input and a normalized copy ((4+a)h each); attention keeps q, k, v, its output and the
-    o_proj input (3ah + 2a*kv) plus a float32 logsumexp per head (eager attention instead keeps the
-    heads x seq float32 probabilities and their cast); a gated MLP keeps gate, activation, up and product
-    (4ai; 2ai ungated). LoRA with dropout keeps a dropped-out copy of each adapted input (+1 byte mask).
-    Gradient checkpointing keeps only each layer's input (ah) and recomputes one layer at a time.
+    Per token and layer (element size `a`, hidden `h`, key/value width `kv`, MLP width `i`), measured on CPU by
+    autograd's live bytes (`python -m benchmarks.lm_loss_peak --activations`): two RMS/LayerNorms keep their
+    float32 input (4h each; with frozen norm weights the normalized copy is not kept); attention keeps q, k, v
+    and its output (2ah + 2a*kv) plus a float32 logsumexp per head (eager attention instead keeps the
+    heads x seq float32 probabilities and their cast); a gated MLP keeps gate, activation and up (3ai; the
+    activation's input only, ai, ungated). Frozen linear layers keep no input. Each adapted module keeps its own
+    copy of its input (the adapter's float32 weights make autocast cast the input again: a per input element;
+    with dropout the dropped copy's cast and a 1-byte mask, a + 1) and its low-rank activation (a per rank).
+    Full fine-tuning keeps the inputs of the linear layers whose input is not already kept: a(h + i).
+    Gradient checkpointing keeps only each layer's input (ah) and recomputes one layer at a time; that
+    recomputation and its backward peak at about one layer's saved bytes (measured 0.9-1.2x).
     """
     dims = counts.dims
     element = 2 if precision in ("bf16", "fp16") else 4
     h, kv, i, heads = dims["hidden"], dims["kv_heads"] * dims["head_dim"], dims["intermediate"], dims["heads"]
     layers, seq = dims["layers"], recipe.data.max_length
     tokens = micro_batch_sequences(recipe) * seq
-    per_token_layer = 2 * (4 + element) * h + 3 * element * h + 2 * element * kv
-    per_token_layer += (4 if dims["gated_mlp"] else 2) * element * i
+    per_token_layer = 2 * 4 * h + 2 * element * h + 2 * element * kv
+    per_token_layer += (3 if dims["gated_mlp"] else 1) * element * i
     attention = recipe.model.attn_implementation or "sdpa"
     if attention == "eager":
         per_token_layer += heads * seq * (4 + element)
     else:
         per_token_layer += 4 * heads
-    if recipe.adapter.method != "none" and recipe.adapter.dropout > 0 and layers:
-        per_token_layer += (element + 1) * counts.adapter_inputs // layers
+    if recipe.adapter.method == "none":
+        per_token_layer += element * (h + i)
+    elif layers:
+        copy = element + 1 if recipe.adapter.dropout > 0 else element
+        per_token_layer += copy * counts.adapter_inputs // layers
     per_token_layer += element * counts.adapter_ranks // max(layers, 1)
     if resolve_gradient_checkpointing(recipe):  # unset means on for a quantized base
-        saved = tokens * (layers * element * h + 2 * per_token_layer)
+        saved, working = tokens * layers * element * h, tokens * per_token_layer
         note = f"checkpointed, {attention} attention"
     else:
-        saved = tokens * (layers * per_token_layer + 2 * element * h)
+        saved, working = tokens * (layers * per_token_layer + 2 * element * h), 0
         note = f"{attention} attention"
-    return int(saved), f"{tokens:,} tokens/micro-batch, {note}"
+    return int(saved), int(working), f"{tokens:,} tokens/micro-batch, {note}"
 
 
 def format_bytes(size: float) -> str:

@@ -89,6 +89,13 @@ class OwnTrainerTask(TrainerTask, Protocol):
 
     def before_save(self, trainer) -> None: """Adjust the model before its adapter is saved."""
 
+    # Its own Trainer decides its forward passes, so `peftkit plan` asks the task what one step runs:
+    def sequences_per_row(self, recipe) -> int:
+        """Sequences one batch row puts through the trained model at once (a chosen + rejected pair: 2)."""
+
+    def reference_passes(self, recipe) -> int:
+        """No-grad forwards of a reference model per step, run while the policy's activations are held."""
+
 
 @runtime_checkable
 class SelfFittingTask(TrainingTask, Protocol):

@@ -98,6 +98,18 @@ def before_save(trainer) -> None:
         model.set_adapter("default")
 
 
+def sequences_per_row(recipe: Recipe) -> int:
+    """DPO-family and ORPO batch a pair's chosen and rejected completions together; KTO's rows are single."""
+    return 1 if recipe.task.loss == "kto" else 2
+
+
+def reference_passes(recipe: Recipe) -> int:
+    """DPO-family: one reference forward; KTO: two (its mismatched KL batch too); ORPO has no reference."""
+    if recipe.task.loss in REFERENCE_FREE:
+        return 0
+    return 2 if recipe.task.loss == "kto" else 1
+
+
 # ---- data ---------------------------------------------------------------------------------------------------
 
 
