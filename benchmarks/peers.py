@@ -8,9 +8,14 @@ than oversubscribed defaults); tools alternate within each round so load drifts 
 the real (non-pad) tokens of the rows, tokenized once with the chat template, over the Trainer's `train_runtime`
 (each tool trains through the HF Trainer, so the clock covers the same loop).
 
-LLaMA-Factory runs from its own virtual environment (it pins other library versions):
-    python -m venv /tmp/llamafactory-venv && /tmp/llamafactory-venv/bin/pip install llamafactory==0.9.5 torch==2.13.0
-and is skipped with the reason when that environment is missing or its run fails.
+LLaMA-Factory runs from its own virtual environment (it pins other library versions), made by
+    python -m venv /tmp/llamafactory-venv && /tmp/llamafactory-venv/bin/pip install llamafactory==0.9.3 \
+        torch==2.13.0 "pyarrow<20" --extra-index-url https://download.pytorch.org/whl/cpu
+(`LLAMAFACTORY_VENV` names another folder). 0.9.3, not the newest 0.9.5: 0.9.4+ import torchaudio
+unconditionally, and the only torchaudio wheels on PyPI are CUDA builds (`_torchaudio.so` needs libc10_cuda.so)
+that no CPU torch can load; 0.9.3 reads audio through librosa instead. It pins numpy<2, hence pyarrow<20.
+It uses its `smollm2` template (SmolLM2's chat format with its default system prompt) and pads its batches.
+The tool is skipped with the reason when that environment is missing or its run fails.
 
 Also printed: the achieved FLOP rate (4 x frozen parameters + 6 x trainable, per token, plus attention) against this
 machine's measured float32 matmul peak at the same thread count.
@@ -122,6 +127,24 @@ def run_trl(work: Path, data_file: Path, steps: int, batch: int) -> float:
     return trainer.train().metrics["train_runtime"]
 
 
+def older_transformers_folder(work: Path) -> Path:
+    """The model folder as LLaMA-Factory 0.9.3's transformers 4.52 reads it: the folder peftkit converted with
+    transformers 5 names its tokenizer class `TokenizersBackend`, nests `rope_theta` in `rope_parameters` (4.52
+    would silently use 10,000 instead of 100,000) and records the GGUF source as a quantization config."""
+    source, folder = model_folder(), work / "lf-model"
+    folder.mkdir(exist_ok=True)
+    for path in source.iterdir():
+        if path.name not in ("config.json", "tokenizer_config.json") and not (folder / path.name).exists():
+            (folder / path.name).symlink_to(path)
+    config = json.loads((source / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config.update(config.pop("rope_parameters", {}))
+    tokenizer = {**json.loads((source / "tokenizer_config.json").read_text()), "tokenizer_class": "PreTrainedTokenizerFast"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+    return folder
+
+
 def run_llamafactory(work: Path, data_file: Path, steps: int, batch: int, threads: int) -> float:
     cli = LLAMAFACTORY / "bin" / "llamafactory-cli"
     if not cli.exists():
@@ -134,9 +157,9 @@ def run_llamafactory(work: Path, data_file: Path, steps: int, batch: int, thread
     (data_dir / "dataset_info.json").write_text(json.dumps({"peers": {"file_name": "peers.json"}}))
     output = work / "llamafactory"
     config = {
-        "model_name_or_path": str(model_folder()), "stage": "sft", "do_train": True, "finetuning_type": "lora",
+        "model_name_or_path": str(older_transformers_folder(work)), "stage": "sft", "do_train": True, "finetuning_type": "lora",
         "lora_rank": R, "lora_alpha": ALPHA, "lora_dropout": DROPOUT, "lora_target": "all",
-        "dataset": "peers", "dataset_dir": str(data_dir), "template": "default", "cutoff_len": MAX_LENGTH,
+        "dataset": "peers", "dataset_dir": str(data_dir), "template": "smollm2", "cutoff_len": MAX_LENGTH,
         "train_on_prompt": False, "output_dir": str(output), "overwrite_output_dir": True,
         "per_device_train_batch_size": batch, "max_steps": steps, "learning_rate": LR, "warmup_steps": 0,
         "logging_steps": 1000, "save_strategy": "no", "report_to": "none", "use_cpu": True, "bf16": False,

@@ -34,6 +34,7 @@ from peftkit.errors import UserError
 from peftkit.models.build import FRESH_MODULES
 from peftkit.models.fingerprint import architecture, fingerprint
 from peftkit.models.load import is_decoder_only, model_location
+from peftkit.recipe.resolved import resolve_precision
 from peftkit.recipe.schema import AdapterSection, Recipe
 from peftkit.references import hub_id
 
@@ -210,20 +211,21 @@ def _hidden_size(config: PretrainedConfig) -> int | None:
     return None
 
 
-def attach_adapter(model, recipe: Recipe, task_type: str, head_modules: list[str] = ()):
+def attach_adapter(model, recipe: Recipe, task_type: str, head_modules: list[str] = (), precision: str | None = None):
     """Prepare a quantized base for training, inject the adapter, and apply initializations that need the model.
 
     Besides the task's heads, the modules the checkpoint did not fill (`models.build.FRESH_MODULES`) are trained
-    and saved with the adapter: left out, they would stay random and differ on every reload.
+    and saved with the adapter: left out, they would stay random and differ on every reload. `precision` is the
+    training precision (default: as training resolves it on this machine; the planner passes the GPU's).
     """
     config = build_peft_config(recipe, task_type, outermost_modules(model, [*head_modules, *getattr(model, FRESH_MODULES, [])]))
     if config is None:
         return model
     fit_config_to_model(config, model, recipe)
     if recipe.quantization.bits:
-        # Freezes the base and upcasts the unquantized parameters (norms, embeddings, heads) to fp32 for stable
-        # training; gradient checkpointing is left to the Trainer (training.gradient_checkpointing).
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        bf16 = (precision or resolve_precision(recipe.training.precision)) == "bf16"
+        embedding_dtype = torch.bfloat16 if bf16 and not recipe.quantization.upcast_embeddings else torch.float32
+        prepare_quantized_base(model, config.modules_to_save or [], embedding_dtype)
     try:
         model = get_peft_model(model, config)
     except NoMatchingPeftModuleError:
@@ -243,6 +245,42 @@ def attach_adapter(model, recipe: Recipe, task_type: str, head_modules: list[str
         initial = {name: tensor.detach().clone() for name, tensor in get_peft_model_state_dict(model).items()}
         setattr(model, _INITIAL_ADAPTER, initial)
     return model
+
+
+def prepare_quantized_base(model, trained_modules: list[str], embedding_dtype: torch.dtype = torch.float32) -> None:
+    """peft's k-bit preparation: freeze the base and upcast its unquantized fp16/bf16 parameters to float32 for stable
+    training (gradient checkpointing is left to the Trainer: training.gradient_checkpointing).
+
+    The frozen input embeddings and LM head are cast to `embedding_dtype` instead: peftkit passes bf16 under bf16
+    training, as QLoRA's own code and torchtune keep them, because autocast computes the head's matmul in bf16 from a
+    float32 weight anyway, so the float32 copy (3.9 GiB on Llama-3-8B) only cost memory
+    (`benchmarks/kbit_embedding_dtype.py` measures the loss). The norms stay float32, and modules the adapter trains
+    (`trained_modules`, peft's `modules_to_save`) keep float32 master weights. peft's function has no switch for
+    this, hence its loop here.
+    """
+    if embedding_dtype == torch.float32:
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return
+    embeddings = {_embedding_module(model, "get_input_embeddings"), _embedding_module(model, "get_output_embeddings")} - {None}
+    kept = {
+        id(param) for path, module in model.named_modules() if module in embeddings
+        and not any(path == name or path.endswith("." + name) for name in trained_modules)
+        for param in module.parameters()
+    }
+    for param in model.parameters():
+        param.requires_grad = False
+        if id(param) in kept and param.is_floating_point():
+            param.data = param.data.to(embedding_dtype)
+        elif param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
+            param.data = param.data.to(torch.float32)
+
+
+def _embedding_module(model, getter: str):
+    """The module `getter` names, or None where the architecture does not say (it then keeps peft's float32)."""
+    try:
+        return getattr(model, getter)()
+    except (AttributeError, NotImplementedError):
+        return None
 
 
 def outermost_modules(model, names: list[str]) -> list[str]:

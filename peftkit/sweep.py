@@ -10,7 +10,9 @@ The search space is its own small YAML file whose keys are recipe key paths:
       training.epochs: {low: 1, high: 3, step: 1}
 
 Intermediate validation metrics are reported to optuna at every evaluation, and its median pruner stops
-trials that fall behind. Results: `results.csv`, `results.md`, `results.png`, `best_recipe.yaml`.
+trials that fall behind. `sampler: grid` (all parameters given as `choices`) runs every combination once
+instead of TPE's proposals. Results, rewritten after every trial: `results.csv`, `results.md`, `results.png`,
+`best_recipe.yaml`.
 """
 
 from __future__ import annotations
@@ -61,7 +63,25 @@ class SearchSpace(BaseModel):
     direction: Literal["maximize", "minimize"] | None = Field(None, description="Optimization direction.")
     params: dict[str, Parameter] = Field(min_length=1, description="Recipe key path -> its search range.")
     pruning: bool = Field(True, description="Stop trials whose intermediate metric is worse than the median so far.")
-    seed: int = Field(0, description="Seed of the TPE sampler.")
+    sampler: Literal["tpe", "grid"] = Field(
+        "tpe", description="`tpe`: optuna's TPE proposes values; `grid`: every combination of the `choices` once "
+        "(in a seeded random order; --trials caps the count), for small sweeps that must cover each setting.",
+    )
+    seed: int = Field(0, description="Seed of the sampler.")
+
+    @model_validator(mode="after")
+    def _grid_needs_choices(self) -> SearchSpace:
+        ranges = [key for key, parameter in self.params.items() if parameter.choices is None]
+        if self.sampler == "grid" and ranges:
+            raise ValueError(f"sampler `grid` needs `choices` for every parameter; {', '.join(ranges)} has a range")
+        return self
+
+    def make_sampler(self):
+        import optuna
+
+        if self.sampler == "grid":
+            return optuna.samplers.GridSampler({key: p.choices for key, p in self.params.items()}, seed=self.seed)
+        return optuna.samplers.TPESampler(seed=self.seed)
 
 
 def load_space(path: Path) -> SearchSpace:
@@ -130,7 +150,7 @@ def sweep(recipe_path: Path, space_path: Path, trials: int, overrides: list[str]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         direction=direction,
-        sampler=optuna.samplers.TPESampler(seed=space.seed),
+        sampler=space.make_sampler(),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0, n_min_trials=1),
     )
     rows: list[dict] = []
@@ -144,15 +164,16 @@ def sweep(recipe_path: Path, space_path: Path, trials: int, overrides: list[str]
         recipe = trial_recipe(base, values, run_dir)
         try:
             train(recipe, callbacks=[PruningCallback(trial, metric)] if space.pruning else [])
+            value = _final_metric(run_dir, metric)
+            row.update({metric: value, "state": "complete"})
+            return value
         except optuna.TrialPruned:
             row["state"] = "pruned"
             raise
-        value = _final_metric(run_dir, metric)
-        row.update({metric: value, "state": "complete"})
-        return value
+        finally:  # after every trial, so that a sweep stopped part-way still has the table of its finished trials
+            write_results(sweep_dir, rows, metric, direction, base, list(space.params))
 
     study.optimize(objective, n_trials=trials, catch=(UserError,))
-    write_results(sweep_dir, rows, metric, direction, base, study)
     return sweep_dir
 
 
@@ -176,7 +197,7 @@ def _final_metric(run_dir: Path, metric: str) -> float:
     return float(value)
 
 
-def write_results(sweep_dir: Path, rows: list[dict], metric: str, direction: str, base: Recipe, study) -> None:
+def write_results(sweep_dir: Path, rows: list[dict], metric: str, direction: str, base: Recipe, keys: list[str]) -> None:
     columns = list(dict.fromkeys(key for row in rows for key in row))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     with open(sweep_dir / "results.csv", "w", newline="", encoding="utf-8") as handle:
@@ -190,10 +211,11 @@ def write_results(sweep_dir: Path, rows: list[dict], metric: str, direction: str
         lines.append("| " + " | ".join(_format(row.get(c)) for c in shown) + " |")
     complete = [row for row in rows if row["state"] == "complete"]
     if complete:
-        best = study.best_trial
-        lines += ["", f"Best: trial {best.number}, {metric} = {best.value:.4f}, recipe `best_recipe.yaml`.", "",
+        pick = max if direction == "maximize" else min
+        best = pick(complete, key=lambda row: row[metric])  # the first of tied trials, as optuna's best_trial
+        lines += ["", f"Best: trial {best['trial']}, {metric} = {best[metric]:.4f}, recipe `best_recipe.yaml`.", "",
                   "![sweep](results.png)"]
-        best_recipe = trial_recipe(base, best.params, run_dir_for(base) / "best")
+        best_recipe = trial_recipe(base, {key: best[key] for key in keys}, run_dir_for(base) / "best")
         write_text_atomic(sweep_dir / "best_recipe.yaml", recipe_as_yaml(best_recipe.model_copy(update={"name": f"{base.name}-best"})))
         _plot(rows, metric, direction, sweep_dir / "results.png")
     write_text_atomic(sweep_dir / "results.md", "\n".join(lines) + "\n")

@@ -284,3 +284,17 @@ def test_prefix_tuning_turns_gradient_checkpointing_off_and_refuses_it_when_aske
     asked = recipe(gradient_checkpointing=True)
     with pytest.raises(UserError, match="training.gradient_checkpointing"):
         check_adapter_fits_model(asked, load_config(asked.model), "CAUSAL_LM")
+
+
+def test_qlora_with_bf16_embeddings_trains_under_bf16_autocast(tiny_llama_dir, small_files, tmp_path):
+    """k-bit preparation leaves the frozen embeddings in bf16 next to float32 norms and a float32 trained head under
+    bf16 training (tests/test_quantization.py): the mixed dtypes that autocast must reconcile train end to end."""
+    from peftkit.training.run import train
+
+    recipe = quick_recipe(tiny_llama_dir, small_files, tmp_path / "run", {"method": "lora", "r": 4, "alpha": 8}, 4)
+    recipe["model"]["dtype"] = recipe["quantization"]["compute_dtype"] = "bfloat16"
+    recipe["training"]["precision"] = "bf16"
+    run_dir = train(validate_recipe(recipe))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train"]["global_step"] == 2 and metrics["setup"]["precision"] == "bf16"
+    assert metrics["setup"]["kbit_preparation"] and torch.isfinite(torch.tensor(metrics["train"]["train_loss"]))

@@ -41,13 +41,15 @@ def tiny_model_dirs(tmp_path_factory) -> dict:
     return dirs
 
 
-def tiny_recipe(model_dir, bits=None, method="lora", optimizer="adamw_torch", **adapter) -> object:
+def tiny_recipe(model_dir, bits=None, method="lora", optimizer="adamw_torch", precision="fp32", **adapter) -> object:
+    """`precision` explicit: the plan resolves `auto` for a GPU (bf16), this CPU trains in fp32, and k-bit preparation
+    keeps the embeddings in bf16 only under bf16 training."""
     return validate_recipe({
         "model": {"name": str(model_dir)},
         "data": {"train": {"path": "unused.jsonl"}, "max_length": 8},
         "adapter": {"method": method, **({"r": 4, "alpha": 8, "dropout": 0.0} if method != "none" else {}), **adapter},
         "quantization": {"bits": bits},
-        "training": {"eval_strategy": "no", "optimizer": optimizer, "batch_size": 2},
+        "training": {"eval_strategy": "no", "optimizer": optimizer, "batch_size": 2, "precision": precision},
     })
 
 
@@ -113,6 +115,14 @@ COMBINATIONS = [(bits, method) for bits in (None, 8, 4) for method in ("lora", "
 def test_predicted_bytes_equal_allocated_bytes(tiny_model_dirs, tmp_path, architecture, bits, method):
     recipe = tiny_recipe(tiny_model_dirs[architecture], bits=bits, method=method)
     assert predicted(recipe) == measure_training_step(recipe, tmp_path)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_plan_counts_bf16_kbit_embeddings_as_training_keeps_them(tiny_model_dirs, tmp_path, bits):
+    """Under bf16 training k-bit preparation keeps the frozen embeddings in bf16: the plan counts what training holds."""
+    recipe = tiny_recipe(tiny_model_dirs["llama"], bits=bits, precision="bf16")
+    assert predicted(recipe) == measure_training_step(recipe, tmp_path)
+    assert predicted(recipe)["parameters"] < predicted(tiny_recipe(tiny_model_dirs["llama"], bits=bits))["parameters"]
 
 
 @pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"])

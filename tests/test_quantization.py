@@ -118,3 +118,37 @@ def test_frozen_4bit_base_is_bit_identical_after_evaluation_and_saving(tiny_llam
                 module.support_avx512bf16_for_cpu = True
         evaluate_and_save()
         assert _quantized_state_hash(model) != before
+
+
+@pytest.mark.parametrize("model_dtype,precision,upcast,kept", [
+    ("bfloat16", "bf16", False, torch.bfloat16), ("float32", "bf16", False, torch.bfloat16),
+    ("bfloat16", "bf16", True, torch.float32), ("bfloat16", "fp32", False, torch.float32),
+])
+def test_kbit_preparation_keeps_frozen_embeddings_and_lm_head_in_bf16_under_bf16_training(
+    model_dtype, precision, upcast, kept, tiny_llama_dir
+):
+    """Under bf16 training the frozen embeddings and LM head are bf16 whatever the loaded dtype (autocast computes the
+    head in bf16 anyway); norms and trained heads get float32 as in peft's preparation, fp32 training upcasts all."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from peftkit.adapters import attach_adapter
+
+    recipe = validate_recipe({
+        "model": {"name": str(tiny_llama_dir), "dtype": model_dtype}, "data": {"train": {"path": "t.jsonl"}},
+        "training": {"eval_strategy": "no", "precision": precision},
+        "quantization": {"bits": 4, "compute_dtype": "bfloat16", "upcast_embeddings": upcast},
+        "adapter": {"r": 4, "alpha": 8, "dropout": 0.0},
+    })
+    decoder = attach_adapter(_build(recipe, AutoModelForCausalLM), recipe, "CAUSAL_LM").get_base_model()
+    assert decoder.model.embed_tokens.weight.dtype == kept and decoder.lm_head.weight.dtype == kept
+    assert decoder.model.norm.weight.dtype == torch.float32
+    assert decoder.model.layers[0].input_layernorm.weight.dtype == torch.float32
+    assert decoder.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    frozen = [name for name, param in decoder.named_parameters() if not param.requires_grad]
+    assert "model.embed_tokens.weight" in frozen and "lm_head.weight" in frozen
+
+    classifier = _build(recipe, AutoModelForSequenceClassification, keep_unquantized=["score"], model_kwargs={"num_labels": 2})
+    classifier = attach_adapter(classifier, recipe, "SEQ_CLS", ["score"]).get_base_model()
+    assert classifier.model.embed_tokens.weight.dtype == kept
+    assert classifier.score.modules_to_save["default"].weight.dtype == torch.float32  # trained: float32 master weights
+    assert classifier.score.modules_to_save["default"].weight.requires_grad

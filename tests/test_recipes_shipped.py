@@ -55,9 +55,14 @@ def _tiny_overrides(path: Path, out_dir: Path) -> list[str]:
     from peftkit.recipe.load import load_recipe
 
     recipe = load_recipe(path)
+    if isinstance(recipe.data.train, list):  # a mixture: each source limited, the list replaced as one value
+        sources = [{**source.model_dump(mode="json", exclude_defaults=True), "limit": 8} for source in recipe.data.train]
+        train_limit = f"data.train={json.dumps(sources)}"
+    else:
+        train_limit = "data.train.limit=8"
     overrides = [
         "training.max_steps=1", "training.batch_size=2", "training.eval_batch_size=2", "training.logging_steps=1",
-        "data.train.limit=8", "generation.max_new_tokens=4", "evaluation.worst_examples=2", f"output.dir={out_dir}",
+        train_limit, "generation.max_new_tokens=4", "evaluation.worst_examples=2", f"output.dir={out_dir}",
     ]
     if recipe.task.type != "causal_lm":  # a decoder's prompt + response must fit, so its recipe's length stays
         overrides.append(f"data.max_length={min(recipe.data.max_length, 256)}")

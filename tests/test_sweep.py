@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import optuna
 import pytest
@@ -77,3 +78,52 @@ def test_bad_space_and_bad_key_paths(tiny_bert_dir, sentiment_files, tmp_path):
     (tmp_path / "space.yaml").write_text(yaml.safe_dump({"params": {"training.learr": {"choices": [1]}}}))
     result = run_cli_in_process("sweep", str(write_recipe(tmp_path / "r.yaml", recipe)), "--space", str(tmp_path / "space.yaml"), "--trials", "1")
     assert result.returncode == 2 and "training.learr" in result.stderr and "unknown key" in result.stderr
+
+
+def test_grid_sweep_runs_every_combination_once_and_keeps_results_of_a_stopped_sweep(
+    tiny_bert_dir, sentiment_files, tmp_path, monkeypatch
+):
+    """`sampler: grid` tries each combination of the choices exactly once (--trials only caps it), and the results
+    table is rewritten after every trial, so a sweep stopped part-way keeps what its finished trials measured."""
+    import peftkit.training.run
+
+    seen, stop_after = [], [None]
+
+    def fake_train(recipe, callbacks=()):  # scores a trial by its values: the sweep's bookkeeping is under test
+        seen.append((recipe.training.learning_rate, recipe.adapter.r))
+        if len(seen) == stop_after[0]:
+            raise KeyboardInterrupt
+        run_dir = Path(recipe.output.dir)
+        run_dir.mkdir(parents=True)
+        accuracy = recipe.training.learning_rate * 100 + recipe.adapter.r / 100
+        (run_dir / "metrics.json").write_text(json.dumps({"validation": {"accuracy": accuracy}}))
+
+    monkeypatch.setattr(peftkit.training.run, "train", fake_train)
+    recipe = write_recipe(tmp_path / "r.yaml", classification_recipe(tiny_bert_dir, sentiment_files, tmp_path / "sweep"))
+    space = {"metric": "accuracy", "sampler": "grid", "pruning": False,
+             "params": {"training.learning_rate": {"choices": [1e-3, 2e-3]}, "adapter.r": {"choices": [2, 4]}}}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+
+    sweep_dir = sweep(recipe, tmp_path / "space.yaml", trials=10)
+    assert sorted(seen) == [(1e-3, 2), (1e-3, 4), (2e-3, 2), (2e-3, 4)]
+    rows = list(csv.DictReader(open(sweep_dir / "results.csv")))
+    assert [row["state"] for row in rows] == ["complete"] * 4
+    best_recipe = load_recipe(sweep_dir / "best_recipe.yaml")
+    assert (best_recipe.training.learning_rate, best_recipe.adapter.r) == (2e-3, 4)
+
+    seen.clear()
+    stop_after[0] = 3
+    with pytest.raises(KeyboardInterrupt):
+        sweep(recipe, tmp_path / "space.yaml", 10, [f"output.dir={tmp_path / 'stopped'}"])
+    rows = list(csv.DictReader(open(tmp_path / "stopped" / "results.csv")))
+    assert [row["state"] for row in rows] == ["complete", "complete", "failed"]
+    best = max(rows[:2], key=lambda row: float(row["accuracy"]))
+    assert f"Best: trial {best['trial']}, accuracy = {float(best['accuracy']):.4f}" in (tmp_path / "stopped" / "results.md").read_text()
+    assert load_recipe(tmp_path / "stopped" / "best_recipe.yaml").adapter.r == int(best["adapter.r"])
+
+
+def test_grid_sampler_needs_choices(tmp_path):
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(
+        {"sampler": "grid", "params": {"training.learning_rate": {"low": 1e-4, "high": 1e-3}}}))
+    with pytest.raises(UserError, match="grid.*training.learning_rate has a range"):
+        load_space(tmp_path / "space.yaml")

@@ -12,7 +12,7 @@ import torch
 from peftkit.errors import UserError
 from peftkit.plan.shapes import ParameterCounts
 from peftkit.recipe.schema import Recipe
-from peftkit.recipe.resolved import resolve_gradient_checkpointing
+from peftkit.recipe.resolved import resolve_gradient_checkpointing, resolve_precision
 from peftkit.tasks import get_task
 from peftkit.tasks.base import trains_with_own_trainer
 from peftkit.tasks.lm_loss import chunk_tokens
@@ -90,7 +90,7 @@ def optimizer_state_bytes(trainable: list[tuple[int, torch.dtype]], optimizer: s
 
 def planning_precision(recipe: Recipe) -> str:
     """`auto` plans for a bf16-capable GPU, as training resolves it there."""
-    return "bf16" if recipe.training.precision == "auto" else recipe.training.precision
+    return resolve_precision(recipe.training.precision, for_gpu=True)
 
 
 def sharding(recipe: Recipe, gpus: int) -> str:

@@ -24,6 +24,7 @@ from peftkit.adapters import attach_adapter
 from peftkit.errors import UserError
 from peftkit.models.load import load_config
 from peftkit.models.build import base_dtype, build_model
+from peftkit.recipe.resolved import resolve_precision
 from peftkit.recipe.schema import ModelSection, Recipe
 from peftkit.tasks import auto_class_for_peft_type, get_task
 from peftkit.tasks.base import fits_itself
@@ -112,8 +113,9 @@ def build_meta_model(recipe: Recipe, config: PretrainedConfig, peft_task_type: s
         keep_unquantized=list(getattr(task, "HEAD_NAMES", ())) if own_head else [],
     )
     heads = task.head_modules(model) if not fits_itself(task) and own_head else []
+    precision = resolve_precision(recipe.training.precision, for_gpu=True)  # k-bit preparation's dtypes follow it
     with torch.device("meta"):
-        return attach_adapter(model, recipe, peft_task_type, heads)
+        return attach_adapter(model, recipe, peft_task_type, heads, precision=precision)
 
 
 def quantized_bytes(param) -> tuple[str, int] | None:

@@ -10,12 +10,15 @@ import torch
 from peftkit.recipe.schema import Recipe
 
 
-def resolve_precision(precision: str) -> str:
+def resolve_precision(precision: str, for_gpu: bool = False) -> str:
     """The precision training really uses, which the run records (metrics.json `setup`, manifest.json).
 
     `auto` means bf16 where the GPU supports it, else fp32 (CPUs gain nothing from fp16/bf16 autocast). fp16 needs
     a GPU: on a CPU accelerate builds no gradient scaler and no fp16 autocast, so the run is fp32 and says so.
+    `for_gpu` resolves it for a bf16-capable GPU instead of this machine (what the planner plans for).
     """
+    if for_gpu:
+        return "bf16" if precision == "auto" else precision
     if precision == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp16" and not torch.cuda.is_available():

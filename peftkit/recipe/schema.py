@@ -474,6 +474,11 @@ class QuantizationSection(Section):
         "uint8", description="Dtype that stores packed 4-bit weights; ZeRO-3/FSDP need it equal to compute_dtype.",
         validation_alias=AliasChoices("storage_dtype", "bnb_4bit_quant_storage"),
     )
+    upcast_embeddings: bool = Field(
+        False, description="Cast the frozen embeddings and LM head to float32 when preparing the k-bit base, as peft "
+        "does; off keeps them in bf16 under bf16 training (its autocast runs the head's matmul in bf16 anyway), half "
+        "their memory. fp32/fp16 training always casts them to float32.",
+    )
 
     @field_validator("bits", mode="before")
     @classmethod
