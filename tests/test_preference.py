@@ -1,5 +1,5 @@
 """Preference tuning (DPO, ORPO, KTO through TRL) on a tiny decoder: learning direction, the implicit reward against
-TRL's own, exact resume, deployment like SFT adapters, bad preference data, and a 2-rank ZeRO-2 run."""
+TRL's own, exact resume, deployment like SFT adapters, bad preference data, and 2-rank ZeRO-2 and ZeRO-3 runs."""
 
 from __future__ import annotations
 
@@ -178,22 +178,76 @@ def test_implicit_prompt_split_of_hh_dialogues_and_message_lists():
                         "rejected": [{"role": "assistant", "content": "bad"}]}
 
 
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_two_rank_zero2_dpo_matches_one_rank(tiny_llama_dir, pair_files, tmp_path):
-    """accelerate launch, 2 gloo ranks x 4 pairs under ZeRO-2 = 1 rank x 8 pairs: same DPO losses step by step."""
-    from tests.test_distributed_training import accelerate, worker_env
+def test_long_prompts_keep_their_last_turns_within_max_prompt_length(tiny_llama_dir, tmp_path):
+    """task.max_prompt_length drops the earliest whole turns (never the system message or the last user turn) and
+    keeps as many recent turns as fit, so a long HH dialogue trains on its end instead of being dropped."""
+    from transformers import AutoTokenizer
 
-    recipe = write_recipe(tmp_path / "dpo.yaml", preference_recipe(
-        tiny_llama_dir, pair_files, tmp_path / "unused", training={"max_steps": 4, "save_steps": 2},
+    from peftkit.data.chat import chat_text
+    from peftkit.data.sources import load_splits
+    from peftkit.tasks import preference
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+    turns = [{"role": role, "content": " ".join(FILLER_WORDS[: 3 + 2 * i])}
+             for i, role in enumerate(["user", "assistant", "user", "assistant", "user"])]
+
+    def length(messages, tokenizer=tokenizer):
+        return len(tokenizer(chat_text(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"])
+
+    assert length(turns[2:]) < length(turns)
+    for limit, kept in [(length(turns), turns), (length(turns) - 1, turns[2:]), (length(turns[2:]), turns[2:]),
+                        (length(turns[2:]) - 1, turns[4:]), (1, turns[4:])]:
+        assert preference.keep_prompt_end(turns, tokenizer, limit) == kept, limit
+    system = [{"role": "system", "content": "be kind"}]
+    assert preference.keep_prompt_end(system + turns, tokenizer, length(system + turns[2:])) == system + turns[2:]
+    assert preference.keep_prompt_end(system + turns, tokenizer, 1) == system + turns[4:]
+
+    # Through the recipe: an HH-RLHF dialogue of three human turns keeps the last two with a limit between.
+    dialogue = HH.format(q="first question here", a="an answer") + HH.format(q="second", a="reply") + "\n\nHuman: third"
+    files = {"train": write_jsonl(tmp_path / "hh.jsonl", [{"chosen": dialogue + "\n\nAssistant: good",
+                                                           "rejected": dialogue + "\n\nAssistant: bad"}])}
+    recipe = validate_recipe(preference_recipe(tiny_llama_dir, files, tmp_path / "run", evaluation={"splits": []}))
+    plain = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    whole = preference.prepare(recipe, load_splits(recipe.data), plain)[0]["train"][0]["prompt"]
+    limit = length(whole[2:], plain)
+    cut = recipe.model_copy(update={"task": recipe.task.model_copy(update={"max_prompt_length": limit})})
+    kept = preference.prepare(cut, load_splits(cut.data), plain)[0]["train"][0]["prompt"]
+    assert [m["content"] for m in whole] == ["first question here", "an answer", "second", "reply", "third"]
+    assert kept == whole[2:]
+
+
+@pytest.fixture(scope="module")
+def one_rank_dpo(tiny_llama_dir, pair_files, tmp_path_factory):
+    """A 4-step DPO run of 8 pairs per step on one process: what 2 ranks x 4 pairs must reproduce."""
+    from tests.test_distributed_training import worker_env
+
+    root = tmp_path_factory.mktemp("one-rank-dpo")
+    recipe = write_recipe(root / "dpo.yaml", preference_recipe(
+        tiny_llama_dir, pair_files, root / "unused", training={"max_steps": 4, "save_steps": 2},
         evaluation={"splits": []}))
-    one = subprocess.run([sys.executable, "-m", "peftkit", "train", str(recipe), f"output.dir={tmp_path / 'one'}"],
+    one = subprocess.run([sys.executable, "-m", "peftkit", "train", str(recipe), f"output.dir={root / 'one'}"],
                          cwd=REPO_ROOT, env=worker_env(), capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([*accelerate("zero2.yaml"), "train", str(recipe), f"output.dir={tmp_path / 'two'}",
-                          "training.batch_size=4", "distributed.strategy=deepspeed", "distributed.zero_stage=2"],
+    return recipe, _train_losses(root / "one")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_rank_zero_dpo_matches_one_rank(stage, one_rank_dpo, tmp_path):
+    """accelerate launch, 2 gloo ranks x 4 pairs under ZeRO-2/3 = 1 rank x 8 pairs: same DPO losses step by step.
+
+    Under ZeRO-3 the policy and the reference (the same module with the adapter disabled) gather the partitioned
+    base weights for each forward; the saved adapter holds whole gathered weights."""
+    from tests.test_distributed_training import accelerate, worker_env
+
+    recipe, one_rank_losses = one_rank_dpo
+    two = subprocess.run([*accelerate(f"zero{stage}.yaml"), "train", str(recipe), f"output.dir={tmp_path / 'two'}",
+                          "training.batch_size=4", "distributed.strategy=deepspeed", f"distributed.zero_stage={stage}"],
                          cwd=REPO_ROOT, env=worker_env(), capture_output=True, text=True, timeout=900)
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["world_size"] == 2
-    assert _train_losses(tmp_path / "two") == pytest.approx(_train_losses(tmp_path / "one"), rel=1e-4)
-    assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").is_file()
+    assert _train_losses(tmp_path / "two") == pytest.approx(one_rank_losses, rel=1e-4)
+    saved = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert saved and all(tensor.numel() > 0 for tensor in saved.values())

@@ -212,10 +212,11 @@ class PreferenceTask(Section):
         description="Preference tuning of a decoder (DPO, its variants, ORPO, KTO) on TRL's trainers; the reference "
         "model is the base with the adapter disabled.",
     )
-    loss: Literal["dpo", "ipo", "hinge", "robust", "sppo_hard", "nca_pair", "bco_pair", "apo_zero", "apo_down",
-                  "orpo", "kto"] = Field(
+    loss: Literal["dpo", "sigmoid_norm", "ipo", "hinge", "robust", "sppo_hard", "nca_pair", "bco_pair", "apo_zero",
+                  "apo_down", "orpo", "kto"] = Field(
         "dpo",
-        description="`dpo` (sigmoid) and the DPO variants TRL's DPOTrainer computes (`ipo`, `hinge`, `robust`, ...); "
+        description="`dpo` (sigmoid) and the DPO variants TRL's DPOTrainer computes (`sigmoid_norm`: DPO on "
+        "per-token log-ratios, so a longer response gains nothing from its length; `ipo`, `hinge`, `robust`, ...); "
         "`orpo` (odds-ratio, no reference model); `kto` (pairs or unpaired prompt/completion/label rows).",
     )
     beta: float = Field(
@@ -230,6 +231,12 @@ class PreferenceTask(Section):
         "detects it from the columns. Each value may be a string or a list of {role, content} messages.",
     )
     system_prompt: str | None = Field(None, description="System message put before every prompt.")
+    max_prompt_length: int | None = Field(
+        None, gt=0,
+        description="Tokens a prompt may keep: a longer dialogue loses its earliest turns (the system message and the "
+        "last user turn always stay), so the pair trains on the end of the conversation, which the responses "
+        "answer, instead of being dropped for filling data.max_length. None keeps whole prompts.",
+    )
     chat_template: Literal["auto", "chatml", "plain"] = Field(
         "auto", description="`auto` uses the tokenizer's chat template; `chatml` or `plain` for tokenizers without one."
     )

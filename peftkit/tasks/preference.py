@@ -49,9 +49,11 @@ log = logging.getLogger("peftkit")
 PEFT_TASK_TYPE = "CAUSAL_LM"
 DEFAULT_METRIC = "loss"
 LOSS_SUMS_OVER_ITEMS = False  # TRL's losses are means over the batch's pairs
-# DPO-family losses TRL's DPOTrainer computes (`DPOConfig.loss_type`); `dpo` is its `sigmoid`.
-DPO_LOSSES = {"dpo": "sigmoid", "ipo": "ipo", "hinge": "hinge", "robust": "robust", "sppo_hard": "sppo_hard",
-              "nca_pair": "nca_pair", "bco_pair": "bco_pair", "apo_zero": "apo_zero", "apo_down": "apo_down"}
+# DPO-family losses TRL's DPOTrainer computes (`DPOConfig.loss_type`); `dpo` is its `sigmoid`, `sigmoid_norm` the
+# same on log-ratios averaged over each response's tokens (length-normalized DPO).
+DPO_LOSSES = {"dpo": "sigmoid", "sigmoid_norm": "sigmoid_norm", "ipo": "ipo", "hinge": "hinge", "robust": "robust",
+              "sppo_hard": "sppo_hard", "nca_pair": "nca_pair", "bco_pair": "bco_pair", "apo_zero": "apo_zero",
+              "apo_down": "apo_down"}
 REFERENCE_FREE = ("orpo",)  # losses without a reference model: no implicit reward to report
 
 
@@ -141,7 +143,8 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
         prepared[split] = dataset.map(
             _preference_rows, batched=True, with_indices=True, remove_columns=dataset.column_names,
             fn_kwargs={"data_format": data_format, "where": where, "system_prompt": task.system_prompt,
-                       "skip_bad_rows": recipe.data.skip_bad_rows},
+                       "skip_bad_rows": recipe.data.skip_bad_rows, "max_prompt_length": task.max_prompt_length,
+                       "tokenizer": tokenizer if task.max_prompt_length else None},
             num_proc=recipe.data.num_proc, desc=f"Reading preference pairs of data.{split}",
         )
         skipped = len(dataset) - len(prepared[split])
@@ -160,7 +163,7 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
 
 
 def _preference_rows(batch: dict, indices: list[int], data_format: str, where: str, system_prompt: str | None,
-                     skip_bad_rows: bool) -> dict:
+                     skip_bad_rows: bool, max_prompt_length: int | None, tokenizer) -> dict:
     out: dict[str, list] = {name: [] for name in (("prompt", "completion", "label") if data_format == "unpaired"
                                                   else ("prompt", "chosen", "rejected"))}
     for index, values in zip(indices, zip(*batch.values())):
@@ -172,9 +175,33 @@ def _preference_rows(batch: dict, indices: list[int], data_format: str, where: s
             raise
         if system_prompt and row["prompt"][0]["role"] != "system":
             row["prompt"] = [{"role": "system", "content": system_prompt}, *row["prompt"]]
+        if max_prompt_length:
+            row["prompt"] = keep_prompt_end(row["prompt"], tokenizer, max_prompt_length)
         for key, value in row.items():
             out.setdefault(key, []).append(value)
     return out
+
+
+def keep_prompt_end(prompt: list[dict], tokenizer, max_tokens: int) -> list[dict]:
+    """The prompt without its earliest turns while it renders to more than `max_tokens` tokens.
+
+    TRL truncates a sequence at its end and drops a pair whose prompt alone fills `max_length`, so a long dialogue
+    would be lost or lose its responses; the responses answer the latest turns, which are kept. Whole turns are
+    removed, never part of one, so the chat template renders a well-formed dialogue: a leading system message
+    stays, the kept turns start with a user turn, and the last user turn stays even when it alone is longer.
+    """
+    head = prompt[:1] if prompt[0]["role"] == "system" else []
+    turns = prompt[len(head):]
+
+    def length(messages: list[dict]) -> int:
+        text = chat_text(tokenizer, head + messages, add_generation_prompt=True)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    starts = [0, *(i for i, message in enumerate(turns) if message["role"] == "user" and i > 0)]
+    for start in starts[:-1]:
+        if length(turns[start:]) <= max_tokens:
+            return head + turns[start:]
+    return head + turns[starts[-1]:]
 
 
 def collator(tokenizer, recipe: Recipe):
