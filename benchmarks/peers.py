@@ -2,7 +2,9 @@
 
 The same work in each: the first STEPS x BATCH Self-Instruct rows (instruction + input -> output), SmolLM2-135M's
 own chat template, loss on the response only, LoRA r=16 / alpha 32 / dropout 0.05 on every linear layer, AdamW
-lr 2e-4, max length 512, STEPS optimizer steps of BATCH rows, float32 on CPU. Every run is its own process with
+lr 2e-4, max length 512, STEPS optimizer steps of BATCH rows on CPU, every tool in the same `--precision` (fp32,
+or bf16 autocast over the float32 weights), set explicitly: TRL's configs default to bf16=True while peftkit's
+`auto` is fp32 on a CPU, so left alone they would compare different arithmetic. Every run is its own process with
 the same torch thread count (`--threads`, default 1: on a loaded machine one thread per process ran 1.5x faster
 than oversubscribed defaults); tools alternate within each round so load drifts hit them alike. Tokens/s counts
 the real (non-pad) tokens of the rows, tokenized once with the chat template, over the Trainer's `train_runtime`
@@ -20,14 +22,14 @@ The tool is skipped with the reason when that environment is missing or its run 
 Also printed: the achieved FLOP rate (4 x frozen parameters + 6 x trainable, per token, plus attention) against this
 machine's measured float32 matmul peak at the same thread count.
 
-    python -m benchmarks.peers [--steps 8] [--batch 8] [--rounds 2] [--threads 1]
+    python -m benchmarks.peers [--steps 8] [--batch 8] [--rounds 2] [--threads 1] [--precision fp32|bf16]
 
 `--dpo` compares DPO instead: peftkit's preference task against a plain TRL DPOTrainer script on the first HH-RLHF
 harmless pairs that fit DPO_MAX_LENGTH whole (no truncation, so both do the same work), as explicit message lists
 rendered by SmolLM2's chat template; LoRA as above, beta 0.1, the reference = the base with the adapter disabled
 in both. peftkit's DPO is TRL's trainer plus peftkit's behaviour, so the ratio is peftkit's overhead.
 
-    python -m benchmarks.peers --dpo [--steps 8] [--batch 4] [--rounds 2] [--threads 1]
+    python -m benchmarks.peers --dpo [--steps 8] [--batch 4] [--rounds 2] [--threads 1] [--precision fp32|bf16]
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def real_tokens(data: list[dict], folder: Path) -> int:
 SFT_TASK = {"type": "causal_lm", "prompt": "{prompt}", "response": "{response}", "packing": True}
 
 
-def run_peftkit(work: Path, data_file: Path, steps: int, batch: int, task: dict = SFT_TASK,
+def run_peftkit(work: Path, data_file: Path, steps: int, batch: int, precision: str, task: dict = SFT_TASK,
                 max_length: int = MAX_LENGTH) -> float:
     from peftkit.recipe.load import validate_recipe
     from peftkit.training.run import train
@@ -94,14 +96,14 @@ def run_peftkit(work: Path, data_file: Path, steps: int, batch: int, task: dict 
         "data": {"train": {"path": str(data_file)}, "max_length": max_length},
         "adapter": {"method": "lora", "r": R, "alpha": ALPHA, "dropout": DROPOUT},
         "training": {"max_steps": steps, "batch_size": batch, "learning_rate": LR, "eval_strategy": "no",
-                     "save_strategy": "no", "logging_steps": 1000, "warmup_ratio": 0.0},
+                     "precision": precision, "save_strategy": "no", "logging_steps": 1000, "warmup_ratio": 0.0},
         "evaluation": {"splits": []}, "output": {"dir": str(work / "peftkit"), "tensorboard": False, "overwrite": True},
     })
     run_dir = train(recipe)
     return json.loads((run_dir / "metrics.json").read_text())["train"]["train_runtime"]
 
 
-def run_trl(work: Path, data_file: Path, steps: int, batch: int) -> float:
+def run_trl(work: Path, data_file: Path, steps: int, batch: int, precision: str) -> float:
     from datasets import load_dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -117,7 +119,7 @@ def run_trl(work: Path, data_file: Path, steps: int, batch: int) -> float:
         output_dir=str(work / "trl"), max_steps=steps, per_device_train_batch_size=batch, learning_rate=LR,
         # TRL enforces no max_length when padding-free without packing; main() checks that no row exceeds it
         warmup_steps=0, padding_free=True, completion_only_loss=True, max_length=None, report_to=[],
-        save_strategy="no", logging_steps=1000, use_cpu=True, seed=42,
+        save_strategy="no", logging_steps=1000, use_cpu=True, seed=42, bf16=precision == "bf16",
     )
     trainer = SFTTrainer(
         model=AutoModelForCausalLM.from_pretrained(folder, dtype="float32"), args=args, train_dataset=dataset,
@@ -145,7 +147,7 @@ def older_transformers_folder(work: Path) -> Path:
     return folder
 
 
-def run_llamafactory(work: Path, data_file: Path, steps: int, batch: int, threads: int) -> float:
+def run_llamafactory(work: Path, data_file: Path, steps: int, batch: int, precision: str, threads: int) -> float:
     cli = LLAMAFACTORY / "bin" / "llamafactory-cli"
     if not cli.exists():
         raise RuntimeError(f"no LLaMA-Factory environment at {LLAMAFACTORY} (see this file's docstring)")
@@ -162,7 +164,7 @@ def run_llamafactory(work: Path, data_file: Path, steps: int, batch: int, thread
         "dataset": "peers", "dataset_dir": str(data_dir), "template": "smollm2", "cutoff_len": MAX_LENGTH,
         "train_on_prompt": False, "output_dir": str(output), "overwrite_output_dir": True,
         "per_device_train_batch_size": batch, "max_steps": steps, "learning_rate": LR, "warmup_steps": 0,
-        "logging_steps": 1000, "save_strategy": "no", "report_to": "none", "use_cpu": True, "bf16": False,
+        "logging_steps": 1000, "save_strategy": "no", "report_to": "none", "use_cpu": True, "bf16": precision == "bf16",
         "preprocessing_num_workers": 1,
     }
     (work / "lf.json").write_text(json.dumps(config))
@@ -201,15 +203,15 @@ def flops_per_token(folder: Path) -> float:
     return 4 * frozen + 6 * lora + 3 * attention
 
 
-def child(tool: str, work: Path, data_file: Path, steps: int, batch: int, threads: int) -> float:
+def child(tool: str, work: Path, data_file: Path, steps: int, batch: int, precision: str, threads: int) -> float:
     import torch
 
     torch.set_num_threads(threads)
     if tool == "peftkit":
-        return run_peftkit(work, data_file, steps, batch)
+        return run_peftkit(work, data_file, steps, batch, precision)
     if tool == "trl":
-        return run_trl(work, data_file, steps, batch)
-    return run_llamafactory(work, data_file, steps, batch, threads)
+        return run_trl(work, data_file, steps, batch, precision)
+    return run_llamafactory(work, data_file, steps, batch, precision, threads)
 
 
 # --- DPO: peftkit's preference task against a plain TRL DPOTrainer script ---------------------------------------
@@ -241,12 +243,12 @@ def dpo_pairs(count: int, folder: Path) -> tuple[list[dict], int]:
     sys.exit(f"only {len(pairs)} pairs of {PAIRS} fit {DPO_MAX_LENGTH} tokens; {count} needed")
 
 
-def run_peftkit_dpo(work: Path, data_file: Path, steps: int, batch: int) -> float:
+def run_peftkit_dpo(work: Path, data_file: Path, steps: int, batch: int, precision: str) -> float:
     task = {"type": "preference", "loss": "dpo", "beta": DPO_BETA, "format": "explicit", "compare_generations": 0}
-    return run_peftkit(work, data_file, steps, batch, task=task, max_length=DPO_MAX_LENGTH)
+    return run_peftkit(work, data_file, steps, batch, precision, task=task, max_length=DPO_MAX_LENGTH)
 
 
-def run_trl_dpo(work: Path, data_file: Path, steps: int, batch: int) -> float:
+def run_trl_dpo(work: Path, data_file: Path, steps: int, batch: int, precision: str) -> float:
     from datasets import load_dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -256,7 +258,7 @@ def run_trl_dpo(work: Path, data_file: Path, steps: int, batch: int) -> float:
     args = DPOConfig(
         output_dir=str(work / "trl-dpo"), max_steps=steps, per_device_train_batch_size=batch, learning_rate=LR,
         warmup_steps=0, beta=DPO_BETA, max_length=DPO_MAX_LENGTH, report_to=[], save_strategy="no",
-        logging_steps=1000, use_cpu=True, seed=42,
+        logging_steps=1000, use_cpu=True, seed=42, bf16=precision == "bf16",
     )
     trainer = DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(folder, dtype="float32"), args=args,
@@ -274,7 +276,7 @@ def dpo_main(args) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        runtime = runners[args.child](args.work, args.work / "pairs.jsonl", args.steps, args.batch)
+        runtime = runners[args.child](args.work, args.work / "pairs.jsonl", args.steps, args.batch, args.precision)
         print(json.dumps({"train_runtime": runtime}))
         return
     if not PAIRS.exists():
@@ -287,7 +289,8 @@ def dpo_main(args) -> None:
         for round_ in range(args.rounds):
             for tool in list(runners) if round_ % 2 == 0 else list(reversed(runners)):
                 command = [sys.executable, "-m", "benchmarks.peers", "--dpo", "--child", tool, "--work", str(work),
-                           "--steps", str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads)]
+                           "--steps", str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads),
+                           "--precision", args.precision]
                 result = subprocess.run(command, capture_output=True, text=True,
                                         env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
                 if result.returncode != 0:
@@ -296,12 +299,12 @@ def dpo_main(args) -> None:
                 print(f"round {round_ + 1}: {tool} {len(pairs) / runtimes[tool][-1]:.2f} pairs/s "
                       f"(load {os.getloadavg()[0]:.1f})", flush=True)
     print(f"\nDPO, {args.steps} steps x {args.batch} pairs, {tokens:,} real tokens (prompt + chosen, prompt + "
-          f"rejected), {args.threads} thread(s), {args.rounds} interleaved rounds")
-    print("| tool | pairs/s (median) | real tokens/s |")
-    print("|---|---|---|")
+          f"rejected), {args.threads} thread(s), {args.precision} in both, {args.rounds} interleaved rounds")
+    print("| tool | precision | pairs/s (median) | real tokens/s |")
+    print("|---|---|---|---|")
     for tool, values in runtimes.items():
         median = statistics.median(values)
-        print(f"| {tool} | {len(pairs) / median:.2f} | {tokens / median:.1f} |")
+        print(f"| {tool} | {args.precision} | {len(pairs) / median:.2f} | {tokens / median:.1f} |")
     ratio = statistics.median(runtimes["trl"]) / statistics.median(runtimes["peftkit"])
     print(f"peftkit / TRL DPOTrainer: {ratio:.2f}x")
 
@@ -313,6 +316,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tools", default="peftkit,trl,llamafactory")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="every tool's training precision (bf16 = autocast over float32 weights)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--dpo", action="store_true", help="compare DPO: peftkit's preference task vs TRL's DPOTrainer")
@@ -321,7 +326,7 @@ def main() -> None:
         dpo_main(args)
         return
     if args.child:
-        print(json.dumps({"train_runtime": child(args.child, args.work, args.work / "rows.jsonl", args.steps, args.batch, args.threads)}))
+        print(json.dumps({"train_runtime": child(args.child, args.work, args.work / "rows.jsonl", args.steps, args.batch, args.precision, args.threads)}))
         return
     if not DATA.exists():
         sys.exit(f"skipped: {DATA} is absent")
@@ -342,7 +347,8 @@ def main() -> None:
                 if tool in skipped:
                     continue
                 command = [sys.executable, "-m", "benchmarks.peers", "--child", tool, "--work", str(work),
-                           "--steps", str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads)]
+                           "--steps", str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads),
+                           "--precision", args.precision]
                 env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
                 result = subprocess.run(command, capture_output=True, text=True, env=env)
                 if result.returncode != 0:
@@ -354,17 +360,17 @@ def main() -> None:
     peak = matmul_peak(args.threads)
     per_token = flops_per_token(folder)
     print(f"\n{args.steps} steps x {args.batch} rows, {tokens:,} real tokens, {args.threads} thread(s), "
-          f"{args.rounds} interleaved rounds; matmul peak {peak:.1f} GFLOP/s")
-    print("| tool | tokens/s (median) | achieved GFLOP/s | of matmul peak |")
-    print("|---|---|---|---|")
+          f"{args.precision} in every tool, {args.rounds} interleaved rounds; float32 matmul peak {peak:.1f} GFLOP/s")
+    print("| tool | precision | tokens/s (median) | achieved GFLOP/s | of fp32 matmul peak |")
+    print("|---|---|---|---|---|")
     speeds = {}
     for tool, values in runtimes.items():
         if tool in skipped or not values:
-            print(f"| {tool} | skipped: {skipped.get(tool, 'no run')} | | |")
+            print(f"| {tool} | {args.precision} | skipped: {skipped.get(tool, 'no run')} | | |")
             continue
         speeds[tool] = tokens / statistics.median(values)
         achieved = speeds[tool] * per_token / 1e9
-        print(f"| {tool} | {speeds[tool]:.1f} | {achieved:.1f} | {achieved / peak:.0%} |")
+        print(f"| {tool} | {args.precision} | {speeds[tool]:.1f} | {achieved:.1f} | {achieved / peak:.0%} |")
     peers = {tool: speed for tool, speed in speeds.items() if tool != "peftkit"}
     if "peftkit" in speeds and peers:
         best = max(peers, key=peers.get)
