@@ -578,7 +578,8 @@ class TrainingSection(Section):
         "(the QLoRA recipe) and off otherwise.",
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="Mixed precision; `auto` is bf16 on GPUs that support it, else fp32."
+        "auto", description="Mixed precision; `auto` is bf16 on GPUs that support it, else fp32 (on a CPU with native "
+        "bf16, `bf16` can be faster: measure it, see docs/getting-started.md)."
     )
     lm_loss: Literal["auto", "standard", "chunked", "liger", "cut_cross_entropy"] = Field(
         "auto",
