@@ -19,6 +19,7 @@ from peftkit.deploy.adapter_folder import AdapterSource, find_adapter
 from peftkit.deploy.model_card import model_card
 from peftkit.deploy.verification import MergeResult, compare_outputs
 from peftkit.errors import UserError
+from peftkit.models.build import quantized_layer_count
 from peftkit.models.quantization import torch_dtype
 from peftkit.recipe.schema import QuantizationSection, Recipe
 from peftkit.run_folder import MODEL_CARD, read_recipe
@@ -110,7 +111,7 @@ def full_precision_base(recipe: Recipe, task, adapter: AdapterSource, onto: str)
         base = task.load_model(recipe, adapter.info)
         # transformers' dequantize fails on a model with no quantized layer (training refuses such a base now, but
         # adapters trained before may exist); then the original weights are the ones the adapter was trained on.
-        if any(type(module).__module__.startswith("bitsandbytes") for module in base.modules()):
+        if quantized_layer_count(base):
             base = base.dequantize(dtype=torch.float32)
             # transformers leaves the loaded-in-k-bit flags set on the now float32 model, and peft's IA3 refuses to
             # merge into a model so flagged.
