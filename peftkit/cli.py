@@ -429,4 +429,15 @@ def main(argv: list[str] | None = None) -> int:
             "then `peftkit train RECIPE --resume` continues from the last complete checkpoint", file=sys.stderr,
         )
         return EXIT_USER_ERROR
+    finally:
+        _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """A launched process tears its process group down while the interpreter is whole: left to exit-time
+    destructors, gloo's worker threads can abort a run that finished well ("terminate called without an active
+    exception", exit -6; pytorch/pytorch#179291). Looked up, not imported: most commands never load torch."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()

@@ -77,3 +77,26 @@ def test_module_and_console_entry_points_exist():
 
     assert any(ep.name == "peftkit" and ep.value == "peftkit.cli:main" for ep in entry_points(group="console_scripts"))
     assert run_cli("--help").returncode == 0
+
+
+
+@pytest.mark.parametrize("outcome", ["finished", "user error"])
+def test_a_launched_command_leaves_its_process_group(outcome, monkeypatch, tmp_path):
+    """Every command ends the process group it joined, also on an error: gloo's worker threads left to interpreter
+    shutdown aborted a finished 2-rank run (exit -6) in CI."""
+    import argparse
+
+    import torch.distributed as dist
+
+    from peftkit import cli
+    from peftkit.errors import UserError
+
+    def joins_then_ends(args):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        if outcome == "user error":
+            raise UserError("recipe.yaml: a bad key")
+
+    command = argparse.Namespace(handler=joins_then_ends, verbose=False)
+    monkeypatch.setattr(cli, "parse_arguments", lambda argv: command)
+    assert cli.main([]) == (0 if outcome == "finished" else 2)
+    assert not dist.is_initialized()
