@@ -71,6 +71,43 @@ def test_zero3_shards_everything_and_offload_moves_it_to_cpu():
     assert offloaded.host_bytes >= zero3["base weights (bfloat16)"] + zero3["optimizer states"]
 
 
+def test_quantization_state_stays_whole_on_every_gpu():
+    """bitsandbytes keeps a weight's absmax/scales as attributes, not parameters: FSDP and ZeRO-3 shard and offload
+    only the packed data, so every GPU holds the whole state."""
+    state = GiB // 8
+    counts = replace(COUNTS, frozen_bytes={"4-bit nf4": 4 * GiB + state, "bfloat16": GiB},
+                     quant_state_bytes={"4-bit nf4": state})
+    single = rows(estimate(recipe(), counts, 1))
+    fsdp = rows(estimate(recipe(distributed={"strategy": "fsdp"}), counts, 4))
+    zero3 = rows(estimate(recipe(distributed={"strategy": "deepspeed", "zero_stage": 3}), counts, 4))
+    offloaded = estimate(recipe(distributed={"strategy": "fsdp", "offload_params": True, "offload_optimizer": True}),
+                         counts, 4)
+    assert single["base weights (4-bit nf4)"] == 4 * GiB + state
+    assert fsdp["base weights (4-bit nf4)"] == zero3["base weights (4-bit nf4)"] == GiB + state
+    assert fsdp["base weights (bfloat16)"] == GiB // 4
+    assert rows(offloaded)["base weights (4-bit nf4)"] == state and rows(offloaded)["base weights (bfloat16)"] == 0
+    assert offloaded.host_bytes >= GiB + GiB // 4
+
+
+def test_zero_2_and_3_hold_one_reduce_bucket_however_few_parameters_train():
+    """DeepSpeed's contiguous-gradient bucket is `reduce_bucket_size` (5e8) elements of the gradient dtype."""
+    for stage in (2, 3):
+        sharded = rows(estimate(recipe(distributed={"strategy": "deepspeed", "zero_stage": stage}), COUNTS, 2))
+        assert sharded["gradient bucket"] == 5 * 10**8 * 2
+    fp32 = recipe(distributed={"strategy": "deepspeed", "zero_stage": 3}, training={"eval_strategy": "no", "precision": "fp32"})
+    assert rows(estimate(fp32, COUNTS, 2))["gradient bucket"] == 5 * 10**8 * 4
+    assert "gradient bucket" not in rows(estimate(recipe(distributed={"strategy": "deepspeed", "zero_stage": 1}), COUNTS, 2))
+    assert "gradient bucket" not in rows(estimate(recipe(distributed={"strategy": "fsdp"}), COUNTS, 2))
+
+
+def test_a_quantized_base_adds_its_largest_dequantized_weight_to_the_layer_backward():
+    """bitsandbytes dequantizes a k-bit weight whole (activation dtype) to compute with it; one at a time."""
+    training = {"eval_strategy": "no", "gradient_checkpointing": True}
+    plain = rows(estimate(recipe(training=training), COUNTS))["activations"]
+    quantized = rows(estimate(recipe(training=training), replace(COUNTS, largest_quantized_numel=4096 * 1024)))
+    assert quantized["activations"] - plain == 4096 * 1024 * 2  # bf16 on a GPU
+
+
 def test_ddp_keeps_gradient_buckets_and_zero2_shards_gradients():
     ddp = rows(estimate(recipe(), COUNTS, 2))
     zero2 = rows(estimate(recipe(distributed={"strategy": "deepspeed", "zero_stage": 2}), COUNTS, 2))

@@ -91,8 +91,12 @@ def measure_training_step(recipe, tmp_path) -> dict[str, int]:
     model(input_ids=torch.tensor([[3, 4, 5, 1], [7, 8, 9, 1]]), labels=torch.tensor([0, 1])).loss.backward()
     optimizer.step()
     trainable = [p for p in model.parameters() if p.requires_grad]
+    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     return {
         "parameters": _storage_bytes(_parameter_tensors(model)),
+        # what FSDP/ZeRO-3 neither shard nor offload: the quantization state tensors outside the parameters' storage
+        "quantization state": _storage_bytes(t for t in _parameter_tensors(model) if torch.is_tensor(t)
+                                             and t.untyped_storage().data_ptr() not in parameter_storages),
         "gradients": _storage_bytes(p.grad for p in trainable),
         "optimizer": _storage_bytes(t for state in optimizer.state.values() for t in state.values()),
     }
@@ -102,6 +106,7 @@ def predicted(recipe) -> dict[str, int]:
     counts = count_parameters(recipe)
     return {
         "parameters": counts.frozen_total_bytes + counts.trainable_bytes,
+        "quantization state": sum(counts.quant_state_bytes.values()),
         "gradients": counts.trainable_bytes,
         "optimizer": optimizer_state_bytes(counts.trainable, recipe.training.optimizer),
     }

@@ -29,6 +29,7 @@ BNB_OPTIMIZER_BLOCK = 256  # elements per absmax of a blockwise 8-bit optimizer 
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps smaller tensors' states in float32
 BNB_QMAP_BYTES = 2 * 256 * 4  # the two float32 quantization maps, shared by all tensors of one optimizer
 DEEPSPEED_MAX_LIVE_PARAMETERS = 10**9  # DeepSpeed's stage3_max_live_parameters default
+DEEPSPEED_REDUCE_BUCKET_SIZE = 5 * 10**8  # DeepSpeed's reduce_bucket_size default (elements); peftkit leaves it
 ADAM_STEP_BYTES = 4  # torch AdamW's float32 `step` counter per tensor (kept on the host unless fused)
 
 
@@ -122,16 +123,20 @@ def estimate(recipe: Recipe, counts: ParameterCounts, gpus: int = 1, gpu_memory:
     host = 0
 
     # Frozen base: DeepSpeed casts float weights to the 16-bit training dtype; quantized ones keep their storage.
+    # A quantized weight's state (absmax, scales) is not a parameter: every GPU keeps all of it, offloaded or not.
     frozen_share = 1 / world if params_sharded else 1
     for kind, size in sorted(counts.frozen_bytes.items()):
         if deepspeed and mixed and kind in ("float32", "bfloat16", "float16"):
             size = size * 2 // getattr(torch, kind).itemsize
-        size = int(size * frozen_share)
+        state = counts.quant_state_bytes.get(kind, 0)
+        size = int((size - state) * frozen_share)
         note = f"sharded 1/{world}" if params_sharded else ""
         if offload_params:
             host += size
             size, note = 0, "offloaded to CPU"
-        rows.append(Row(f"base weights ({kind})", size, note))
+        if state and (params_sharded or offload_params):
+            note += f"; + {format_bytes(state)} quantization state, whole on every GPU"
+        rows.append(Row(f"base weights ({kind})", size + state, note))
 
     trainable_numel = counts.trainable_numel
     # ZeRO and FSDP split every tensor into `world` equal (rounded-up) pieces
@@ -189,6 +194,11 @@ def estimate(recipe: Recipe, counts: ParameterCounts, gpus: int = 1, gpu_memory:
         gathered = layer + max(layer, outer)
         note = "current + prefetched layer" if layer >= outer else "a layer + the embeddings or LM head"
         rows.append(Row("gathered layers", gathered, note + ", unsharded"))
+    if deepspeed and dist.zero_stage in (2, 3):
+        # With contiguous gradients (peftkit's setting and DeepSpeed's default) ZeRO-2/3 copy gradients into one bucket
+        # of `reduce_bucket_size` elements of the gradient dtype before reducing them, however few parameters train.
+        bucket = DEEPSPEED_REDUCE_BUCKET_SIZE * (2 if mixed else 4)
+        rows.append(Row("gradient bucket", bucket, f"DeepSpeed reduce_bucket_size ({DEEPSPEED_REDUCE_BUCKET_SIZE:.0e})"))
     if offload_params and deepspeed:
         # ZeRO-3 keeps fetched parameters on the GPU until `stage3_max_live_parameters` (DeepSpeed's default 1e9)
         # are live, so offloading does not bring a large model's GPU share down to one layer.
@@ -317,6 +327,12 @@ def activations(recipe: Recipe, counts: ParameterCounts, precision: str) -> tupl
     else:
         saved, working = tokens * (layers * per_token_layer + 2 * element * h), 0
         note = f"{attention} attention"
+    # bitsandbytes computes a k-bit layer (4-bit forward and backward, 8-bit backward) with its weight dequantized whole
+    # to the activations' dtype, one weight at a time: the largest such copy is live inside the layer's backward.
+    dequantized = counts.largest_quantized_numel * element
+    if dequantized:
+        working += dequantized
+        note += f", + {format_bytes(dequantized)} dequantized weight"
     return int(saved), int(working), f"{tokens:,} tokens/micro-batch, {note}"
 
 

@@ -73,6 +73,8 @@ class ParameterCounts:
     adapter_ranks: int  # summed rank of all adapted modules (each keeps its low-rank activation)
     logits_width: int  # vocabulary of a language-model head (its logits dominate peak memory); 0 for small heads
     dims: dict[str, int] = field(default_factory=dict)
+    quant_state_bytes: dict[str, int] = field(default_factory=dict)  # storage kind -> its quantization state's bytes
+    largest_quantized_numel: int = 0  # elements of the largest quantized weight (dequantized whole to compute with it)
 
     @property
     def frozen_numel(self) -> int:
@@ -118,9 +120,13 @@ def build_meta_model(recipe: Recipe, config: PretrainedConfig, peft_task_type: s
         return attach_adapter(model, recipe, peft_task_type, heads, precision=precision)
 
 
-def quantized_bytes(param) -> tuple[str, int] | None:
-    """(storage kind, bytes incl. quantization state) of a not yet quantized bitsandbytes parameter on the meta
-    device; None for plain tensors."""
+def quantized_bytes(param) -> tuple[str, int, int] | None:
+    """(storage kind, bytes of the parameter's own data, bytes of its quantization state) of a not yet quantized
+    bitsandbytes parameter on the meta device; None for plain tensors.
+
+    The state (4-bit absmax, nested constants and codes; 8-bit row scales) is a plain attribute of the parameter and
+    its module, not a parameter: FSDP and ZeRO-3 shard and offload only the data (bitsandbytes' modules restore the
+    state from the module after FSDP flattens the weight, `fix_4bit_weight_quant_state_from_module`)."""
     kind = type(param).__name__
     numel = param.numel()
     if kind == "Params4bit":
@@ -132,10 +138,10 @@ def quantized_bytes(param) -> tuple[str, int] | None:
             state = blocks + nested
         else:
             state = blocks * 4
-        return f"4-bit {param.quant_type}", packed + state + BNB_4BIT_CODE_BYTES
+        return f"4-bit {param.quant_type}", packed, state + BNB_4BIT_CODE_BYTES
     if kind == "Int8Params":
         rows = param.shape[0]
-        return "8-bit int8", numel + rows * 4  # int8 weight + one float32 scale per output row
+        return "8-bit int8", numel, rows * 4  # int8 weight + one float32 scale per output row
     return None
 
 
@@ -145,15 +151,22 @@ def count_parameters(
     config = config or load_model_config(recipe.model)
     model = build_meta_model(recipe, config, peft_task_type)
     frozen: dict[str, int] = {}
+    quant_state: dict[str, int] = {}
     trainable = []
-    frozen_numel = 0
+    frozen_numel = largest_quantized = 0
     for _, param in model.named_parameters():
         if param.requires_grad:
             trainable.append((param.numel(), param.dtype))
             continue
         frozen_numel += param.numel()
-        kind, size = quantized_bytes(param) or (str(param.dtype).removeprefix("torch."), param.numel() * param.itemsize)
-        frozen[kind] = frozen.get(kind, 0) + size
+        quantized = quantized_bytes(param)
+        if quantized:
+            kind, data, state = quantized
+            quant_state[kind] = quant_state.get(kind, 0) + state
+            largest_quantized = max(largest_quantized, param.numel())
+        else:
+            kind, data, state = str(param.dtype).removeprefix("torch."), param.numel() * param.itemsize, 0
+        frozen[kind] = frozen.get(kind, 0) + data + state
     return ParameterCounts(
         frozen_bytes=frozen,
         trainable=trainable,
@@ -163,6 +176,8 @@ def count_parameters(
         adapter_ranks=sum(sum(module.r.values()) for module in _lora_layers(model)),
         logits_width=_logits_width(model),
         dims={**model_dims(config), "frozen_numel": frozen_numel, "element_bytes": base_dtype(recipe.model, config).itemsize},
+        quant_state_bytes=quant_state,
+        largest_quantized_numel=largest_quantized,
     )
 
 
@@ -177,6 +192,7 @@ def _logits_width(model) -> int:
 
 
 def _module_bytes(module) -> int:
+    """Bytes of the module's parameters as FSDP/ZeRO-3 gather them: quantized data without its (unsharded) state."""
     return sum((quantized_bytes(p) or ("", p.numel() * p.itemsize))[1] for p in module.parameters())
 
 
