@@ -302,6 +302,7 @@ def activations(recipe: Recipe, counts: ParameterCounts, precision: str) -> tupl
     Full fine-tuning keeps the inputs of the linear layers whose input is not already kept: a(h + i).
     Gradient checkpointing keeps only each layer's input (ah) and recomputes one layer at a time; that
     recomputation and its backward peak at about one layer's saved bytes (measured 0.9-1.2x).
+    A k-bit base adds its largest weight, dequantized to the activations' dtype, to that working set.
     """
     dims = counts.dims
     element = 2 if precision in ("bf16", "fp16") else 4
