@@ -145,3 +145,30 @@ def test_trainer_args_reach_the_trainer(tmp_path):
     recipe = validate_recipe({**BASE, "training": {"eval_strategy": "no", "trainer_args": {"output_dir": "x"}}})
     with pytest.raises(UserError, match=r"\['output_dir'\] are set by peftkit"):
         build_training_args(recipe, tmp_path, "loss")
+
+
+@pytest.mark.parametrize("ratio", [None, 4.0])
+def test_loraplus_trains_the_b_matrices_at_the_higher_rate(ratio, tmp_path, sentiment_files, tiny_bert_dir):
+    """One AdamW step moves each weight by the learning rate times ~1 (m / sqrt(v) = sign of the gradient), so after
+    step 1 LoRA's B matrices (zero at init) hold exactly +-lr, or +-lr x ratio under LoRA+."""
+    import torch
+    from safetensors.torch import load_file
+
+    from peftkit.training.run import train
+    from tests.conftest import classification_recipe
+
+    learning_rate = 1e-3
+    recipe = validate_recipe(classification_recipe(
+        tiny_bert_dir, {"train": sentiment_files["train"]}, tmp_path / "run",
+        adapter={"loraplus_lr_ratio": ratio}, evaluation={"splits": []},
+        training={"max_steps": 1, "warmup_ratio": 0.0, "learning_rate": learning_rate, "eval_strategy": "no",
+                  "save_strategy": "no"},
+    ))
+    weights = load_file(str(train(recipe) / "adapter" / "adapter_model.safetensors"))
+    b_steps = torch.cat([tensor.flatten().abs() for name, tensor in weights.items() if "lora_B" in name])
+    assert b_steps.max().item() == pytest.approx(learning_rate * (ratio or 1), rel=1e-4)
+
+
+def test_loraplus_is_refused_for_other_methods():
+    with pytest.raises(UserError, match="adapter.loraplus_lr_ratio applies to method lora"):
+        load_recipe(QUICKSTART, ["adapter.method=ia3", "adapter.loraplus_lr_ratio=16"])

@@ -32,6 +32,7 @@ def main(model_dir: str) -> None:
         "weights": sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in engine.module.parameters()),
         "optimizer": sum(t.numel() * t.element_size() for t in states + list(optimizer.fp32_partitioned_groups_flat)),
     }))
+    torch.distributed.destroy_process_group()  # before interpreter shutdown, where gloo's threads can abort the process
 
 
 if __name__ == "__main__":

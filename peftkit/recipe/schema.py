@@ -355,6 +355,7 @@ ADAPTER_OPTION_METHODS: dict[str, tuple[str, ...]] = {
     "use_dora": ("lora",),
     "use_rslora": ("lora",),
     "init": ("lora",),
+    "loraplus_lr_ratio": ("lora",),
     "adalora_init_r": ("adalora",),
     "adalora_warmup": ("adalora",),
     "adalora_final": ("adalora",),
@@ -399,6 +400,12 @@ class AdapterSection(Section):
         description="LoRA initialization: `default` (B = 0), `gaussian`, `pissa` (principal singular vectors), "
         "`olora` (QR), `loftq` (compensates 4-bit quantization error; needs quantization.bits: 4).",
         validation_alias=AliasChoices("init", "init_lora_weights"),
+    )
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0,
+        description="LoRA+: the B matrices (and trained biases) learn at `training.learning_rate` x this ratio, the A "
+        "matrices and the task head at `training.learning_rate` (peft's `create_loraplus_optimizer`; its paper uses "
+        "16, with a learning rate about half of plain LoRA's); unset trains every weight at one rate.",
     )
     adalora_init_r: int = Field(
         12, gt=0, description="AdaLoRA: starting rank of every module before pruning to `r`.",

@@ -202,6 +202,7 @@ def fit_with_trainer(
         callbacks=[*_callbacks(recipe), preemption, *callbacks, *adapter_callbacks(recipe)],
         on_nonfinite=recipe.training.on_nonfinite,
         abort_grad_norm=recipe.training.abort_grad_norm,
+        loraplus_lr_ratio=recipe.adapter.loraplus_lr_ratio,
         # TRL's preference trainers compute their own losses from the logits.
         lm_loss="standard" if trains_with_own_trainer(task) else recipe.training.lm_loss,
     )

@@ -57,7 +57,7 @@ class PeftkitTraining:
     """
 
     def __init__(self, *args, on_nonfinite: str = "stop", abort_grad_norm: float | None = None,
-                 lm_loss: str = "standard", **kwargs):
+                 lm_loss: str = "standard", loraplus_lr_ratio: float | None = None, **kwargs):
         trained_dtypes = {name: param.dtype for name, param in kwargs["model"].named_parameters() if param.requires_grad}
         super().__init__(*args, **kwargs)
         # TRL's trainers cast a k-bit model's adapter weights to bf16 (the QLoRA paper's choice); the adapter is saved
@@ -67,6 +67,7 @@ class PeftkitTraining:
             if name in trained_dtypes and param.dtype != trained_dtypes[name]:
                 param.data = param.data.to(trained_dtypes[name])
         self.efficient_loss = EfficientLMLoss.for_model(self.model, lm_loss)
+        self.loraplus_lr_ratio = loraplus_lr_ratio
         self.on_nonfinite = on_nonfinite
         self.abort_grad_norm = abort_grad_norm
         self.skipped_steps: list[int] = []
@@ -76,6 +77,20 @@ class PeftkitTraining:
         self.add_callback(ScalerSkipCallback(self))
         self.add_callback(PendingEvaluationCallback(self))
         self.resumed_from: Path | None = None
+
+    def create_optimizer(self, model=None):
+        """LoRA+ (`adapter.loraplus_lr_ratio`): peft's parameter groups (B matrices at the higher rate) with the
+        optimizer class and settings the Trainer would have built for `training.optimizer`."""
+        if self.optimizer is None and self.loraplus_lr_ratio is not None:
+            from peft.optimizers import create_loraplus_optimizer
+
+            trained = self.model if model is None else model
+            optimizer_class, settings = self.get_optimizer_cls_and_kwargs(self.args, trained)
+            self.optimizer = create_loraplus_optimizer(
+                trained, optimizer_class, loraplus_lr_ratio=self.loraplus_lr_ratio,
+                loraplus_weight_decay=self.args.weight_decay, **settings,
+            )
+        return super().create_optimizer(model)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         self.resumed_from = Path(resume_from_checkpoint) if resume_from_checkpoint else None
