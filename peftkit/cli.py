@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+from typing import NoReturn
 
 from peftkit.console import configure as configure_console
 from peftkit.errors import Preempted, UserError, out_of_space
@@ -432,6 +434,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _leave_process_group()
     return 0
+
+
+def exit_process(code: int) -> NoReturn:
+    """End `python -m peftkit` (what launchers run) with `code`. A process of a multi-process launch flushes its
+    output and logs, then skips the interpreter's teardown: its files are written and its process group ended, and
+    C++ threads of the distributed stack torn down at exit have still aborted ranks that had finished (exit -6,
+    "terminate called without an active exception", under DeepSpeed ZeRO-3 on CPU), which the launcher reports as
+    a failed run and a cluster script may requeue."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _leave_process_group() -> None:

@@ -100,3 +100,22 @@ def test_a_launched_command_leaves_its_process_group(outcome, monkeypatch, tmp_p
     monkeypatch.setattr(cli, "parse_arguments", lambda argv: command)
     assert cli.main([]) == (0 if outcome == "finished" else 2)
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_a_launched_process_skips_the_interpreter_teardown(world_size, tmp_path, sentiment_files, tiny_bert_dir):
+    """`python -m peftkit` in a process of a multi-process launch ends with the command's exit code and its whole
+    output, without the exit-time teardown (an atexit handler stands for it) where third-party C++ threads aborted
+    finished ranks; a single process exits normally."""
+    import os
+    import subprocess
+    import sys
+
+    path = write_recipe(tmp_path / "r.yaml", classification_recipe(tiny_bert_dir, sentiment_files, tmp_path / "run"))
+    script = ("import atexit, runpy, sys; atexit.register(print, 'teardown ran'); "
+              f"sys.argv = ['peftkit', 'validate', {str(path)!r}]; runpy.run_module('peftkit', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "WORLD_SIZE": world_size}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout.replace("teardown ran", ""))["name"] == "tiny"  # flushed in full
+    assert ("teardown ran" in result.stdout) == (world_size == "1")
