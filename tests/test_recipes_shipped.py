@@ -64,7 +64,8 @@ def _tiny_overrides(path: Path, out_dir: Path) -> list[str]:
         "training.max_steps=1", "training.batch_size=2", "training.eval_batch_size=2", "training.logging_steps=1",
         train_limit, "generation.max_new_tokens=4", "evaluation.worst_examples=2", f"output.dir={out_dir}",
     ]
-    if recipe.task.type != "causal_lm":  # a decoder's prompt + response must fit, so its recipe's length stays
+    # A decoder's prompt + response must fit and a QA window goes with its stride, so their recipes' lengths stay.
+    if recipe.task.type not in ("causal_lm", "extractive_qa"):
         overrides.append(f"data.max_length={min(recipe.data.max_length, 256)}")
     overrides += [f"data.{split}.limit=3" for split in ("validation", "test") if getattr(recipe.data, split) is not None]
     return overrides
