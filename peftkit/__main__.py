@@ -1,4 +1,4 @@
-from peftkit.cli import exit_process, main
+from peftkit.cli import run
 
 if __name__ == "__main__":
-    exit_process(main())
+    run()

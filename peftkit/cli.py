@@ -436,6 +436,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> NoReturn:
+    """The `peftkit` console script and `python -m peftkit`: one entry, so that a launcher pointed at either
+    (`torchrun -m peftkit`, `torchrun --no-python peftkit`) ends its processes the same way."""
+    exit_process(main())
+
+
 def exit_process(code: int) -> NoReturn:
     """End `python -m peftkit` (what launchers run) with `code`. A process of a multi-process launch flushes its
     output and logs, then skips the interpreter's teardown: its files are written and its process group ended, and

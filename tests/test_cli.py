@@ -75,7 +75,7 @@ def test_existing_run_folder_is_not_overwritten(tmp_path, sentiment_files, tiny_
 def test_module_and_console_entry_points_exist():
     from importlib.metadata import entry_points
 
-    assert any(ep.name == "peftkit" and ep.value == "peftkit.cli:main" for ep in entry_points(group="console_scripts"))
+    assert any(ep.name == "peftkit" and ep.value == "peftkit.cli:run" for ep in entry_points(group="console_scripts"))
     assert run_cli("--help").returncode == 0
 
 
@@ -102,18 +102,27 @@ def test_a_launched_command_leaves_its_process_group(outcome, monkeypatch, tmp_p
     assert not dist.is_initialized()
 
 
+# How each entry starts the command: `python -m peftkit`, and the installed `peftkit` console script's target.
+ENTRIES = {
+    "module": "runpy.run_module('peftkit', run_name='__main__')",
+    "console script": "entry_points(group='console_scripts', name='peftkit')['peftkit'].load()()",
+}
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
 @pytest.mark.parametrize("world_size", ["1", "2"])
-def test_a_launched_process_skips_the_interpreter_teardown(world_size, tmp_path, sentiment_files, tiny_bert_dir):
-    """`python -m peftkit` in a process of a multi-process launch ends with the command's exit code and its whole
-    output, without the exit-time teardown (an atexit handler stands for it) where third-party C++ threads aborted
-    finished ranks; a single process exits normally."""
+def test_a_launched_process_skips_the_interpreter_teardown(world_size, entry, tmp_path, sentiment_files, tiny_bert_dir):
+    """`python -m peftkit` and the `peftkit` console script, in a process of a multi-process launch, end with the
+    command's exit code and its whole output, without the exit-time teardown (an atexit handler stands for it)
+    where third-party C++ threads aborted finished ranks; a single process exits normally."""
     import os
     import subprocess
     import sys
 
     path = write_recipe(tmp_path / "r.yaml", classification_recipe(tiny_bert_dir, sentiment_files, tmp_path / "run"))
-    script = ("import atexit, runpy, sys; atexit.register(print, 'teardown ran'); "
-              f"sys.argv = ['peftkit', 'validate', {str(path)!r}]; runpy.run_module('peftkit', run_name='__main__')")
+    script = ("import atexit, runpy, sys; from importlib.metadata import entry_points; "
+              "atexit.register(print, 'teardown ran'); "
+              f"sys.argv = ['peftkit', 'validate', {str(path)!r}]; {ENTRIES[entry]}")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             env={**os.environ, "WORLD_SIZE": world_size}, timeout=300)
     assert result.returncode == 0, result.stderr
