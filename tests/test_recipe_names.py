@@ -76,6 +76,9 @@ def test_pass_through_options_are_checked_against_the_library_fields():
           "`neftune_noise_alpha`")
     fails({"training": {"eval_strategy": "no", "trainer_args": {"num_train_epochs": 5}}},
           "trainer_args.num_train_epochs is a recipe key: set training.epochs instead")
+    fails({"training": {"eval_strategy": "no", "trainer_args": {"group_by_length": True}}},
+          "trainer_args.group_by_length is not an option of transformers's TrainingArguments; it is now a value: "
+          "`train_sampling_strategy: group_by_length`")
     fails({"adapter": {"peft_args": {"rank_patern": {"query": 2}}}}, "did you mean `rank_pattern`")
     fails({"adapter": {"peft_args": {"lora_alpha": 2}}}, "set adapter.alpha instead")
     fails({"adapter": {"method": "ia3", "peft_args": {"rank_pattern": {"q": 2}}}}, "not an option of peft's IA3Config")

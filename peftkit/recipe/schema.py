@@ -41,15 +41,23 @@ def check_pass_through(
     if not options:
         return
     module, _, name = target.partition(":")
-    known = {field.name for field in dataclasses.fields(getattr(importlib.import_module(module), name))}
+    fields = dataclasses.fields(getattr(importlib.import_module(module), name))
     modelled = {**{field: field for field in section.model_fields}, **aliases_of(section)}
     for option in options:
         if option in modelled:
             raise ValueError(f"{key}.{option} is a recipe key: set {section_name}.{modelled[option]} instead")
-        if option not in known:
-            close = difflib.get_close_matches(option, sorted(known), n=1)
-            hint = f"; did you mean `{close[0]}`?" if close else ""
-            raise ValueError(f"{key}.{option} is not an option of {module}'s {name}{hint}")
+        if option not in {field.name for field in fields}:
+            raise ValueError(f"{key}.{option} is not an option of {module}'s {name}{_successor_hint(option, fields)}")
+
+
+def _successor_hint(option: str, fields) -> str:
+    """Where an unknown option went: a field of a close name, or a field that now takes it as a value (transformers
+    5 turned `group_by_length: true` into `train_sampling_strategy: group_by_length`)."""
+    close = difflib.get_close_matches(option, sorted(field.name for field in fields), n=1)
+    if close:
+        return f"; did you mean `{close[0]}`?"
+    successors = [field.name for field in fields if option in field.metadata.get("choices", ())]
+    return f"; it is now a value: `{successors[0]}: {option}`" if successors else ""
 
 
 class ModelSection(Section):
@@ -630,7 +638,7 @@ class TrainingSection(Section):
     trainer_args: dict[str, Any] = Field(
         default_factory=dict,
         description="Further `transformers.TrainingArguments`, passed unchanged and checked against its fields "
-        "(e.g. `neftune_noise_alpha`, `lr_scheduler_kwargs`, `group_by_length`, `torch_compile`).",
+        "(e.g. `neftune_noise_alpha`, `lr_scheduler_kwargs`, `train_sampling_strategy`, `torch_compile`).",
     )
 
     @field_validator("eval_strategy", "save_strategy", mode="before")
