@@ -77,13 +77,22 @@ def trainer_setup(recipe: Recipe) -> TrainerSetup:
 
 
 def adopt_trainer(trainer, recipe: Recipe) -> None:
-    """After TRL built the trainer: keep the reference = the base with the adapter disabled.
+    """After TRL built the trainer: refuse what its setup cannot train, and keep the reference = the base with the
+    adapter disabled.
 
     Given a model that already carries an adapter, TRL copies it into a second adapter named `ref` (for re-training
     a pretrained adapter). A fresh LoRA adds nothing to the base (B = 0), so that copy would only cost memory and a
     slower reference forward; it is removed unless the initialization rewrote the base (PiSSA, OLoRA, LoftQ), where
     the initial adapter is the reference.
     """
+    if getattr(trainer, "aux_loss_enabled", False) and recipe.adapter.method == "prefix_tuning":
+        # TRL adds a mixture-of-experts model's load-balancing loss over the attention mask, which peft's prefix
+        # lengthens by its virtual tokens while the router only sees the real ones: the shapes disagree.
+        raise UserError(
+            f"adapter.method: prefix tuning cannot train the mixture-of-experts model `{recipe.model.name}` on "
+            "preference pairs: TRL's router load-balancing loss does not follow peft's key/value prefix; use lora, "
+            "ia3 or prompt_tuning"
+        )
     model = trainer.accelerator.unwrap_model(trainer.model)
     if "ref" in getattr(model, "peft_config", {}) and recipe.adapter.init in ("default", "gaussian"):
         model.delete_adapter("ref")
