@@ -192,6 +192,17 @@ def check_adapter_fits_model(recipe: Recipe, config: PretrainedConfig, task_type
         )
 
 
+def _fix_for(peft_refusal: ValueError) -> str:
+    if "ParamWrapper" in str(peft_refusal):
+        # all-linear reaches a mixture-of-experts model's fused expert weights (3-D tensors, not linear layers) through
+        # peft's parameter wrapper, which has no dropout and no DoRA.
+        return ("peft adapts this mixture-of-experts model's fused expert weights as parameters, which take neither "
+                "dropout nor DoRA: set adapter.dropout: 0 (and adapter.use_dora: false), or set "
+                "adapter.target_modules to linear layers only, e.g. [q_proj, k_proj, v_proj, o_proj]")
+    return ("Change adapter.method, adapter.target_modules or the method's options (docs/support-matrix.md lists "
+            "what each architecture supports)")
+
+
 def _shared_key_value_heads(config: PretrainedConfig) -> bool:
     """Multi-query attention declared in a form peft's prefix does not read (Falcon's `multi_query`, `num_kv_heads`)."""
     text = config.get_text_config()
@@ -232,6 +243,11 @@ def attach_adapter(model, recipe: Recipe, task_type: str, head_modules: list[str
         raise UserError(
             f"adapter.target_modules: {recipe.adapter.target_modules} names no module of `{recipe.model.name}`; its "
             f"linear layers are {sorted(linear_module_names(model))[:30]} (or use all-linear)"
+        ) from None
+    except ValueError as exc:  # peft's refusals of a method x layer combination
+        raise UserError(
+            f"adapter: peft cannot add this {recipe.adapter.method} adapter to `{recipe.model.name}` "
+            f"({model.config.model_type}): {exc} {_fix_for(exc)}"
         ) from None
     shared_name = hub_id(recipe.model.name, recipe.model.hub_id)
     if shared_name:  # peft records the local path it loaded from; the hub id is what others can load

@@ -81,6 +81,24 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.fixture(scope="session")
+def tiny_mixtral_dir(tmp_path_factory) -> Path:
+    """A 2-layer mixture-of-experts decoder (Mixtral: router + fused expert weights, which peft adapts as parameters)."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    directory = tmp_path_factory.mktemp("tiny-mixtral")
+    tokenizer = _word_level_tokenizer(directory)
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    MixtralForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
 def sentiment_rows(count: int, seed: int) -> list[dict]:
     """Balanced rows whose label is decided by one sentiment word among fillers: learnable in a few steps."""
     rng = random.Random(seed)

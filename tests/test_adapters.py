@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tests.conftest import FILLER_WORDS, REPO_ROOT, classification_recipe, run_cli, run_cli_in_process, sentiment_rows, write_jsonl, write_recipe
 from peft import AdaLoraConfig, IA3Config, LoraConfig, PeftModel, PromptEncoderConfig, PromptTuningConfig
 
@@ -152,10 +153,29 @@ def test_prompt_methods_on_a_decoder_classifier_exit_2_before_loading(method, ti
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("option", [{"dropout": 0.05}, {"dropout": 0.0, "use_dora": True}])
+def test_a_mixture_of_experts_adapter_peft_cannot_add_exits_2_with_the_fix(option, tiny_mixtral_dir, small_files,
+                                                                           tmp_path):
+    """all-linear reaches a mixture-of-experts model's fused expert weights through peft's parameter wrapper, which
+    takes neither dropout (peftkit's default 0.05) nor DoRA: peft's ValueError reaches the user as exit 2 with the
+    settings that work, not a traceback; with them, LoRA trains the experts."""
+    adapter = {"method": "lora", "r": 4, "alpha": 8, **option}
+    path = write_recipe(tmp_path / "r.yaml", quick_recipe(tiny_mixtral_dir, small_files, tmp_path / "run", adapter, None))
+    result = run_cli_in_process("train", str(path))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "peft cannot add this lora adapter to" in result.stderr and "(mixtral)" in result.stderr
+    assert "set adapter.dropout: 0 (and adapter.use_dora: false)" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+    adapter.update(dropout=0.0, use_dora=False)
+    path = write_recipe(tmp_path / "r.yaml", quick_recipe(tiny_mixtral_dir, small_files, tmp_path / "run", adapter, None))
+    assert run_cli_in_process("train", str(path)).returncode == 0
+    trained = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert any("experts" in name for name in trained), sorted(trained)
+
+
 @pytest.mark.slow
 def test_adalora_reallocates_ranks_during_training(tiny_llama_dir, small_files, tmp_path):
     """Ranks start at adalora_init_r everywhere and end unequal, averaging the target r (peft's budget)."""
-    from safetensors.torch import load_file
 
     from peftkit.training.run import train
 

@@ -253,24 +253,6 @@ def test_two_rank_zero_dpo_matches_one_rank(stage, one_rank_dpo, tmp_path):
     assert saved and all(tensor.numel() > 0 for tensor in saved.values())
 
 
-@pytest.fixture(scope="module")
-def tiny_mixtral_dir(tmp_path_factory):
-    """A 2-layer mixture-of-experts decoder: TRL adds its router load-balancing loss to the preference loss."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    from tests.conftest import _word_level_tokenizer
-
-    directory = tmp_path_factory.mktemp("tiny-mixtral")
-    tokenizer = _word_level_tokenizer(directory)
-    torch.manual_seed(0)
-    config = MixtralConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    MixtralForCausalLM(config).save_pretrained(directory)
-    return directory
-
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
 def test_a_mixture_of_experts_model_trains_with_the_router_loss_or_is_refused(method, tiny_mixtral_dir, pair_files,
