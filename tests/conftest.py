@@ -46,57 +46,47 @@ def _word_level_tokenizer(directory: Path):
     return tokenizer
 
 
+def _tiny_checkpoint(tmp_path_factory, name: str, model_class, config_class, special=("pad",), **fields) -> Path:
+    """A random-init model (seed 0) sized by `fields`, with the word-level test tokenizer and its `special` token ids,
+    saved as a standard HF model folder."""
+    import torch
+
+    directory = tmp_path_factory.mktemp(name)
+    tokenizer = _word_level_tokenizer(directory)
+    torch.manual_seed(0)
+    ids = {f"{token}_token_id": getattr(tokenizer, f"{token}_token_id") for token in special}
+    model_class(config_class(vocab_size=len(tokenizer), **ids, **fields)).save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A 2-layer BERT encoder saved as a standard HF model folder."""
-    import torch
     from transformers import BertConfig, BertModel
 
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = _word_level_tokenizer(directory)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
-    )
-    BertModel(config).save_pretrained(directory)
-    return directory
+    return _tiny_checkpoint(tmp_path_factory, "tiny-bert", BertModel, BertConfig, hidden_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A 2-layer Llama decoder (causal LM weights; heads are added by each task)."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = _word_level_tokenizer(directory)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
+    return _tiny_checkpoint(tmp_path_factory, "tiny-llama", LlamaForCausalLM, LlamaConfig, ("pad", "bos", "eos"),
+                            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, max_position_embeddings=128)
 
 
 @pytest.fixture(scope="session")
 def tiny_mixtral_dir(tmp_path_factory) -> Path:
     """A 2-layer mixture-of-experts decoder (Mixtral: router + fused expert weights, which peft adapts as parameters)."""
-    import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    directory = tmp_path_factory.mktemp("tiny-mixtral")
-    tokenizer = _word_level_tokenizer(directory)
-    torch.manual_seed(0)
-    config = MixtralConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    MixtralForCausalLM(config).save_pretrained(directory)
-    return directory
+    return _tiny_checkpoint(tmp_path_factory, "tiny-mixtral", MixtralForCausalLM, MixtralConfig, ("pad", "bos", "eos"),
+                            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                            max_position_embeddings=128)
 
 
 def sentiment_rows(count: int, seed: int) -> list[dict]:
