@@ -152,3 +152,26 @@ def test_kbit_preparation_keeps_frozen_embeddings_and_lm_head_in_bf16_under_bf16
     assert classifier.model.embed_tokens.weight.dtype == kept
     assert classifier.score.modules_to_save["default"].weight.dtype == torch.float32  # trained: float32 master weights
     assert classifier.score.modules_to_save["default"].weight.requires_grad
+
+
+def test_a_model_without_gradient_checkpointing_is_told_to_turn_it_off(tmp_path_factory, sentiment_files, tmp_path):
+    """A quantized base turns gradient checkpointing on by default, which transformers does not implement for ALBERT
+    (or MPNet): exit 2 naming the class and the fix before training, not the Trainer's traceback; the fix trains."""
+    from transformers import AlbertConfig, AlbertModel
+
+    from tests.conftest import _tiny_checkpoint, classification_recipe, run_cli_in_process, write_recipe
+
+    albert = _tiny_checkpoint(tmp_path_factory, "tiny-albert", AlbertModel, AlbertConfig, embedding_size=32,
+                              hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                              max_position_embeddings=128)
+    recipe = classification_recipe(albert, sentiment_files, tmp_path / "run", quantization={"bits": 4},
+                                   training={"max_steps": 1, "eval_strategy": "no", "save_strategy": "no"})
+    result = run_cli_in_process("train", str(write_recipe(tmp_path / "r.yaml", recipe)))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert ("training.gradient_checkpointing is on by default for a quantized base, but transformers has no gradient "
+            "checkpointing for AlbertForSequenceClassification") in result.stderr
+    assert "set training.gradient_checkpointing: false" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+    recipe["training"].update(gradient_checkpointing=False)
+    result = run_cli_in_process("train", str(write_recipe(tmp_path / "r.yaml", recipe)))
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -42,6 +42,7 @@ from peftkit.evaluation.plots import plot_losses
 from peftkit.evaluation.report import write_report
 from peftkit.models.load import load_config, load_tokenizer
 from peftkit.plan.preflight import warn_if_recipe_will_not_fit
+from peftkit.recipe.resolved import resolve_gradient_checkpointing
 from peftkit.recipe.schema import Recipe
 from peftkit.run_folder import (
     ADAPTER_DIR,
@@ -77,7 +78,7 @@ from peftkit.training.checkpoints import (
     check_saved_weights,
     usable_checkpoint,
 )
-from peftkit.errors import Preempted
+from peftkit.errors import Preempted, UserError
 from peftkit.tasks.base import FitResult, TrainerSetup, fits_itself, trains_with_own_trainer
 from peftkit.training.tracking import final_metrics, open_trackers
 from peftkit.tasks.lm_loss import check_kernel_available
@@ -177,6 +178,17 @@ def share_cpu_threads() -> None:
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_processes))
 
 
+def check_checkpointing_support(model, recipe: Recipe) -> None:
+    """Gradient checkpointing (asked for, or QLoRA's default) on a model class transformers implements it not for
+    (ALBERT, MPNet, ...) fails inside the Trainer with a traceback; say so before training, with the fix."""
+    if resolve_gradient_checkpointing(recipe) and not model.supports_gradient_checkpointing:
+        why = "is set" if recipe.training.gradient_checkpointing else "is on by default for a quantized base"
+        raise UserError(
+            f"training.gradient_checkpointing {why}, but transformers has no gradient checkpointing for "
+            f"{type(model).__name__} (`{recipe.model.name}`); set training.gradient_checkpointing: false"
+        )
+
+
 def fit_with_trainer(
     args, preemption: PreemptionCallback, best_metric: str, trainer_class: type, recipe: Recipe, task, info: dict,
     tokenized: dict, tokenizer, run_dir: Path, checkpoint, callbacks: list,
@@ -184,6 +196,7 @@ def fit_with_trainer(
     """Gradient training with `trainer_class` (the HF Trainer, or TRL's for preference tuning, with peftkit's behaviour
     mixed in): the task's model + adapter, periodic evaluation, best checkpoint."""
     model = task.load_model(recipe, info)
+    check_checkpointing_support(model, recipe)
     model = attach_adapter(model, recipe, task.PEFT_TASK_TYPE, task.head_modules(model))
     parameters = count_parameters(model)
     log.info(
