@@ -52,6 +52,8 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "bert": (ENCODER, dict(model_type="bert", max_position_embeddings=130, **_ATTENTION)),
     "roberta": (ENCODER, dict(model_type="roberta", max_position_embeddings=130, **_ATTENTION)),
     "deberta-v2": (ENCODER, dict(model_type="deberta-v2", max_position_embeddings=130, **_ATTENTION)),
+    # No gradient checkpointing in transformers: a quantized base's default (checkpointing on) is refused.
+    "albert": (ENCODER, dict(model_type="albert", embedding_size=32, max_position_embeddings=130, **_ATTENTION)),
     "distilbert": (ENCODER, dict(model_type="distilbert", dim=64, hidden_dim=128, n_layers=2, n_heads=4,
                                  max_position_embeddings=130)),
     "electra": (ENCODER, dict(model_type="electra", embedding_size=32, max_position_embeddings=130, **_ATTENTION)),
@@ -101,7 +103,7 @@ CHUNKS = (
     ("gpt2", "gpt_neox", "opt", "llama", "bert", "t5"),
     ("qwen2", "qwen3", "mistral", "roberta", "deberta-v2", "mt5"),
     ("gemma", "gemma2", "phi3", "distilbert", "electra", "bart"),
-    ("falcon", "bloom", "mixtral", "modernbert", "marian"),
+    ("falcon", "bloom", "mixtral", "albert", "modernbert", "marian"),
 )
 assert sorted(sum(CHUNKS, ())) == sorted(ARCHITECTURES), "every architecture in exactly one chunk"
 
