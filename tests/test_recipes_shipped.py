@@ -73,9 +73,9 @@ def _tiny_overrides(path: Path, out_dir: Path) -> list[str]:
 
 def _reads_shared_data(path: Path) -> bool:
     """Whether the recipe or a fragment it extends reads ../shared/ (sst2_full.yaml only extends sst2_lora.yaml)."""
-    extends = yaml.safe_load(path.read_text()).get("extends", [])
-    fragments = [extends] if isinstance(extends, str) else extends
-    return "../shared/" in path.read_text() or any(_reads_shared_data(path.parent / fragment) for fragment in fragments)
+    from peftkit.recipe.load import read_with_extends
+
+    return "../shared/" in json.dumps(read_with_extends(path))
 
 
 def _peftkit(args: list[str], cache: Path) -> subprocess.CompletedProcess:

@@ -26,7 +26,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     other methods (e.g. `r` for `ia3`).
     """
     path = Path(path)
-    merged = _read_with_extends(path, chain=())
+    merged = read_with_extends(path)
     overridden = []
     for override in overrides:
         key_path, raw_value = split_override(override)
@@ -117,7 +117,9 @@ def read_yaml_mapping(path: Path, what: str = "recipe file") -> dict[str, Any]:
     return content
 
 
-def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+def read_with_extends(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The recipe file merged over the fragments it `extends` (resolved as the loader does), before overrides and
+    validation. `chain`: the files already being read, to report a cycle."""
     resolved = path.resolve()
     if resolved in chain:
         cycle = " -> ".join(str(p) for p in (*chain, resolved))
@@ -131,7 +133,7 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for fragment in extends:
         fragment_path = _find_fragment(path.parent, fragment)
-        merged = _merge_layer(merged, _read_with_extends(fragment_path, (*chain, resolved)))
+        merged = _merge_layer(merged, read_with_extends(fragment_path, (*chain, resolved)))
     return _merge_layer(merged, content)
 
 
