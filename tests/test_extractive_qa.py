@@ -122,6 +122,30 @@ def test_tiny_run_writes_metrics_predictions_and_report(tiny_bert_dir, tmp_path)
     assert (out / "report.md").is_file() and (out / "predictions.jsonl").is_file()
 
 
+def test_periodic_evaluation_scores_spans_and_keeps_the_best_f1_checkpoint(tiny_bert_dir, tmp_path):
+    """The validation loss is a poor guide to span quality (on XQuAD it rose while F1 still improved): periodic
+    evaluation decodes spans as the final evaluation does, and the best checkpoint is the best by F1."""
+    from peftkit.training.run import train
+
+    files = {
+        "train": write_jsonl(tmp_path / "train.jsonl", qa_rows(48, seed=1)),
+        "validation": write_jsonl(tmp_path / "validation.jsonl", qa_rows(16, seed=2)),
+    }
+    recipe = _recipe(tiny_bert_dir, files, tmp_path / "run").model_dump()
+    recipe["training"].update(eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=4)
+    run_dir = train(validate_recipe(recipe))
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    evaluations = {e["step"]: e for e in json.loads((run_dir / "log_history.json").read_text()) if "eval_f1" in e}
+    assert sorted(evaluations) == [4, 8, 12]
+    assert all(0 <= e["eval_exact_match"] <= e["eval_f1"] <= 100 for e in evaluations.values())
+    best_step = max(evaluations, key=lambda step: evaluations[step]["eval_f1"])
+    assert summary["best_metric_name"] == "f1"
+    assert summary["best_checkpoint"].endswith(f"checkpoint-{best_step}")
+    # The best checkpoint is what the final evaluation scored, and both decode the same spans.
+    assert summary["validation"]["f1"] == pytest.approx(evaluations[best_step]["eval_f1"], abs=1e-3)
+    assert summary["validation"]["exact_match"] == pytest.approx(evaluations[best_step]["eval_exact_match"])
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "qa" / "xquad_en").is_dir(), reason="shared data absent")
 def test_xquad_answers_map_to_their_text_with_minilm_tokenizer(tmp_path):
     """On real SQuAD-format data, every windowed answer decodes to its gold text (offset mapping is right)."""

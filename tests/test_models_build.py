@@ -91,3 +91,26 @@ def test_a_quantized_base_with_no_layer_quantized_is_refused_and_quantized_ones_
     # 2 layers x (q, k, v, out, 2 feed-forward) linear layers; the fresh head stays in full precision.
     assert quantized_layer_count(model) == count_parameters(model)["quantized_layers"] == 12
     assert "quantized_layers" not in count_parameters(classification.load_model(_recipe(distilbert_dir), {"labels": ["a", "b"]}))
+
+
+def test_dropout_overrides_reach_the_built_model_and_only_name_dropouts_of_its_config(distilbert_dir):
+    from peftkit.models.build import build_model
+    from peftkit.tasks import classification
+    from transformers import AutoModelForSequenceClassification
+
+    recipe = _recipe(distilbert_dir, model={"name": str(distilbert_dir), "dropout_overrides": {"attention_dropout": 0.0}})
+    model = classification.load_model(recipe, {"labels": ["a", "b"]})
+    assert model.config.attention_dropout == 0.0 and model.config.dropout == 0.1  # only the named key changes
+    assert model.distilbert.transformer.layer[0].attention.dropout.p == 0.0
+    meta = build_model(recipe.model, recipe.quantization, AutoModelForSequenceClassification, meta=True)
+    assert meta.config.attention_dropout == 0.0  # the planner sees the same model
+
+    with pytest.raises(UserError, match=r"dropout_overrides\.attention_probs_dropout_prob: DistilBertConfig .* "
+                       r"its dropout keys are attention_dropout, dropout, qa_dropout, seq_classif_dropout"):
+        classification.load_model(
+            _recipe(distilbert_dir, model={"name": str(distilbert_dir), "dropout_overrides": {"attention_probs_dropout_prob": 0}}),
+            {"labels": ["a", "b"]},
+        )
+    for overrides, message in [({"rope_theta": 0.5}, "not dropout probabilities"), ({"dropout": 1.0}, "below 1")]:
+        with pytest.raises(UserError, match=message):
+            _recipe(distilbert_dir, model={"name": str(distilbert_dir), "dropout_overrides": overrides})

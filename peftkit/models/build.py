@@ -117,7 +117,8 @@ def check_layers_quantized(model: ModelSection, quantization: QuantizationSectio
 def _from_pretrained(model: ModelSection, quantization: QuantizationSection, auto_class: type, model_kwargs: dict,
                      keep_unquantized: list[str]) -> tuple[Any, dict]:
     kwargs: dict[str, Any] = {
-        "revision": model.revision, "trust_remote_code": model.trust_remote_code, **model_kwargs,
+        "revision": model.revision, "trust_remote_code": model.trust_remote_code, **model.dropout_overrides,
+        **model_kwargs,  # from_pretrained folds config keys among its kwargs into the config
         # None lets transformers fall back to .bin, which it reads with torch.load(weights_only=True).
         "use_safetensors": None if model.allow_pickle_weights else True,
         "dtype": _loading_dtype(model.resolved_dtype(on_gpu=torch.cuda.is_available())),

@@ -38,15 +38,25 @@ def loader_problem(exc: Exception, model: ModelSection) -> str:
 
 
 def load_config(model: ModelSection) -> PretrainedConfig:
-    """Reading the config first catches a wrong model path before any data work is done."""
+    """Reading the config first catches a wrong model path before any data work is done. The recipe's dropout
+    overrides are applied (and checked against the config's own keys)."""
     location = model_location(model)
     try:
-        return AutoConfig.from_pretrained(location, **_hub_kwargs(model))
+        config = AutoConfig.from_pretrained(location, **_hub_kwargs(model))
     except Exception as exc:  # OSError, ValueError, EnvironmentError from hub/local resolution
         raise UserError(
             f"model.name: cannot load a model config from `{model.name}` ({location}): "
             f"{loader_problem(exc, model)}. Give a local model folder, a hub id, or package:<module>/<dir>"
         ) from None
+    for key, value in model.dropout_overrides.items():
+        if key not in config.to_dict():
+            known = sorted(name for name in config.to_dict() if "drop" in name)
+            raise UserError(
+                f"model.dropout_overrides.{key}: {type(config).__name__} (`{model.name}`) has no such key; its dropout "
+                f"keys are {', '.join(known) if known else '(none)'}"
+            )
+        setattr(config, key, value)
+    return config
 
 
 def is_decoder_only(config: PretrainedConfig) -> bool:

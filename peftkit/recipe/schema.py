@@ -92,6 +92,25 @@ class ModelSection(Section):
         False,
         description="Also accept pickle (.bin) weights, read with torch.load(weights_only=True); safetensors otherwise.",
     )
+    dropout_overrides: dict[str, float] = Field(
+        default_factory=dict,
+        description="Dropout probabilities of the base's config to change for training, e.g. "
+        "`{attention_probs_dropout_prob: 0.0}` (BERT; `attention_dropout`, `attn_pdrop`... elsewhere). On a CPU, "
+        "attention dropout makes PyTorch's attention take its slow path (MiniLM LoRA steps 2.2x longer, "
+        "docs/tasks.md). Only dropout keys: inference uses none, so a deployed adapter behaves the same.",
+    )
+
+    @field_validator("dropout_overrides")
+    @classmethod
+    def _only_dropout_keys(cls, overrides: dict[str, float]) -> dict[str, float]:
+        # Other config values (rope scaling, ...) would change inference, which rebuilds the base from its own config.
+        others = [key for key in overrides if "drop" not in key]
+        if others:
+            raise ValueError(f"{others} are not dropout probabilities; only keys naming a dropout can be overridden")
+        outside = {key: value for key, value in overrides.items() if not 0 <= value < 1}
+        if outside:
+            raise ValueError(f"{outside}: a dropout probability is at least 0 and below 1")
+        return overrides
 
 
 class ClassificationTask(Section):

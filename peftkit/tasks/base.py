@@ -66,8 +66,9 @@ class TrainerTask(TrainingTask, Protocol):
 
     def collator(self, tokenizer, recipe) -> Callable: ...
 
-    def compute_metrics(self, info: dict) -> Callable | None:
-        """Metrics of periodic evaluation inside the Trainer; None reports the loss only."""
+    def compute_metrics(self, info: dict, validation) -> Callable | None:
+        """Metrics of periodic evaluation inside the Trainer over `validation` (the tokenized validation split, or
+        None); None reports the loss only."""
 
 
 class TrainerSetup(NamedTuple):

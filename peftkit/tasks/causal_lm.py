@@ -202,7 +202,7 @@ def packed_batches(features: list[dict]) -> dict:
     return {**_flatten(features), "use_cache": False}
 
 
-def compute_metrics(info: dict):
+def compute_metrics(info: dict, validation):
     return None  # periodic evaluation is the response loss; generation is scored once at the end
 
 

@@ -49,7 +49,7 @@ def collator(tokenizer, recipe: Recipe):
     return DataCollatorWithPadding(tokenizer)
 
 
-def compute_metrics(info: dict):
+def compute_metrics(info: dict, validation):
     """Metrics for periodic evaluation inside the Trainer."""
 
     def compute(eval_prediction) -> dict[str, float]:

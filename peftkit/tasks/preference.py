@@ -217,7 +217,7 @@ def collator(tokenizer, recipe: Recipe):
     return None  # TRL's trainers bring their own (chosen and rejected padded into one batch)
 
 
-def compute_metrics(info: dict):
+def compute_metrics(info: dict, validation):
     return None  # TRL logs eval rewards/accuracies itself; pairs are scored once at the end by `predict`
 
 

@@ -92,7 +92,7 @@ def collator(tokenizer, recipe: Recipe):
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
 
 
-def compute_metrics(info: dict):
+def compute_metrics(info: dict, validation):
     return None
 
 

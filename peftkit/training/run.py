@@ -211,7 +211,7 @@ def fit_with_trainer(
         eval_dataset=tokenized.get("validation"),
         data_collator=task.collator(tokenizer, recipe),
         processing_class=tokenizer,
-        compute_metrics=task.compute_metrics(info),
+        compute_metrics=task.compute_metrics(info, tokenized.get("validation")),
         callbacks=[*_callbacks(recipe), preemption, *callbacks, *adapter_callbacks(recipe)],
         on_nonfinite=recipe.training.on_nonfinite,
         abort_grad_norm=recipe.training.abort_grad_norm,
