@@ -96,7 +96,7 @@ class ModelSection(Section):
         default_factory=dict,
         description="Dropout probabilities of the base's config to change for training, e.g. "
         "`{attention_probs_dropout_prob: 0.0}` (BERT; `attention_dropout`, `attn_pdrop`... elsewhere). On a CPU, "
-        "attention dropout makes PyTorch's attention take its slow path (MiniLM LoRA steps 2.2x longer, "
+        "attention dropout makes PyTorch's attention take its slow path (MiniLM LoRA steps 1.5-1.8x longer, "
         "docs/tasks.md). Only dropout keys: inference uses none, so a deployed adapter behaves the same.",
     )
 
