@@ -48,9 +48,10 @@ def load_config(model: ModelSection) -> PretrainedConfig:
             f"model.name: cannot load a model config from `{model.name}` ({location}): "
             f"{loader_problem(exc, model)}. Give a local model folder, a hub id, or package:<module>/<dir>"
         ) from None
+    keys = config.to_dict()
     for key, value in model.dropout_overrides.items():
-        if key not in config.to_dict():
-            known = sorted(name for name in config.to_dict() if "drop" in name)
+        if key not in keys:
+            known = sorted(name for name in keys if "drop" in name)
             raise UserError(
                 f"model.dropout_overrides.{key}: {type(config).__name__} (`{model.name}`) has no such key; its dropout "
                 f"keys are {', '.join(known) if known else '(none)'}"

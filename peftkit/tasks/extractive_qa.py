@@ -90,6 +90,7 @@ def _examples(dataset, task, split: str, source: str, labelled: bool) -> list[di
         example = {"question": question, "context": context, "answer_start": None, "trainable": True}
         if labelled:
             texts, starts = normalize_answers(row[task.answers_column], context)
+            example["answers"] = texts  # every gold text, which evaluation scores against
             located = [locate_answer(text, start, context) for text, start in zip(texts, starts)]
             found = [(text, start) for text, start in zip(texts, located) if start is not None]
             if texts and not found:
@@ -138,10 +139,11 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
         # and their context and gold answers so that periodic evaluation can score spans.
         tokenized[split] = _windows(examples, tokenizer, recipe, keep_metadata=split != "train")
         if split != "train" and labelled:
-            gold = [json.dumps(normalize_answers(row[task.answers_column], row[task.context_column])[0]) for row in dataset]
             indices = tokenized[split]["example_index"]
             tokenized[split] = tokenized[split].add_column("context", [examples[i]["context"] for i in indices])
-            tokenized[split] = tokenized[split].add_column("gold_answers", [gold[i] for i in indices])
+            tokenized[split] = tokenized[split].add_column(
+                "gold_answers", [json.dumps(examples[i]["answers"]) for i in indices]
+            )
     return tokenized, decoding_settings(recipe)
 
 
