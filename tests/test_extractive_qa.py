@@ -124,12 +124,16 @@ def test_tiny_run_writes_metrics_predictions_and_report(tiny_bert_dir, tmp_path)
 
 def test_periodic_evaluation_scores_spans_and_keeps_the_best_f1_checkpoint(tiny_bert_dir, tmp_path):
     """The validation loss is a poor guide to span quality (on XQuAD it rose while F1 still improved): periodic
-    evaluation decodes spans as the final evaluation does, and the best checkpoint is the best by F1."""
+    evaluation decodes spans as the final evaluation does, and the best checkpoint is the best by F1. The span
+    metrics are bound to the validation windows, so a test split of another size must still be scored (it once
+    crashed at the end of training, indexing the validation windows with the test split's logits)."""
+    from peftkit.saved_run import evaluate_run
     from peftkit.training.run import train
 
     files = {
         "train": write_jsonl(tmp_path / "train.jsonl", qa_rows(48, seed=1)),
         "validation": write_jsonl(tmp_path / "validation.jsonl", qa_rows(16, seed=2)),
+        "test": write_jsonl(tmp_path / "test.jsonl", qa_rows(5, seed=3)),
     }
     recipe = _recipe(tiny_bert_dir, files, tmp_path / "run").model_dump()
     recipe["training"].update(eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=4)
@@ -144,6 +148,10 @@ def test_periodic_evaluation_scores_spans_and_keeps_the_best_f1_checkpoint(tiny_
     # The best checkpoint is what the final evaluation scored, and both decode the same spans.
     assert summary["validation"]["f1"] == pytest.approx(evaluations[best_step]["eval_f1"], abs=1e-3)
     assert summary["validation"]["exact_match"] == pytest.approx(evaluations[best_step]["eval_exact_match"])
+    # The test split is scored from its own windows: the saved run rescored on it gives the same numbers.
+    assert summary["examples"]["test"] == 5
+    _, rescored = evaluate_run(run_dir, split="test")
+    assert summary["test"]["f1"] == pytest.approx(rescored["f1"]) and summary["test"]["exact_match"] == pytest.approx(rescored["exact_match"])
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "qa" / "xquad_en").is_dir(), reason="shared data absent")

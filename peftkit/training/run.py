@@ -236,6 +236,10 @@ def fit_with_trainer(
     if trainer.is_world_process_zero():
         # The Trainer pickles its arguments next to the weights; a deployable folder holds safetensors only.
         (run_dir / ADAPTER_DIR / TRAINER_ARGUMENTS).unlink(missing_ok=True)
+    # The final evaluation scores each split with task.predict / task.score. The periodic metrics may be bound to
+    # the validation split (extractive QA decodes spans from its windows): run on the test split's predictions they
+    # would index the wrong windows, so the trainer predicts without them from here on.
+    trainer.compute_metrics = None
     return FitResult(
         predictor=trainer,
         parameters=parameters,
