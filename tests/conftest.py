@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Start-up hooks that tests put on a launched process's PYTHONPATH (tests/worker_hooks/sitecustomize.py).
+HOOKS = Path(__file__).parent / "worker_hooks"
 # Real data lives beside the project (`../shared/data`); PEFTKIT_SHARED_DATA points elsewhere (e.g. from a worktree).
 SHARED_DATA = Path(os.environ.get("PEFTKIT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 

@@ -27,12 +27,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO_ROOT, classification_recipe, sentiment_rows, write_jsonl, write_recipe
+from tests.conftest import HOOKS, REPO_ROOT, classification_recipe, sentiment_rows, write_jsonl, write_recipe
 from peftkit.training.checkpoints import check_saved_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
-HOOKS = Path(__file__).parent / "worker_hooks"
 STEPS, BATCH, RANKS, TRAIN_EXAMPLES = 4, 4, 2, 32
 # Strategy -> (recipe overrides, accelerate config in launch/ used to resume).
 STRATEGIES = {

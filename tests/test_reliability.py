@@ -23,7 +23,7 @@ from peftkit.errors import UserError
 from peftkit.recipe.load import validate_recipe
 from peftkit.run_folder import check_resume_matches
 from peftkit.training.run import train
-from tests.conftest import REPO_ROOT, classification_recipe, run_cli, run_cli_in_process, write_recipe
+from tests.conftest import HOOKS, REPO_ROOT, classification_recipe, run_cli, run_cli_in_process, write_recipe
 
 STEPS = 12
 
@@ -66,7 +66,9 @@ def _resume_matches(recipe_path: Path, uninterrupted_run: Path, run_dir: Path) -
 
 
 def _start_training(recipe_path: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    """`peftkit train` in a subprocess whose steps take at least 0.25 s: a tiny model otherwise runs 12 steps in under a
+    second, and a test waiting for checkpoint-3 (kept only until checkpoint-5 replaces it) could miss it under load."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HOOKS), str(REPO_ROOT)]), "PEFTKIT_TEST_STEP_SECONDS": "0.25"}
     return subprocess.Popen(
         [sys.executable, "-m", "peftkit", "train", str(recipe_path), *extra],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -7,9 +7,26 @@ test can SIGKILL the job mid-run instead of racing the last steps of a tiny mode
 With PEFTKIT_TEST_PARAM_BYTES_DIR set, each rank writes `rank<R>.json` after training: the bytes its 4-bit
 (bitsandbytes) weights hold now — the local tensor (an FSDP shard) plus, under ZeRO-3, its own partition — and the bytes of
 the whole weights.
+With PEFTKIT_TEST_STEP_SECONDS=s, every process (launched or not) sleeps s seconds before each training step, so a
+test that signals a tiny model's run at a given checkpoint does not race its last steps (the sleep is
+interruptible: a SIGTERM handler still runs).
 """
 
 import os
+
+if os.environ.get("PEFTKIT_TEST_STEP_SECONDS"):
+    import time
+
+    import transformers
+
+    _unpaced_step = transformers.Trainer.training_step
+    _step_seconds = float(os.environ["PEFTKIT_TEST_STEP_SECONDS"])
+
+    def paced_step(self, *args, **kwargs):
+        time.sleep(_step_seconds)
+        return _unpaced_step(self, *args, **kwargs)
+
+    transformers.Trainer.training_step = paced_step
 
 if "RANK" in os.environ and os.environ.get("PEFTKIT_TEST_PARAM_BYTES_DIR"):
     import json
