@@ -122,7 +122,8 @@ def test_bad_files_name_the_line(tmp_path, name, content, message):
     assert message in str(caught.value) and name in str(caught.value)
 
 
-def test_empty_texts_are_an_error_naming_rows_or_skipped_and_counted(tiny_bert_dir, tmp_path, caplog):
+def test_empty_texts_and_labels_are_an_error_naming_rows_or_skipped_and_counted(tiny_bert_dir, tmp_path, caplog):
+    """A row without a label (null, or a JSON line without the key) once trained a third class named "None"."""
     from transformers import AutoTokenizer
 
     from peftkit.recipe.load import validate_recipe
@@ -130,21 +131,24 @@ def test_empty_texts_are_an_error_naming_rows_or_skipped_and_counted(tiny_bert_d
 
     rows = sentiment_rows(10, seed=1)
     rows[2]["text"], rows[5]["text"] = "  ", None
+    rows[7]["label"] = None
+    del rows[8]["label"]
     files = {"train": write_jsonl(tmp_path / "train.jsonl", rows)}
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
     recipe = classification_recipe(tiny_bert_dir, files, tmp_path / "run", training={"eval_strategy": "no", "save_strategy": "no"})
     with pytest.raises(UserError, match=r"data.train: `.*train.jsonl` column 'text' is empty at row\(s\) \[3, 6\] \(2 of 10\); "
-                       r".*data.skip_bad_rows: true"):
+                       r"column 'label' is empty at row\(s\) \[8, 9\] \(2 of 10\); .*data.skip_bad_rows: true"):
         classification.prepare(validate_recipe(recipe), load_splits(validate_recipe(recipe).data), tokenizer)
 
     skipping = validate_recipe({**recipe, "data": {**recipe["data"], "skip_bad_rows": True}})
     splits = load_splits(skipping.data)
     with caplog.at_level(logging.WARNING, logger="peftkit"):
         tokenized, info = classification.prepare(skipping, splits, tokenizer)
-    assert "data.train: skipped row(s) [3, 6] (2 of 10)" in caplog.text
-    kept = [row for i, row in enumerate(rows) if i not in (2, 5)]
+    assert "data.train: skipped 4 of 10 rows of" in caplog.text and "row(s) [8, 9]" in caplog.text
+    kept = [row for i, row in enumerate(rows) if i not in (2, 5, 7, 8)]
     assert splits["train"]["text"] == [row["text"] for row in kept]  # raw rows stay aligned with tokenized ones
     assert [info["labels"][i] for i in tokenized["train"]["labels"]] == [row["label"] for row in kept]
+    assert info["labels"] == ["negative", "positive"]
 
 
 JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=False, allow_infinity=False),

@@ -354,7 +354,7 @@ class DataSection(Section):
     )
     skip_bad_rows: bool = Field(
         False,
-        description="Classification and features: skip rows whose text is empty; preference: skip rows that are not "
+        description="Classification and features: skip rows whose text or label is empty (or null); preference: skip rows that are not "
         "valid pairs (identical or empty responses, dialogues that differ before the last turn). Counted in a "
         "warning instead of stopping with an error that names the file and row.",
     )

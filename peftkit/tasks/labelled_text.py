@@ -61,7 +61,7 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
         labelled = info is None or task.label_column in dataset.column_names
         columns = inputs + ([task.label_column] if labelled else [])
         require_columns(dataset, columns, split, split_origin(recipe.data, split), "task.text_column/task.label_column")
-        splits[split] = _without_empty_texts(dataset, split, recipe)
+        splits[split] = _without_empty_values(dataset, split, recipe, inputs, [task.label_column] if labelled else [])
     names = info["labels"] if info else label_names(recipe, splits["train"])
     if len(names) < 2:
         raise UserError(f"data.train: column {task.label_column!r} has only the label {names}; classification needs two or more")
@@ -80,22 +80,28 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
     return tokenized, {"labels": names}
 
 
-def _without_empty_texts(dataset, split: str, recipe: Recipe):
-    """An empty (or non-text) input teaches nothing and predicts noise: an error naming the rows, or, with
-    `data.skip_bad_rows`, the split without them and a counted warning."""
-    column, origin = recipe.task.text_column, split_origin(recipe.data, split)
-    empty = [i for i, text in enumerate(dataset[column]) if not isinstance(text, str) or not text.strip()]
+def _without_empty_values(dataset, split: str, recipe: Recipe, texts: list[str], labels: list[str]):
+    """An empty (or non-text) input teaches nothing and predicts noise, and a row without a label (null, or a JSON
+    line without the key, which loads as null) would become a class of its own named "None": an error naming the
+    column and rows, or, with `data.skip_bad_rows`, the split without them and a counted warning."""
+    origin = split_origin(recipe.data, split)
+    empty = {column: [i for i, text in enumerate(dataset[column]) if not isinstance(text, str) or not text.strip()]
+             for column in texts}
+    empty |= {column: [i for i, label in enumerate(dataset[column])
+                       if label is None or (isinstance(label, str) and not label.strip())] for column in labels}
+    empty = {column: rows for column, rows in empty.items() if rows}
     if not empty:
         return dataset
-    rows = f"row(s) {[i + 1 for i in empty[:10]]}{' ...' if len(empty) > 10 else ''} ({len(empty)} of {len(dataset)})"
-    if not recipe.data.skip_bad_rows or len(empty) == len(dataset):
-        raise UserError(
-            f"data.{split}: `{origin}` column {column!r} is empty at {rows}; fix those rows or set "
-            "data.skip_bad_rows: true to skip them"
-        )
-    log.warning("data.%s: skipped %s of `%s` with an empty %r", split, rows, origin, column)
-    empty_rows = set(empty)
-    return dataset.select([i for i in range(len(dataset)) if i not in empty_rows])
+    bad = sorted(set().union(*empty.values()))
+    where = "; ".join(
+        f"column {column!r} is empty at row(s) {[i + 1 for i in rows[:10]]}{' ...' if len(rows) > 10 else ''} "
+        f"({len(rows)} of {len(dataset)})" for column, rows in empty.items()
+    )
+    if not recipe.data.skip_bad_rows or len(bad) == len(dataset):
+        raise UserError(f"data.{split}: `{origin}` {where}; fix those rows or set data.skip_bad_rows: true to skip them")
+    log.warning("data.%s: skipped %d of %d rows of `%s`: %s", split, len(bad), len(dataset), origin, where)
+    bad_rows = set(bad)
+    return dataset.select([i for i in range(len(dataset)) if i not in bad_rows])
 
 
 def records_from_probabilities(probabilities: np.ndarray, tokenized, raw, recipe: Recipe, info: dict) -> list[dict]:
