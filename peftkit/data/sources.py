@@ -215,6 +215,8 @@ def _require_even_rows(location: str, data_format: str) -> None:
 
 
 def _load_file(location: str, data_format: str, encoding: str) -> datasets.Dataset:
+    if data_format != "parquet" and not Path(location).read_bytes().strip():
+        return datasets.Dataset.from_dict({})  # the loaders fail obscurely ("StopIteration"); the caller names it
     if data_format == "parquet" or encoding == "utf-8":
         if data_format != "parquet":
             _require_decodable(location, encoding)
