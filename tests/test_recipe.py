@@ -84,6 +84,8 @@ def test_invalid_recipes_name_the_key_and_the_fix(content, expected):
     "text, expected",
     [
         ("model: [unclosed", "is not valid YAML"),
+        ("model: {name: a}\nmodel: {name: b}\n", r'the key `model` twice; keep one\n  in ".*bad.yaml", line 2'),
+        ("model:\n\tname: a\n", r'in ".*bad.yaml", line 2, column 1:\n    \tname: a'),  # the file and the line
         ("- just\n- a list\n", "must hold a mapping"),
         ("extends: [missing.yaml]\n", "fragment `missing.yaml`"),
     ],

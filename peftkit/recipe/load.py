@@ -95,9 +95,16 @@ def _construct_unique_mapping(loader: UniqueKeyLoader, node: yaml.MappingNode, d
 UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 
 
-def safe_load_unique(text: str) -> Any:
-    """Parse YAML text like `yaml.safe_load` (no Python object tags), refusing duplicate keys."""
-    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+def safe_load_unique(text: str, name: str | None = None) -> Any:
+    """Parse YAML text like `yaml.safe_load` (no Python object tags), refusing duplicate keys; error marks name
+    `name` (the file) instead of "<unicode string>"."""
+    loader = UniqueKeyLoader(text)  # a SafeLoader subclass
+    if name:
+        loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def read_yaml_mapping(path: Path, what: str = "recipe file") -> dict[str, Any]:
@@ -105,7 +112,7 @@ def read_yaml_mapping(path: Path, what: str = "recipe file") -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{what} not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
     try:
-        content = safe_load_unique(path.read_text(encoding="utf-8"))
+        content = safe_load_unique(path.read_text(encoding="utf-8"), name=str(path))
     except yaml.YAMLError as exc:
         raise UserError(f"{path} is not valid YAML: {exc}") from None
     except UnicodeDecodeError:
