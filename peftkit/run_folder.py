@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -275,3 +276,24 @@ def keep_replaced_recipe(run_dir: Path, recipe: Recipe, step: int) -> Path | Non
     kept = run_dir / replaced_recipe_name(step)
     os.replace(run_dir / RECIPE_FILE, kept)
     return kept
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """Why a safetensors file cannot be read whole (cut short by a full disk, a killed save or an interrupted
+    copy; a corrupt header), or None. Cheap: the file must be as long as its header says."""
+    size = file.stat().st_size
+    with file.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return "is truncated (no header)"
+        header_length = struct.unpack("<Q", prefix)[0]
+        if header_length > size - 8:
+            return "is truncated (header cut off)"
+        try:
+            header = json.loads(handle.read(header_length))
+        except ValueError:
+            return "has a corrupt header"
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if size != 8 + header_length + end:
+        return f"is {size} bytes but its header describes {8 + header_length + end} (truncated?)"
+    return None

@@ -31,7 +31,7 @@ from peftkit.run_folder import (
 from peftkit.tasks import get_task
 from peftkit.tasks.base import fits_itself
 from peftkit.training.arguments import build_training_args
-from peftkit.training.checkpoints import EmptyWeightsError, check_saved_weights
+from peftkit.training.checkpoints import UnusableWeightsError, check_saved_weights
 from peftkit.training.trainer import PeftkitTrainer
 
 log = logging.getLogger("peftkit")
@@ -61,7 +61,7 @@ def load_run(run_dir: str | Path) -> SavedRun:
     recipe = read_recipe(run_dir)
     try:
         check_saved_weights(run_dir / ADAPTER_DIR)
-    except EmptyWeightsError as error:  # peft would look for the weights on the hub instead
+    except UnusableWeightsError as error:  # peft would look for the weights on the hub instead
         raise UserError(f"`{run_dir}` has no usable trained weights: {error}") from None
     info = read_task_info(run_dir)
     task = get_task(recipe.task.type)

@@ -115,6 +115,22 @@ def test_run_folder_without_adapter_weights(finished_copy):
     _fails_cleanly(run_cli_in_process("eval", str(finished_copy)), "has no usable trained weights", "no *.safetensors")
 
 
+def test_run_folder_with_truncated_adapter_weights(finished_copy, tmp_path):
+    """A weights file cut short (a full disk, an interrupted copy) failed with safetensors' traceback in every command."""
+    (weights,) = (finished_copy / "adapter").glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"text": "good"}])
+    commands = {
+        "eval": ["eval", str(finished_copy)],
+        "predict RUN": ["predict", str(finished_copy), "--input", str(rows), "--output", str(tmp_path / "a.jsonl")],
+        "predict --adapter": ["predict", "--adapter", f"a={finished_copy}", "--input", str(rows), "--output", str(tmp_path / "b.jsonl")],
+        "merge": ["merge", str(finished_copy), "--out", str(tmp_path / "merged")],
+    }
+    for command in commands.values():
+        _fails_cleanly(run_cli_in_process(*command), str(weights), "(truncated?)")
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "a.jsonl").exists() and not (tmp_path / "b.jsonl").exists()
+
+
 @pytest.mark.parametrize("content, expected", [
     ("model: [", "is not valid YAML"),
     ("model:\n  name: x\nmodel:\n  name: y\n", "found the key `model` twice"),

@@ -20,7 +20,7 @@ from peftkit.training.distributed import (
 from peftkit.errors import UserError
 from peftkit.recipe.load import validate_recipe
 from peftkit.run_folder import check_run_folder
-from peftkit.training.checkpoints import EmptyWeightsError, check_saved_weights
+from peftkit.training.checkpoints import UnusableWeightsError, check_saved_weights
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"
 
@@ -222,9 +222,9 @@ def _save(path: Path, tensors: dict) -> Path:
 
 def test_saved_weights_check(tmp_path):
     check_saved_weights(_save(tmp_path / "good", {"lora_A": torch.ones(4, 8), "lora_B": torch.zeros(8, 4)}))
-    with pytest.raises(EmptyWeightsError, match=r"empty tensors \['lora_B'\]"):
+    with pytest.raises(UnusableWeightsError, match=r"empty tensors \['lora_B'\]"):
         check_saved_weights(_save(tmp_path / "partition", {"lora_A": torch.ones(4, 8), "lora_B": torch.empty(0)}))
-    with pytest.raises(EmptyWeightsError, match="no \\*.safetensors"):
+    with pytest.raises(UnusableWeightsError, match="no \\*.safetensors"):
         check_saved_weights(tmp_path / "nothing")
 
 

@@ -20,7 +20,7 @@ from peftkit.errors import UserError
 from peftkit.models.fingerprint import architecture, fingerprint
 from peftkit.recipe.schema import GenerationSection, QuantizationSection
 from peftkit.tasks import TASKS, task_for_peft_type
-from peftkit.run_folder import ADAPTER_DIR, ADAPTER_RECORD, read_task_info
+from peftkit.run_folder import ADAPTER_DIR, ADAPTER_RECORD, read_task_info, safetensors_problem
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,10 @@ def find_adapter(name: str, reference: str) -> AdapterSource:
         raise UserError(
             f"adapter {name!r}: `{reference}` holds no adapter_config.json; give a peftkit run folder or a peft adapter folder"
         )
+    for weights in sorted(path.glob("*.safetensors")):  # peft would fail deep inside safetensors instead
+        problem = safetensors_problem(weights)
+        if problem:
+            raise UserError(f"adapter {name!r}: `{weights}` {problem}; restore the file or train again")
     record_file = path / ADAPTER_RECORD
     if record_file.exists():
         return _from_record(name, reference, path, record_file)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 import zipfile
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from peftkit.errors import UserError
-from peftkit.run_folder import TRAINER_STATE, checkpoint_step, complete_checkpoints
+from peftkit.run_folder import TRAINER_STATE, checkpoint_step, complete_checkpoints, safetensors_problem
 
 log = logging.getLogger("peftkit")
 
@@ -43,32 +42,13 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
         return f"has no {', no '.join(missing)}"
     for file in sorted(checkpoint.rglob("*")):
         if file.suffix == ".safetensors":
-            problem = _safetensors_problem(file)
+            problem = safetensors_problem(file)
         elif file.suffix in (".pt", ".pth", ".bin"):
             problem = None if zipfile.is_zipfile(file) else "is not a complete torch archive (truncated?)"
         else:
             continue
         if problem:
             return f"{file.relative_to(checkpoint)} {problem}"
-    return None
-
-
-def _safetensors_problem(file: Path) -> str | None:
-    size = file.stat().st_size
-    with file.open("rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            return "is truncated (no header)"
-        header_length = struct.unpack("<Q", prefix)[0]
-        if header_length > size - 8:
-            return "is truncated (header cut off)"
-        try:
-            header = json.loads(handle.read(header_length))
-        except ValueError:
-            return "has a corrupt header"
-    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    if size != 8 + header_length + end:
-        return f"is {size} bytes but its header describes {8 + header_length + end} (truncated?)"
     return None
 
 
@@ -108,24 +88,28 @@ def last_good_checkpoint(run_dir: Path, before_step: int) -> Path | None:
     return None
 
 
-class EmptyWeightsError(RuntimeError):
-    """A save produced empty tensors: under ZeRO-3 that means partitions were written instead of gathered weights."""
+class UnusableWeightsError(RuntimeError):
+    """Saved weights that cannot serve: none, a truncated file, or empty tensors (under ZeRO-3: partitions written
+    instead of gathered weights)."""
 
 
 def check_saved_weights(folder: Path) -> None:
-    """Fail loudly unless `folder` holds safetensors weights and none of their tensors is empty."""
+    """Fail loudly unless `folder` holds complete safetensors weights and none of their tensors is empty."""
     from safetensors import safe_open
 
     pruned = _modules_pruned_to_rank_zero(folder)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise EmptyWeightsError(f"no *.safetensors weights were saved in {folder}")
+        raise UnusableWeightsError(f"no *.safetensors weights were saved in {folder}")
     for file in files:
+        problem = safetensors_problem(file)
+        if problem:
+            raise UnusableWeightsError(f"{file} {problem}: restore it (or train again)")
         with safe_open(str(file), framework="pt") as weights:
             names = list(weights.keys())
             empty = [name for name in names if 0 in weights.get_slice(name).get_shape() and not _pruned(name, pruned)]
         if not names or empty:
-            raise EmptyWeightsError(
+            raise UnusableWeightsError(
                 f"{file} holds {'no tensors' if not names else f'empty tensors {empty[:5]}'}: the weights were not "
                 "gathered from their shards before saving (ZeRO-3 needs stage3_gather_16bit_weights_on_model_save)"
             )
