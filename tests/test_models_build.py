@@ -114,3 +114,51 @@ def test_dropout_overrides_reach_the_built_model_and_only_name_dropouts_of_its_c
     for overrides, message in [({"rope_theta": 0.5}, "not dropout probabilities"), ({"dropout": 1.0}, "below 1")]:
         with pytest.raises(UserError, match=message):
             _recipe(distilbert_dir, model={"name": str(distilbert_dir), "dropout_overrides": overrides})
+
+
+@pytest.mark.parametrize("architecture", ["bert", "roberta", "distilbert", "gpt2", "opt", "bart", "marian", "t5", "llama"])
+def test_position_limit_is_where_the_model_stops_reading(architecture, tmp_path):
+    """Absolute position tables (RoBERTa's starts after its padding row, OPT's and BART's hide an offset) read exactly
+    `position_limit` tokens and fail at one more; relative and rotary positions have no limit."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+
+    from peftkit.models.build import position_limit
+    from tests.support_matrix import ARCHITECTURES, DECODER, ENCODER
+
+    family = ARCHITECTURES[architecture][0]
+    auto_class = {DECODER: AutoModelForCausalLM, ENCODER: AutoModelForMaskedLM}.get(family, AutoModelForSeq2SeqLM)
+    model = auto_class.from_pretrained(build_checkpoint(architecture, tmp_path)).eval()
+    limit = position_limit(model)
+
+    def reads(tokens: int) -> bool:
+        ids = torch.full((1, tokens), 5)
+        extra = {"decoder_input_ids": ids} if family not in (DECODER, ENCODER) else {}
+        try:
+            with torch.no_grad():
+                model(input_ids=ids, **extra)
+            return True
+        except (IndexError, RuntimeError):
+            return False
+
+    if architecture in ("t5", "llama"):
+        assert limit is None and reads(300)
+    else:
+        assert limit is not None and reads(limit) and not reads(limit + 1)
+
+
+def test_training_refuses_rows_longer_than_the_position_table(tmp_path, tiny_bert_dir, sentiment_files):
+    """A row longer than BERT's table crashed in its forward pass with a shape error; prompt tuning's virtual tokens
+    count too (512 tokens + 20 virtual crashed MiniLM). Short rows under a large max_length still train."""
+    from tests.conftest import classification_recipe, run_cli_in_process, write_jsonl, write_recipe
+
+    long_rows = [{"text": " ".join(["good"] * 150), "label": "positive"}, {"text": "bad", "label": "negative"}] * 4
+    files = {**sentiment_files, "train": write_jsonl(tmp_path / "long.jsonl", long_rows)}
+    recipe = classification_recipe(tiny_bert_dir, files, tmp_path / "run", data={"max_length": 200})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    result = run_cli_in_process("train", str(path))
+    assert result.returncode == 2 and "data.max_length: rows of up to 150 tokens are more than" in result.stderr, result.stderr
+    assert "set data.max_length to 128 or less" in result.stderr and not (tmp_path / "run").exists()
+    result = run_cli_in_process("train", str(path), "data.max_length=125", "adapter.method=prompt_tuning",
+                                "adapter.num_virtual_tokens=10")
+    assert result.returncode == 2 and "up to 125 tokens after the 10 virtual tokens" in result.stderr, result.stderr
+    assert "set data.max_length to 118 or less" in result.stderr and not (tmp_path / "run").exists()

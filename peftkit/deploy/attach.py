@@ -20,7 +20,7 @@ from peft import LoraConfig, PeftConfig, PeftModel
 
 from peftkit.deploy.adapter_folder import AdapterSource, check_base, find_adapter
 from peftkit.errors import UserError
-from peftkit.models.build import build_model
+from peftkit.models.build import build_model, position_limit
 from peftkit.models.load import context_length, load_config, load_tokenizer, model_location
 from peftkit.recipe.schema import GenerationSection, ModelSection, QuantizationSection
 from peftkit.tasks import get_task
@@ -154,7 +154,7 @@ class AttachedModel:
         if self.task_type is None:
             raise UserError("no adapter is attached; load one first")
         fields = self.task.INPUT_FIELDS
-        limit = None if self.task.WINDOWS_LONG_INPUTS else context_length(self.config)
+        limit = None if self.task.WINDOWS_LONG_INPUTS else position_limit(self.model) or context_length(self.config)
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise UserError(f"input {i}: expected an object with fields {sorted(fields)}")

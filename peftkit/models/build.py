@@ -17,13 +17,15 @@ import torch
 from transformers import PretrainedConfig
 
 from peftkit.errors import UserError
-from peftkit.models.load import loader_problem, is_causal_lm, load_config, model_location
+from peftkit.models.load import context_length, loader_problem, is_causal_lm, load_config, model_location
 from peftkit.models.quantization import build_quantization_config, freeze_4bit_layout, torch_dtype
 from peftkit.recipe.schema import ModelSection, QuantizationSection
 
 FRESH_MODULES = "peftkit_fresh_modules"  # attribute of a built model: the modules its checkpoint did not fill
 # Above this share of randomly initialized parameters the backbone did not load (a head is a few percent).
 MOST_WEIGHTS_MISSING = 0.5
+# Tables of absolute positions: BERT-like encoders, GPT-2, OPT/BART/Marian (learned or sinusoidal, fixed size)
+POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
 
 
 def build_model(
@@ -51,6 +53,40 @@ def build_model(
         check_layers_quantized(model, quantization, built)
     # Training, evaluation and serving compute with the 4-bit layout it was loaded in (see freeze_4bit_layout).
     return freeze_4bit_layout(built) if quantization.bits == 4 else built
+
+
+def position_limit(built) -> int | None:
+    """Most tokens a model with a fixed table of absolute positions reads; a longer input indexes past the table and
+    fails deep inside the forward pass. None for relative or rotary positions (T5, Llama, ...): no hard limit."""
+    limits = []
+    for name, module in built.named_modules():
+        if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES:
+            # RoBERTa-like tables start after their padding row (514 rows, 512 positions); OPT/BART-like ones hide
+            # an offset of 2 that their config's limit already leaves out
+            padding = module.padding_idx
+            limits.append(module.num_embeddings - (padding + 1 if padding is not None else 0))
+    configured = context_length(built.config)
+    return min(limits + ([configured] if configured else [])) if limits else None
+
+
+def check_input_lengths(model: ModelSection, built, tokenized: dict, virtual_tokens: int = 0) -> None:
+    """The tokenized rows fit the model's table of positions, if it has one: a longer row fails deep inside the
+    forward pass, possibly hours in. `virtual_tokens`: what a prompt method puts before every input."""
+    limit = position_limit(built)
+    if limit is None:
+        return
+    columns = [("input_ids", "data.max_length", virtual_tokens)]
+    if built.config.is_encoder_decoder:
+        columns.append(("labels", "task.max_target_length", 0))
+    for column, key, virtual in columns:
+        longest = max((len(ids) for split in tokenized.values() if column in split.column_names for ids in split[column]),
+                      default=0)
+        if longest + virtual > limit:
+            after = f" after the {virtual} virtual tokens of adapter.num_virtual_tokens" if virtual else ""
+            raise UserError(
+                f"{key}: rows of up to {longest} tokens{after} are more than `{model.name}` can read "
+                f"({type(built).__name__} has absolute positions for {limit} tokens); set {key} to {limit - virtual} or less"
+            )
 
 
 def check_model_does_task(model: ModelSection, config: PretrainedConfig, auto_class: type) -> None:

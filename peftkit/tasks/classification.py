@@ -9,6 +9,7 @@ from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
 from peftkit.models.build import build_model
+from peftkit.models.build import position_limit
 from peftkit.models.load import context_length
 from peftkit.recipe.schema import Recipe
 from peftkit.tasks.labelled_text import prepare, records_from_probabilities, report, score  # noqa: F401  (the shared half of the contract)
@@ -89,7 +90,8 @@ def forward_logits(model, tokenizer, rows: list[dict], adapter_names: list[str] 
     pairs = [row.get("text_pair") for row in rows]
     inputs = tokenizer(
         [row["text"] for row in rows], pairs if any(pair is not None for pair in pairs) else None,
-        padding=True, truncation=True, max_length=context_length(model.config, tokenizer), return_tensors="pt",
+        padding=True, truncation=True, max_length=position_limit(model) or context_length(model.config, tokenizer),
+        return_tensors="pt",
     ).to(model.device)
     with torch.inference_mode():
         logits = model(**inputs, **({"adapter_names": adapter_names} if adapter_names else {})).logits

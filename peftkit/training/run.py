@@ -40,10 +40,11 @@ from peftkit.training.distributed import (
 from peftkit.evaluation.model_card import adapter_card
 from peftkit.evaluation.plots import plot_losses
 from peftkit.evaluation.report import write_report
+from peftkit.models.build import check_input_lengths
 from peftkit.models.load import load_config, load_tokenizer
 from peftkit.plan.preflight import warn_if_recipe_will_not_fit
 from peftkit.recipe.resolved import resolve_gradient_checkpointing
-from peftkit.recipe.schema import Recipe
+from peftkit.recipe.schema import PROMPT_METHODS, Recipe
 from peftkit.run_folder import (
     ADAPTER_DIR,
     LOG_FILE,
@@ -197,6 +198,8 @@ def fit_with_trainer(
     mixed in): the task's model + adapter, periodic evaluation, best checkpoint."""
     model = task.load_model(recipe, info)
     check_checkpointing_support(model, recipe)
+    adapter = recipe.adapter
+    check_input_lengths(recipe.model, model, tokenized, adapter.num_virtual_tokens if adapter.method in PROMPT_METHODS else 0)
     model = attach_adapter(model, recipe, task.PEFT_TASK_TYPE, task.head_modules(model))
     parameters = count_parameters(model)
     log.info(
