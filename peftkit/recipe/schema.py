@@ -346,7 +346,8 @@ class DataSection(Section):
         0.0, ge=0.0, lt=1.0, description="Split this fraction off the training data when no validation source is set."
     )
     max_length: int = Field(
-        256, gt=0, description="Maximum tokens per example; longer inputs are truncated.",
+        256, gt=0, description="Maximum tokens per example; longer inputs are truncated. On a model with absolute "
+        "positions (BERT, GPT-2, BART, ...) rows longer than its table are refused before training.",
         validation_alias=AliasChoices("max_length", "max_seq_length", "sequence_len"),
     )
     num_proc: int | None = Field(
