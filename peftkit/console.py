@@ -14,6 +14,9 @@ PEFTKIT_FORMAT = "[peftkit] %(message)s"
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Libraries that print through their own handler instead of propagating to the root logger.
 _OWN_HANDLER_LOGGERS = ("DeepSpeed",)
+# Libraries that print through their own console handler *and* propagate (the root logger already takes their records
+# to the log file, or with -v to the console): huggingface_hub, whose retry notices come five per unreachable file.
+_EXTRA_CONSOLE_LOGGERS = ("huggingface_hub",)
 
 
 class _LogFile(logging.Handler):
@@ -74,7 +77,12 @@ def configure(verbose: bool) -> None:
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     console = logging.StreamHandler()
-    import transformers.utils.logging as transformers_logging
+    import transformers.utils.logging as transformers_logging  # imports huggingface_hub, which adds its handler
+
+    for name in _EXTRA_CONSOLE_LOGGERS:
+        library = logging.getLogger(name)
+        for handler in [h for h in library.handlers if type(h) is logging.StreamHandler]:
+            library.removeHandler(handler)
 
     if verbose:
         _log_file = None

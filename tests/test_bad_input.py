@@ -45,6 +45,8 @@ def _train_cases(tmp_path: Path, files: dict, model_dir: Path) -> dict:
         "duplicate key in an override": (recipe(), ("adapter={r: 2, r: 4}",), "is not a valid YAML value"),
         "data folder": (recipe(data={"train": {"path": str(data_dir)}}), (), "is a folder; name one data file (it holds part1.jsonl)"),
         "remote code": (recipe(model={"name": str(remote)}), (), "model.trust_remote_code: true"),
+        "model folder that does not exist": (recipe(model={"name": str(tmp_path / "no-such-model")}), (),
+                                             f"model.name: there is no folder `{tmp_path / 'no-such-model'}`"),
         "prompt tuning + extractive QA": (
             classification_recipe(model_dir, {"train": qa_file}, tmp_path / "run", task={"type": "extractive_qa"},
                                   adapter={"method": "prompt_tuning"}, training={"eval_strategy": "no"},

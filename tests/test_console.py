@@ -31,6 +31,23 @@ def test_train_console_is_quiet_and_ends_with_the_metrics(tiny_bert_dir, tmp_pat
     assert report.startswith("# Run report: run\n") and "nan" not in report
 
 
+def test_library_loggers_with_their_own_handler_reach_only_the_log_file(tmp_path, capfd):
+    """huggingface_hub printed its retry notices ("... thrown while requesting HEAD ...") on every command offline."""
+    import logging
+
+    from peftkit import console
+
+    console.configure(verbose=False)
+    console.attach_log_file(tmp_path / "peftkit.log")
+    for name in ("huggingface_hub", "huggingface_hub.utils._http", "DeepSpeed"):
+        logging.getLogger(name).warning("notice from %s", name)
+    logging.getLogger("peftkit").warning("for the user")
+    out, err = capfd.readouterr()
+    log = (tmp_path / "peftkit.log").read_text()
+    assert "notice from" not in out + err and "[peftkit] for the user" in err
+    assert all(f"notice from {name}" in log for name in ("huggingface_hub", "huggingface_hub.utils._http", "DeepSpeed"))
+
+
 def test_every_command_has_a_description_an_example_and_a_version(capsys):
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices

@@ -28,7 +28,7 @@ def _hub_kwargs(model: ModelSection) -> dict[str, Any]:
 def loader_problem(exc: Exception, model: ModelSection) -> str:
     """The first line of a loader's error, plus the recipe key to change when the model needs its own code."""
     text = str(exc).strip()
-    first = text.splitlines()[0][:300] if text else type(exc).__name__
+    first = text.splitlines()[0][:300].rstrip(".") if text else type(exc).__name__
     if "trust_remote_code" in text and not model.trust_remote_code:
         first += (
             ". The model ships its own Python code, which peftkit does not run unless the recipe sets "
@@ -41,6 +41,10 @@ def load_config(model: ModelSection) -> PretrainedConfig:
     """Reading the config first catches a wrong model path before any data work is done. The recipe's dropout
     overrides are applied (and checked against the config's own keys)."""
     location = model_location(model)
+    if location.startswith(("/", "./", "../", "~")) and not Path(location).expanduser().exists():
+        # transformers would take it for a malformed hub id ("Repo id must be in the form ...")
+        raise UserError(f"model.name: there is no folder `{location}`; give a local model folder, a hub id "
+                        "(organization/name) or package:<module>/<dir>")
     try:
         config = AutoConfig.from_pretrained(location, **_hub_kwargs(model))
     except Exception as exc:  # OSError, ValueError, EnvironmentError from hub/local resolution
