@@ -5,6 +5,7 @@ Distributed variants of kill-and-resume live with the distributed tests."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -344,16 +345,21 @@ def test_sigterm_skips_the_due_evaluation_and_saves_first():
     assert not control.should_evaluate and not control.should_save
 
 
-def test_fp16_on_cpu_is_recorded_as_the_fp32_it_trains_in(tmp_path):
+def test_fp16_on_cpu_is_recorded_as_the_fp32_it_trains_in(tmp_path, caplog):
+    """The fallback is said once on peftkit's logger (the console); as a Python warning it reached only the log file."""
+    from peftkit.recipe import resolved
     from peftkit.training.arguments import build_training_args, training_setup
 
     if torch.cuda.is_available():
         pytest.skip("fp16 is real on a GPU")
     recipe = validate_recipe({"model": {"name": "m"}, "data": {"train": {"path": "t.jsonl"}},
                               "training": {"eval_strategy": "no", "precision": "fp16"}})
-    with pytest.warns(UserWarning, match="fp16 needs a GPU"):
+    resolved._say_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="peftkit"):
         assert training_setup(recipe)["precision"] == "fp32"
         args = build_training_args(recipe, tmp_path, "accuracy")
+    said = [r for r in caplog.records if r.name == "peftkit" and "fp16 needs a GPU" in r.getMessage()]
+    assert len(said) == 1
     assert not args.fp16 and not args.bf16
 
 

@@ -3,7 +3,8 @@ trainer, DeepSpeed's config and the planner so that neither has to import the ot
 
 from __future__ import annotations
 
-import warnings
+import functools
+import logging
 
 import torch
 
@@ -26,7 +27,7 @@ def resolve_precision(precision: str, for_gpu: bool = False) -> str:
     if precision == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     if precision == "fp16" and not torch.cuda.is_available():
-        warnings.warn("training.precision: fp16 needs a GPU; this CPU run trains (and is recorded) in fp32", stacklevel=2)
+        _say_once("training.precision: fp16 needs a GPU; this CPU run trains (and is recorded) in fp32")
         return "fp32"
     return precision
 
@@ -37,3 +38,10 @@ def resolve_gradient_checkpointing(recipe: Recipe) -> bool:
     if recipe.training.gradient_checkpointing is not None:
         return recipe.training.gradient_checkpointing
     return recipe.quantization.bits is not None and recipe.adapter.method != "prefix_tuning"
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    """On the console (peftkit's logger: the user asked for something else), once per process however often the
+    setting is resolved. A Python warning went only to the run's log file."""
+    logging.getLogger("peftkit").warning(message)
