@@ -7,7 +7,7 @@ adapter folder trained elsewhere (task from its peft task type, no base record).
 from __future__ import annotations
 
 import json
-import warnings
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +21,8 @@ from peftkit.models.fingerprint import architecture, fingerprint
 from peftkit.recipe.schema import GenerationSection, QuantizationSection
 from peftkit.tasks import TASKS, task_for_peft_type
 from peftkit.run_folder import ADAPTER_DIR, ADAPTER_RECORD, read_task_info, safetensors_problem
+
+log = logging.getLogger("peftkit")
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,7 @@ def check_base(adapter: AdapterSource, base_name: str, base_location: str, base_
             f"whose architecture differs ({'; '.join(differences[:6])}); load it onto `{adapter.base['name']}`"
         )
     if not {base_name, base_location} & {adapter.base["name"], adapter.base["location"]}:
-        warnings.warn(
-            f"adapter {adapter.name!r} was trained on `{adapter.base['name']}`; attaching it to `{base_name}`, "
-            "which has the same architecture fingerprint",
-            stacklevel=3,
+        log.warning(
+            "adapter %r was trained on `%s`; attaching it to `%s`, which has the same architecture fingerprint",
+            adapter.name, adapter.base["name"], base_name,
         )

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import re
 import threading
-import warnings
 from dataclasses import replace
 
 import torch
@@ -27,6 +27,8 @@ from peftkit.tasks import get_task
 from peftkit.tasks.generation import Decoding
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+log = logging.getLogger("peftkit")
 
 
 class AttachedModel:
@@ -80,10 +82,9 @@ class AttachedModel:
                     f"load it onto its own base instance"
                 )
             if self.quantization is not None and not self.full_precision_base and source.quantization != self.quantization:
-                warnings.warn(
-                    f"adapter {name!r} was trained on a base quantized as {_describe(source.quantization)}, but this "
-                    f"base is loaded as {_describe(self.quantization)}; its outputs will differ from training",
-                    stacklevel=2,
+                log.warning(
+                    "adapter %r was trained on a base quantized as %s, but this base is loaded as %s; its outputs "
+                    "will differ from training", name, _describe(source.quantization), _describe(self.quantization),
                 )
             self._loads += 1
             peft_name = f"adapter_{self._loads}"
