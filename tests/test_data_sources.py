@@ -153,6 +153,21 @@ def test_empty_texts_and_labels_are_an_error_naming_rows_or_skipped_and_counted(
     assert info["labels"] == ["negative", "positive"]
 
 
+def test_listed_labels_without_training_rows_are_named(tiny_bert_dir, tmp_path, caplog):
+    from transformers import AutoTokenizer
+
+    from peftkit.recipe.load import validate_recipe
+    from peftkit.tasks import classification
+
+    files = {"train": write_jsonl(tmp_path / "train.jsonl", sentiment_rows(10, seed=1))}
+    recipe = validate_recipe(classification_recipe(tiny_bert_dir, files, tmp_path / "run", task={"labels": ["negative", "neutral", "positive"]},
+                                                   training={"eval_strategy": "no", "save_strategy": "no"}))
+    with caplog.at_level(logging.WARNING, logger="peftkit"):
+        _, info = classification.prepare(recipe, load_splits(recipe.data), AutoTokenizer.from_pretrained(tiny_bert_dir))
+    assert info["labels"] == ["negative", "neutral", "positive"]
+    assert "task.labels: ['neutral'] never occur in" in caplog.text and "['negative'" not in caplog.text
+
+
 JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=False, allow_infinity=False),
                          st.text(max_size=8))
 JSON_ROWS = st.lists(st.dictionaries(st.sampled_from(["text", "label"]), JSON_SCALARS, max_size=2), min_size=1, max_size=5)

@@ -77,6 +77,12 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
             ids = _label_ids(dataset[task.label_column], names, split, split_origin(recipe.data, split), task.label_column)
             encoded = encoded.add_column("labels", ids)
         tokenized[split] = encoded
+    if info is None and "labels" in tokenized["train"].column_names:
+        trained = set(tokenized["train"]["labels"])
+        unused = [name for i, name in enumerate(names) if i not in trained]
+        if unused:
+            log.warning("task.labels: %s never occur in `%s`; the model cannot learn to predict them",
+                        unused, split_origin(recipe.data, "train"))
     return tokenized, {"labels": names}
 
 
