@@ -69,23 +69,28 @@ def position_limit(built) -> int | None:
     return min(limits + ([configured] if configured else [])) if limits else None
 
 
-def check_input_lengths(model: ModelSection, built, tokenized: dict, virtual_tokens: int = 0) -> None:
+def check_input_lengths(
+    model: ModelSection, built, tokenized: dict, bounds: dict[str, int], virtual_tokens: int = 0
+) -> None:
     """The tokenized rows fit the model's table of positions, if it has one: a longer row fails deep inside the
-    forward pass, possibly hours in. `virtual_tokens`: what a prompt method puts before every input."""
+    forward pass, possibly hours in. `bounds`: recipe key -> its value (`data.max_length`, and for an
+    encoder-decoder `task.max_target_length`), which caps the rows; only a bound beyond the table makes the rows
+    worth reading. `virtual_tokens`: what a prompt method puts before every input."""
     limit = position_limit(built)
-    if limit is None:
-        return
-    columns = [("input_ids", "data.max_length", virtual_tokens)]
-    if built.config.is_encoder_decoder:
-        columns.append(("labels", "task.max_target_length", 0))
-    for column, key, virtual in columns:
-        longest = max((len(ids) for split in tokenized.values() if column in split.column_names for ids in split[column]),
+    columns = {"data.max_length": ("input_ids", virtual_tokens), "task.max_target_length": ("labels", 0)}
+    for key, bound in bounds.items():
+        column, virtual = columns[key]
+        if limit is None or bound + virtual <= limit:
+            continue
+        longest = max((len(ids) for split in tokenized.values() if column in split.column_names
+                       for batch in split.select_columns([column]).iter(batch_size=1024) for ids in batch[column]),
                       default=0)
         if longest + virtual > limit:
             after = f" after the {virtual} virtual tokens of adapter.num_virtual_tokens" if virtual else ""
             raise UserError(
                 f"{key}: rows of up to {longest} tokens{after} are more than `{model.name}` can read "
-                f"({type(built).__name__} has absolute positions for {limit} tokens); set {key} to {limit - virtual} or less"
+                f"({type(built).__name__} has absolute positions for {limit} tokens); set {key} to "
+                f"{limit - virtual} or less"
             )
 
 

@@ -61,7 +61,8 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
         labelled = info is None or task.label_column in dataset.column_names
         columns = inputs + ([task.label_column] if labelled else [])
         require_columns(dataset, columns, split, split_origin(recipe.data, split), "task.text_column/task.label_column")
-        splits[split] = _without_empty_values(dataset, split, recipe, inputs, [task.label_column] if labelled else [])
+        labels = [task.label_column] if labelled else []
+        splits[split] = _without_empty_values(dataset, split, recipe, inputs, labels)
     names = info["labels"] if info else label_names(recipe, splits["train"])
     if len(names) < 2:
         raise UserError(f"data.train: column {task.label_column!r} has only the label {names}; classification needs two or more")

@@ -198,8 +198,11 @@ def fit_with_trainer(
     mixed in): the task's model + adapter, periodic evaluation, best checkpoint."""
     model = task.load_model(recipe, info)
     check_checkpointing_support(model, recipe)
-    adapter = recipe.adapter
-    check_input_lengths(recipe.model, model, tokenized, adapter.num_virtual_tokens if adapter.method in PROMPT_METHODS else 0)
+    bounds = {"data.max_length": recipe.data.max_length}
+    if model.config.is_encoder_decoder and hasattr(recipe.task, "max_target_length"):  # generated targets
+        bounds["task.max_target_length"] = recipe.task.max_target_length
+    virtual = recipe.adapter.num_virtual_tokens if recipe.adapter.method in PROMPT_METHODS else 0
+    check_input_lengths(recipe.model, model, tokenized, bounds, virtual)
     model = attach_adapter(model, recipe, task.PEFT_TASK_TYPE, task.head_modules(model))
     parameters = count_parameters(model)
     log.info(
