@@ -73,7 +73,8 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
 
     tokenized = {}
     for split, dataset in splits.items():
-        encoded = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names)
+        encoded = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names,
+                              desc=f"Tokenizing data.{split}")
         if task.label_column in dataset.column_names:
             ids = _label_ids(dataset[task.label_column], names, split, split_origin(recipe.data, split), task.label_column)
             encoded = encoded.add_column("labels", ids)
