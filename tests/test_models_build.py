@@ -162,3 +162,18 @@ def test_training_refuses_rows_longer_than_the_position_table(tmp_path, tiny_ber
                                 "adapter.num_virtual_tokens=10")
     assert result.returncode == 2 and "up to 125 tokens after the 10 virtual tokens" in result.stderr, result.stderr
     assert "set data.max_length to 118 or less" in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_an_encoder_decoder_reports_each_sides_position_limit():
+    """Two warm-started BERTs may differ: the inputs meet the encoder's table, the targets the decoder's."""
+    from transformers import BertConfig, EncoderDecoderConfig, EncoderDecoderModel
+
+    from peftkit.models.build import position_limit
+
+    def bert(positions: int, **decoder) -> BertConfig:
+        return BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                          max_position_embeddings=positions, vocab_size=100, **decoder)
+
+    model = EncoderDecoderModel(EncoderDecoderConfig.from_encoder_decoder_configs(
+        bert(128), bert(64, is_decoder=True, add_cross_attention=True)))
+    assert (position_limit(model, "encoder"), position_limit(model, "decoder"), position_limit(model)) == (128, 64, 64)

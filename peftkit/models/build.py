@@ -55,17 +55,23 @@ def build_model(
     return freeze_4bit_layout(built) if quantization.bits == 4 else built
 
 
-def position_limit(built) -> int | None:
+def position_limit(built, side: str | None = None) -> int | None:
     """Most tokens a model with a fixed table of absolute positions reads; a longer input indexes past the table and
-    fails deep inside the forward pass. None for relative or rotary positions (T5, Llama, ...): no hard limit."""
+    fails deep inside the forward pass. None for relative or rotary positions (T5, Llama, ...): no hard limit.
+    `side` ("encoder" / "decoder") asks about one stack of an encoder-decoder (whose sides may differ: two
+    warm-started encoders); None takes the smaller."""
+    config = getattr(built.config, side, None) if side else None
+    config = config if isinstance(config, PretrainedConfig) else built.config
     limits = []
     for name, module in built.named_modules():
+        if side and (".decoder." in f".{name}.") != (side == "decoder"):
+            continue
         if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES:
             # RoBERTa-like tables start after their padding row (514 rows, 512 positions); OPT/BART-like ones hide
             # an offset of 2 that their config's limit already leaves out
             padding = module.padding_idx
             limits.append(module.num_embeddings - (padding + 1 if padding is not None else 0))
-    configured = context_length(built.config)
+    configured = context_length(config)
     return min(limits + ([configured] if configured else [])) if limits else None
 
 
@@ -76,10 +82,11 @@ def check_input_lengths(
     forward pass, possibly hours in. `bounds`: recipe key -> its value (`data.max_length`, and for an
     encoder-decoder `task.max_target_length`), which caps the rows; only a bound beyond the table makes the rows
     worth reading. `virtual_tokens`: what a prompt method puts before every input."""
-    limit = position_limit(built)
-    columns = {"data.max_length": ("input_ids", virtual_tokens), "task.max_target_length": ("labels", 0)}
+    columns = {"data.max_length": ("input_ids", virtual_tokens, "encoder"),
+               "task.max_target_length": ("labels", 0, "decoder")}
     for key, bound in bounds.items():
-        column, virtual = columns[key]
+        column, virtual, side = columns[key]
+        limit = position_limit(built, side if built.config.is_encoder_decoder else None)
         if limit is None or bound + virtual <= limit:
             continue
         longest = max((len(ids) for split in tokenized.values() if column in split.column_names
