@@ -214,8 +214,17 @@ def _require_even_rows(location: str, data_format: str) -> None:
         csv.field_size_limit(limit)
 
 
+def _is_blank(location: str) -> bool:
+    """Nothing but whitespace; read in chunks up to the first other byte (the first chunk, for any real file)."""
+    with open(location, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            if chunk.strip():
+                return False
+    return True
+
+
 def _load_file(location: str, data_format: str, encoding: str) -> datasets.Dataset:
-    if data_format != "parquet" and not Path(location).read_bytes().strip():
+    if data_format != "parquet" and _is_blank(location):
         return datasets.Dataset.from_dict({})  # the loaders fail obscurely ("StopIteration"); the caller names it
     if data_format == "parquet" or encoding == "utf-8":
         if data_format != "parquet":

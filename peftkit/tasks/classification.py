@@ -8,8 +8,7 @@ import torch
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
-from peftkit.models.build import build_model
-from peftkit.models.build import position_limit
+from peftkit.models.build import build_model, position_limit
 from peftkit.models.load import context_length
 from peftkit.recipe.schema import Recipe
 from peftkit.tasks.labelled_text import prepare, records_from_probabilities, report, score  # noqa: F401  (the shared half of the contract)
