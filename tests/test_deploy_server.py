@@ -297,6 +297,8 @@ def test_every_error_has_the_documented_shape_and_leaks_nothing(bert_runs, tiny_
         "row adapter list": (httpx.post(f"{url}/v1/predict", json={"inputs": [{"text": "a", "adapter": ["x"]}]}), 400),
         "row adapter object": (httpx.post(f"{url}/v1/predict", json={"inputs": [{"text": "a", "adapter": {"x": 1}}]}), 400),
         "text_pair not a string": (httpx.post(f"{url}/v1/predict", json={"inputs": [{"text": "a", "text_pair": 3}]}), 400),
+        "misspelt row field": (httpx.post(f"{url}/v1/predict", json={"inputs": [{"text": "a", "txt_pair": "b"}]}), 400),
+        "OpenAI's model field": (httpx.post(f"{url}/v1/predict", json={"model": "nope", "inputs": [{"text": "a"}]}), 400),
         "adapter name with newline": (httpx.post(f"{url}/v1/adapters", json={"name": "a\nb", "path": "broken"}), 400),
         "unreadable weights": (httpx.post(f"{url}/v1/adapters", json={"name": "broken", "path": "broken"}, timeout=60), 400),
     }
@@ -307,6 +309,8 @@ def test_every_error_has_the_documented_shape_and_leaks_nothing(bert_runs, tiny_
         assert str(tmp_path) not in response.text and "Traceback" not in response.text, case
     assert "attacker.example" not in cases["foreign Host"][0].text and "127.0.0.1" in cases["foreign Host"][0].text
     assert "text_pair (optional)" in cases["text_pair not a string"][0].json()["error"]["message"]
+    assert "['txt_pair']" in cases["misspelt row field"][0].json()["error"]["message"]  # was ignored: a prediction without the pair
+    assert "`adapter`, not `model`" in cases["OpenAI's model field"][0].json()["error"]["message"]  # was: the active adapter answered
     for _ in range(5):  # failed loads leave nothing behind
         assert httpx.post(f"{url}/v1/adapters", json={"name": "broken", "path": "broken"}, timeout=60).status_code == 400
     assert list(attached.model.peft_config) == ["adapter_1"]

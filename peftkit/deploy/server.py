@@ -81,7 +81,10 @@ class Body(BaseModel):
     model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields (user, metadata, store) that change nothing
 
 
-class PredictBody(Body):
+class PredictBody(BaseModel):
+    # peftkit's own endpoint: a field it does not know (a typo, or `model` as the OpenAI endpoints name the adapter)
+    # would otherwise be ignored and the active adapter would answer in its place
+    model_config = ConfigDict(extra="forbid")
     inputs: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_INPUTS_PER_REQUEST)
     adapter: str | None = Field(None, description="Adapter for every input; an input's own `adapter` field wins.")
     max_new_tokens: int | None = Field(None, gt=0, description="Unset: each adapter's run's generation.max_new_tokens.")
@@ -203,6 +206,8 @@ def build_app(
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_request: HttpRequest, error: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()[:5])
+        if any(e["type"] == "extra_forbidden" and e["loc"][-1] == "model" for e in error.errors()):
+            problems += " (POST /v1/predict names the adapter in `adapter`, not `model`)"
         return _error(400, f"malformed request: {problems}", "invalid_request_error")
 
     @app.exception_handler(StarletteHTTPException)
@@ -249,9 +254,12 @@ def build_app(
 
     @app.post("/v1/predict")
     async def predict(body: PredictBody) -> dict:
+        known = {*attached.task.INPUT_FIELDS, "adapter"} if attached.task_type else None
         for i, row in enumerate(body.inputs):
             if row.get("adapter") is not None and not isinstance(row["adapter"], str):
                 raise UserError(f"inputs.{i}.adapter: expected an adapter name (a string), got {type(row['adapter']).__name__}")
+            if known and set(row) - known:  # a misspelt optional field (`text_par`) would be left out of the prediction
+                raise UserError(f"inputs.{i}: unknown field(s) {sorted(set(row) - known)}; an input holds {sorted(known)}")
         rows = [{k: v for k, v in row.items() if k != "adapter"} for row in body.inputs]
         adapters = attached.resolve(len(rows), [row.get("adapter") or body.adapter or attached.active for row in body.inputs])
         limits_per_row = None
