@@ -26,11 +26,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _output_file(path: str, option: str) -> None:
-    """An output path must name a file whose folder can exist: checked before any model is loaded."""
+def _output_file(path: str, option: str, reads: dict[str, str]) -> None:
+    """An output path must name a file whose folder can exist and that the command does not read (`reads`: option ->
+    path): checked before any model is loaded."""
     from pathlib import Path
 
     target = Path(path)
+    for read_option, read_path in reads.items():
+        if read_path and target.exists() and Path(read_path).exists() and target.samefile(read_path):
+            raise UserError(f"{option} `{path}` is the {read_option} file; writing to it would replace what is read. Give another {option}")
     if target.is_dir():
         raise UserError(f"{option} `{path}` is a folder; give a file path, e.g. {target / 'predictions.jsonl'}")
     blocking = next((parent for parent in target.parents if parent.exists() and not parent.is_dir()), None)
@@ -328,7 +332,7 @@ def _attached_model(args: argparse.Namespace, run_dir: str | None = None):
 
 
 def _predict(args: argparse.Namespace) -> None:
-    _output_file(args.output, "--output")
+    _output_file(args.output, "--output", {"--input": args.input})
     if args.run_dir and not (args.adapter or args.base or args.adapter_column):
         return _predict_run(args)  # one finished run: every task type, through its saved recipe
     from peftkit.deploy.predict import predict_file

@@ -7,6 +7,7 @@ names and readers here instead of spelling a file name.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import platform
@@ -95,6 +96,12 @@ def check_run_folder(recipe: Recipe, resume: bool, force_resume: bool = False, r
                 f"output.dir: run folder `{run_dir}` already exists; pass --resume to continue it, "
                 "set output.overwrite=true to replace it, or choose another output.dir"
             )
+        if not any((run_dir / marker).exists() for marker in (RECIPE_FILE, CHECKPOINTS, MANIFEST_FILE, LOG_FILE)):
+            raise UserError(
+                f"output.dir: `{run_dir}` holds files but is not a peftkit run folder (no {RECIPE_FILE}); "
+                "output.overwrite replaces only run folders, it would delete everything in this one. Choose another output.dir"
+            )
+        check_replaceable(run_dir, "output.dir", recipe_inputs(recipe))
         return
     if not (run_dir / RECIPE_FILE).is_file() and not (run_dir / CHECKPOINTS).is_dir():
         raise UserError(
@@ -107,6 +114,41 @@ def check_run_folder(recipe: Recipe, resume: bool, force_resume: bool = False, r
             "from scratch over its adapter and results. Start a new run (another output.dir) or set output.overwrite"
         )
     check_resume_matches(run_dir, recipe, force_resume)
+
+
+def recipe_inputs(recipe: Recipe) -> dict[str, str]:
+    """What a run reads from the file system, by recipe key: the base model and every data source."""
+    inputs = {"model.name": recipe.model.name}
+    for split in ("train", "validation", "test"):
+        sources = getattr(recipe.data, split)
+        sources = sources if isinstance(sources, list) else [sources] if sources else []
+        inputs.update({f"data.{split}.path" + (f"[{i}]" if len(sources) > 1 else ""): source.path for i, source in enumerate(sources)})
+    return inputs
+
+
+def check_replaceable(folder: Path, key: str, reads: dict[str, str]) -> None:
+    """Refuse to delete `folder` (to replace it) when a path the command reads is the folder, lies inside it, or holds
+    it: the run being merged, a data file, the base model. Replacing it would delete the user's files, and the
+    command's own input with them.
+
+    A path counts when it exists, or when files start with it (line-aligned language files `<path>.<lang>`), so that
+    hub ids and `package:` names are never taken for folders."""
+    target = folder.resolve()
+    for what, location in reads.items():
+        path = Path(location).expanduser()
+        if not (path.exists() or path.parent.is_dir() and any(path.parent.glob(f"{glob.escape(path.name)}.*"))):
+            continue
+        path = path.resolve()
+        if path == target or target in path.parents:
+            relation = "is" if path == target else "holds"
+        elif path in target.parents:
+            relation = "lies inside"
+        else:
+            continue
+        raise UserError(
+            f"{key}: `{folder}` {relation} {what} `{location}`, which this command reads; replacing the folder would "
+            f"delete it. Choose another {key}"
+        )
 
 
 @contextlib.contextmanager

@@ -55,6 +55,9 @@ def _train_cases(tmp_path: Path, files: dict, model_dir: Path) -> dict:
         ),
         "--resume on a folder that is not a run": (
             recipe(output={"dir": str(not_a_run)}), ("--resume",), "is not a peftkit run folder"),
+        "output.overwrite on a folder that is not a run": (  # deleted the whole folder, then trained into it
+            recipe(output={"dir": str(not_a_run), "overwrite": True}), (),
+            f"output.dir: `{not_a_run}` holds files but is not a peftkit run folder (no recipe.yaml)"),
     }
 
 
@@ -158,3 +161,32 @@ def test_predict_output_that_is_a_folder_leaves_nothing(finished_copy, tmp_path)
     out.mkdir()
     _fails_cleanly(run_cli_in_process("predict", str(finished_copy), "--input", str(rows), "--output", str(out)), "is a folder")
     assert list(out.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["copy", "out", "rows.jsonl"]
+
+
+def test_replacing_a_folder_never_deletes_what_the_command_reads(finished_copy, tmp_path, tiny_bert_dir):
+    """`--overwrite` / `output.overwrite` delete the folder they replace: `merge RUN --out RUN --overwrite` deleted the
+    run it had just merged (adapter and checkpoints), `output.overwrite` deleted a data file kept in the run folder, and
+    `predict --output` equal to `--input` replaced the input file."""
+    before = sorted(str(p.relative_to(finished_copy)) for p in finished_copy.rglob("*"))
+    (tmp_path / "config.json").write_text("{}")  # so that --out tmp_path passes for a model folder and reaches the check
+    for out, expected in [
+        (finished_copy, "holds files but no config.json"),
+        (finished_copy / "adapter", "holds files but no config.json"),
+        (tmp_path, f"--out: `{tmp_path}` holds the run folder `{finished_copy}`"),
+    ]:
+        _fails_cleanly(run_cli_in_process("merge", str(finished_copy), "--out", str(out), "--overwrite"), expected)
+    _fails_cleanly(run_cli_in_process("merge", str(finished_copy), "--out", str(tiny_bert_dir), "--overwrite"),
+                   f"--out: `{tiny_bert_dir}` is the base model")
+
+    data = write_jsonl(finished_copy / "train.jsonl", [{"text": t, "label": l} for t, l in [("good", "positive"), ("bad", "negative")] * 8])
+    recipe = write_recipe(tmp_path / "again.yaml", classification_recipe(
+        tiny_bert_dir, {"train": data, "validation": data}, finished_copy, output={"overwrite": True}))
+    _fails_cleanly(run_cli_in_process("train", str(recipe)),
+                   f"output.dir: `{finished_copy}` holds data.train.path `{data}`, which this command reads")
+    data.unlink()
+    assert sorted(str(p.relative_to(finished_copy)) for p in finished_copy.rglob("*")) == before
+
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"text": "good movie"}])
+    _fails_cleanly(run_cli_in_process("predict", str(finished_copy), "--input", str(rows), "--output", str(rows)),
+                   "is the --input file")
+    assert rows.read_text() == '{"text": "good movie"}\n'

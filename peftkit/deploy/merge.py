@@ -22,7 +22,7 @@ from peftkit.errors import UserError
 from peftkit.models.build import quantized_layer_count
 from peftkit.models.quantization import torch_dtype
 from peftkit.recipe.schema import QuantizationSection, Recipe
-from peftkit.run_folder import MODEL_CARD, read_recipe
+from peftkit.run_folder import MODEL_CARD, check_replaceable, read_recipe
 from peftkit.tasks import get_task
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -50,8 +50,15 @@ def merge_run(
     dtype_name = DTYPES[dtype]
     onto = _check_onto(onto, recipe)
     tolerance = TOLERANCES[dtype_name] if tolerance is None else tolerance
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(f"--out: `{out_dir}` already exists and is not empty; pass --overwrite or choose another folder")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise UserError(f"--out: `{out_dir}` already exists and is not empty; pass --overwrite or choose another folder")
+        if not (out_dir / "config.json").is_file():
+            raise UserError(
+                f"--out: `{out_dir}` holds files but no config.json; --overwrite replaces only a model folder (what "
+                "`peftkit merge` writes), it would delete everything in this one. Choose another folder"
+            )
+        check_replaceable(out_dir, "--out", {"the run folder": str(run_dir), "the base model": recipe.model.name})
 
     tokenizer = AutoTokenizer.from_pretrained(adapter.path)
     rows = _verification_rows(recipe, task, samples)

@@ -703,7 +703,8 @@ class OutputSection(Section):
         validation_alias=AliasChoices("dir", "output_dir"),
     )
     overwrite: bool = Field(
-        False, description="Replace an existing run folder instead of refusing.",
+        False, description="Replace an existing run folder instead of refusing (only a peftkit run folder, and not one "
+        "that holds the model or data the run reads).",
         validation_alias=AliasChoices("overwrite", "overwrite_output_dir"),
     )
     tensorboard: bool = Field(
