@@ -23,6 +23,9 @@ SAME_CONVERSATION = {
     "alpaca": {"instruction": PROMPT, "input": INPUT, "output": ANSWER},
     "prompt_completion": {"prompt": USER, "completion": ANSWER},
     "prompt_completion_messages": {"prompt": CHAT[:1], "completion": CHAT[1:]},
+    "messages_with_text_parts": {"messages": [  # OpenAI's content parts, as the server accepts them
+        {"role": "user", "content": [{"type": "text", "text": PROMPT}, {"type": "text", "text": f"\n\n{INPUT}"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": ANSWER}]}]},
 }
 
 
@@ -44,7 +47,7 @@ def _prepare(model_dir, tmp_path, rows, **task):
 def test_every_chat_format_gives_the_same_tokens_and_response_mask(name, tiny_llama_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     tokenized, info = _prepare(tiny_llama_dir, tmp_path, [SAME_CONVERSATION[name]] * 2)
-    assert info["format"] == name.removesuffix("_messages")
+    assert info["format"] == name.removesuffix("_messages").removesuffix("_with_text_parts")
     example = tokenized["train"][0]
     # plain template: "the movie\n\nwas bad\n" + "sad</s>\n"; only the answer and its end token are learned.
     assert tokenizer.decode(example["input_ids"]) == "the movie was bad sad </s>"
@@ -85,6 +88,30 @@ def test_unknown_sharegpt_role_is_named(tiny_llama_dir, tmp_path):
     row = {"conversations": [{"from": "narrator", "value": "x"}, {"from": "gpt", "value": "sad"}]}
     with pytest.raises(UserError, match=r"ShareGPT `from` value\(s\) \['narrator'\]"):
         _prepare(tiny_llama_dir, tmp_path, [row])
+
+
+@pytest.mark.parametrize("turn, expected", [
+    # A misspelt role trained as text under that name (chat templates render any role).
+    ({"role": "usr", "content": "x"}, r"train.jsonl` row 2: column 'messages': role\(s\) \['usr'\] are not one of"),
+    ({"role": "user", "content": None}, r"row 2: column 'messages': a user message has no content"),
+    ({"role": "user", "content": 7}, r"column 'messages\[\].content' mixes value types: string at lines \[1, 2\] .*; number at lines \[2\] \(e.g. 7\)"),
+    # String content next to a list of parts: `datasets` kept the field as JSON and turned the answer "0" into 0.
+    ({"role": "user", "content": [{"type": "text", "text": "x"}]},
+     r"column 'messages\[\].content' mixes value types: string at lines \[1, 2\] .*; list at lines \[2\]"),
+])
+def test_chat_rows_with_unknown_roles_or_content_are_refused_by_row(turn, expected, tiny_llama_dir, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "1 + 1 - 2 ="}, {"role": "assistant", "content": "0"}]},
+            {"messages": [turn, {"role": "assistant", "content": "sad"}]}]
+    with pytest.raises(UserError, match=expected):
+        _prepare(tiny_llama_dir, tmp_path, rows)
+
+
+def test_a_part_that_is_not_text_is_refused_by_row(tiny_llama_dir, tmp_path):
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": "sad"}]}]}
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "text": "a.png"}]}, parts["messages"][1]]}
+    with pytest.raises(UserError, match=r"row 2: .* text or a list of \{type: text, text\} parts, not \[\{'type': 'image_url'"):
+        _prepare(tiny_llama_dir, tmp_path, [parts, image])
 
 
 def test_second_tokenization_of_the_same_file_comes_from_the_datasets_cache(tiny_llama_dir, tmp_path):

@@ -39,6 +39,7 @@ PREFERENCE_FORMATS: dict[str, tuple[str, ...]] = {
     "unpaired": ("prompt", "completion", "label"),
     "implicit": ("chosen", "rejected"),
 }
+MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 
@@ -56,11 +57,17 @@ def detect(column_names: list[str], known: dict[str, tuple[str, ...]], origin: s
 
 
 def check_rows(dataset, data_format: str, known: dict[str, tuple[str, ...]], origin: str) -> None:
-    """Every row carries its format's columns. A JSON-lines file mixing formats loads as the union of their columns
-    with missing values, which would silently train on empty turns; name the first row of each format instead."""
+    """Every row carries its format's columns, and a chat row's messages have known roles and text content (named
+    by row here, before tokenizing). A JSON-lines file mixing formats loads as the union of their columns with missing
+    values, which would silently train on empty turns; name the first row of each format instead."""
     needed = known[data_format]
     for number, row in enumerate(dataset.select_columns(sorted({c for cs in known.values() for c in cs} & set(dataset.column_names))), start=1):
         if all(row.get(column) is not None for column in needed):
+            if data_format in CHAT_FORMATS and data_format != "text":
+                try:
+                    row_messages(row, data_format, needed[0] if data_format == "messages" else None)
+                except UserError as error:
+                    raise UserError(f"`{origin}` row {number}: {error}; fix or remove that row") from None
             continue
         other = next((name for name, columns in known.items()
                       if name != data_format and all(row.get(column) is not None for column in columns)), None)
@@ -75,9 +82,27 @@ def check_rows(dataset, data_format: str, known: dict[str, tuple[str, ...]], ori
 
 
 def _check_messages(messages, what: str) -> list[dict]:
+    """Messages with a known role and text content. A misspelt role (`usr`, `asistant`) is refused: chat templates
+    render any role name, so the turn would train as text under that name, or not as the response."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages):
         raise UserError(f"{what} must be a list of {{role, content}} messages")
-    return [{"role": m["role"], "content": m["content"] or ""} for m in messages]
+    unknown = sorted({str(m["role"]) for m in messages} - set(MESSAGE_ROLES))
+    if unknown:
+        raise UserError(f"{what}: role(s) {unknown} are not one of {list(MESSAGE_ROLES)}")
+    empty = sorted({m["role"] for m in messages if m["content"] is None and m["role"] != "assistant"})
+    if empty:
+        raise UserError(f"{what}: a {empty[0]} message has no content (null); only an assistant turn may be empty")
+    return [{"role": m["role"], "content": _message_text(m["content"], what)} for m in messages]
+
+
+def _message_text(content, what: str) -> str:
+    """Text, nothing (an assistant turn that only calls tools), or OpenAI's list of text parts, joined."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(isinstance(part, dict) and part.get("type") == "text"
+                                         and isinstance(part.get("text"), str) for part in content):
+        return "".join(part["text"] for part in content)
+    raise UserError(f"{what}: a message's content must be text or a list of {{type: text, text}} parts, not {content!r:.80}")
 
 
 def as_messages(value, role: str, what: str) -> list[dict]:
@@ -94,11 +119,13 @@ def row_messages(row: dict, data_format: str, messages_column: str | None = None
         return _check_messages(row[column], f"column {column!r}")
     if data_format == "sharegpt":
         converted = maybe_convert_to_chatml({"conversations": [dict(turn) for turn in row["conversations"] or []]})
-        messages = _check_messages(converted["messages"], "ShareGPT column 'conversations'")
-        unknown = sorted({m["role"] for m in messages} - set(SHAREGPT_ROLES))
-        if unknown:
-            raise UserError(f"ShareGPT `from` value(s) {unknown} are not one of {sorted(SHAREGPT_ROLES)}")
-        return [{"role": SHAREGPT_ROLES[m["role"]], "content": m["content"]} for m in messages]
+        messages = converted["messages"]
+        if all(isinstance(m, dict) for m in messages):
+            unknown = sorted({str(m.get("role")) for m in messages} - set(SHAREGPT_ROLES))
+            if unknown:
+                raise UserError(f"ShareGPT `from` value(s) {unknown} are not one of {sorted(SHAREGPT_ROLES)}")
+            messages = [{**m, "role": SHAREGPT_ROLES[m["role"]]} for m in messages]
+        return _check_messages(messages, "ShareGPT column 'conversations'")
     if data_format == "alpaca":
         instruction = row["instruction"] or ""
         prompt = [{"role": "user", "content": f"{instruction}\n\n{row['input']}" if row.get("input") else instruction}]

@@ -248,7 +248,7 @@ def _load_utf8_file(location: str, data_format: str) -> datasets.Dataset:
             return datasets.Dataset.from_list(squad_rows)
     if data_format in ("json", "jsonl"):
         dataset = datasets.load_dataset("json", data_files=location, split="train")
-        mixed = [name for name, feature in dataset.features.items() if isinstance(feature, datasets.Json)]
+        mixed = [path for name, feature in dataset.features.items() for path in _json_paths(feature, (name,))]
         if mixed:
             _refuse_mixed_types(location, data_format, mixed)
         return dataset
@@ -263,9 +263,33 @@ def _load_utf8_file(location: str, data_format: str) -> datasets.Dataset:
 _JSON_TYPES = {str: "string", int: "number", float: "number", bool: "boolean", list: "list", dict: "object"}
 
 
-def _refuse_mixed_types(location: str, data_format: str, columns: list[str]) -> None:
-    """`datasets` keeps a column whose rows differ in type as JSON and decodes the string "1" back to the number 1;
-    a label column like that would silently merge or split classes. Name the rows of each type instead."""
+def _json_paths(feature, path: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """Where `datasets` fell back to its JSON type, at any depth: a column, or a field inside lists and objects
+    (`("messages", "[]", "content")`)."""
+    if isinstance(feature, datasets.Json):
+        return [path]
+    if isinstance(feature, dict):
+        return [found for name, inner in feature.items() for found in _json_paths(inner, (*path, name))]
+    if isinstance(feature, (datasets.List, datasets.LargeList)):
+        return _json_paths(feature.feature, (*path, "[]"))
+    return []
+
+
+def _values_at(value, path: tuple[str, ...]):
+    if not path:
+        yield value
+    elif path[0] == "[]":
+        for item in value if isinstance(value, list) else []:
+            yield from _values_at(item, path[1:])
+    elif isinstance(value, dict) and value.get(path[0]) is not None:
+        yield from _values_at(value[path[0]], path[1:])
+
+
+def _refuse_mixed_types(location: str, data_format: str, paths: list[tuple[str, ...]]) -> None:
+    """`datasets` keeps a column (or a field inside one) whose rows differ in type as JSON and decodes the string "1"
+    back to the number 1; a label column like that would silently merge or split classes, a chat message "0" would
+    train as the number 0. Name the rows of each type instead."""
+    columns = [".".join(path).replace(".[]", "[]") for path in paths]
     if data_format == "jsonl":
         with open(location, encoding="utf-8") as handle:
             rows = [(number, json.loads(line)) for number, line in enumerate(handle, start=1) if line.strip()]
@@ -276,20 +300,23 @@ def _refuse_mixed_types(location: str, data_format: str, columns: list[str]) -> 
         where = "row"
     if not rows:  # a JSON object of columns: no rows to name
         raise UserError(f"`{location}` column(s) {columns} mix value types; write every value of a column as one type")
-    for column in columns:
+    for column, path in zip(columns, paths):
         seen: dict[str, list[tuple[int, object]]] = {}
         for number, row in rows:
-            value = row.get(column)
-            if value is not None:
-                seen.setdefault(_JSON_TYPES.get(type(value), type(value).__name__), []).append((number, value))
+            for value in _values_at(row, path):
+                if value is not None:
+                    found = seen.setdefault(_JSON_TYPES.get(type(value), type(value).__name__), [])
+                    if not found or found[-1][0] != number:
+                        found.append((number, value))
         if len(seen) > 1:
             examples = "; ".join(
                 f"{kind} at {where}s {[n for n, _ in found[:3]]}" + (f" (e.g. {found[0][1]!r})" if kind != "object" else "")
                 for kind, found in seen.items()
             )
+            example = "every message's content as text" if "[]" in column else "all labels as strings or all as integers"
             raise UserError(
                 f"`{location}` column {column!r} mixes value types: {examples}; write every value of the column "
-                f"as one type (e.g. all labels as strings or all as integers)"
+                f"as one type (e.g. {example})"
             )
 
 

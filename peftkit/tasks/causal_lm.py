@@ -137,7 +137,8 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
             )
         if not counts["ok"] and info is None:
             raise UserError(f"data.{split}: no row of `{origin}` has a non-empty response within data.max_length")
-        kept = encoded.filter(lambda batch: [status == "ok" for status in batch["status"]], batched=True)
+        kept = encoded.filter(lambda batch: [status == "ok" for status in batch["status"]], batched=True,
+                              desc=f"Keeping data.{split} rows with a response")
         tokenized[split] = kept.remove_columns("status")
     info: dict[str, Any] = {"response_metric": task.response_metric, "format": train_format}
     if names is not None:
