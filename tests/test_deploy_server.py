@@ -119,6 +119,8 @@ def test_openai_compatible_generation(llama_adapters, tiny_llama_dir, start_serv
         "model": "critic", "messages": [{"role": "user", "content": "was the food good"}], "max_tokens": 4,
     }, timeout=60)
     assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["role"] == "assistant"
+    misspelt = httpx.post(f"{url}/v1/chat/completions", json={"model": "critic", "messages": [{"role": "usr", "content": "hi"}]})
+    assert misspelt.status_code == 400 and "'system', 'user', 'assistant'" in misspelt.json()["error"]["message"]
     too_long = httpx.post(f"{url}/v1/completions", json={"model": "poet", "prompt": "good " * 100, "max_tokens": 64})
     assert too_long.status_code == 422 and "exceed the model's context" in too_long.json()["error"]["message"]
     over_limit = httpx.post(f"{url}/v1/completions", json={"model": "poet", "prompt": "hi", "max_tokens": 600})

@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from peftkit.data.formats import MESSAGE_ROLES
 from peftkit.deploy.adapter_folder import find_adapter
 from peftkit.deploy.attach import BASE_ADAPTER, AttachedModel, InputTooLong, UnknownAdapter, check_adapter_name
 from peftkit.deploy.batching import MicroBatcher, Request
@@ -147,7 +148,7 @@ class TextPart(Body):
 
 
 class Message(Body):
-    role: str
+    role: Literal[MESSAGE_ROLES]  # a misspelt role would reach the chat template, which renders any name
     content: str | list[TextPart] | None = Field(None, description="Text, or a list of text parts (joined).")
 
     def text(self) -> str:
