@@ -362,9 +362,12 @@ def parse_memory_size(text: str) -> int:
     number = text.strip().lower().rstrip("abcdefghijklmnopqrstuvwxyz").strip()
     unit = text.strip().lower()[len(number):].strip() or "gib"
     try:
-        return int(float(number) * units[unit])
+        size = float(number) * units[unit]
     except (ValueError, KeyError):
         raise UserError(f"--gpu-memory `{text}` must look like 24GiB, 24G or 80GB") from None
+    if not 0 < size < float("inf"):
+        raise UserError(f"--gpu-memory `{text}` must be a size above zero, e.g. 24GiB")
+    return int(size)
 
 
 def _plan(args: argparse.Namespace) -> None:

@@ -45,6 +45,9 @@ def test_parse_memory_size():
     assert parse_memory_size("512 MiB") == 512 * 2**20
     with pytest.raises(UserError, match="--gpu-memory"):
         parse_memory_size("lots")
+    for empty in ("0", "0GiB", "-5GiB"):  # planned against as a GPU of 0 or -5 GiB
+        with pytest.raises(UserError, match="must be a size above zero"):
+            parse_memory_size(empty)
 
 
 def test_adamw_states_follow_parameter_dtype_plus_step_counter():
