@@ -124,6 +124,14 @@ def test_bad_files_name_the_line(tmp_path, name, content, message):
     assert message in str(caught.value) and name in str(caught.value)
 
 
+@pytest.mark.parametrize("key", ["split", "subset"])
+def test_hub_only_keys_on_a_local_file_are_refused(tmp_path, key):
+    """`peftkit eval RUN --data file.jsonl --split test` scored the whole file as if it were a split of it."""
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"text": "ok", "label": 1}])
+    with pytest.raises(UserError, match=rf"data.test.{key}: `x` names part of a hub dataset, but `.*rows.jsonl` is a local file"):
+        load_source(DataSource(path=str(path), **{key: "x"}), "data.test")
+
+
 def test_empty_texts_and_labels_are_an_error_naming_rows_or_skipped_and_counted(tiny_bert_dir, tmp_path, caplog):
     """A row without a label (null, or a JSON line without the key) once trained a third class named "None"."""
     from transformers import AutoTokenizer

@@ -91,6 +91,12 @@ def _weighted(dataset: datasets.Dataset, source: DataSource, key_path: str) -> d
 def load_source(source: DataSource, key_path: str) -> datasets.Dataset:
     location = resolve_reference(source.path, f"{key_path}.path")
     data_format = "parallel" if source.languages else _detect_format(source, location, key_path)
+    unused = {key: value for key, value in (("split", source.split), ("subset", source.subset)) if value is not None}
+    if data_format != "hub" and unused:  # would be ignored: the whole file would be read as if it were that split
+        raise UserError(
+            f"{key_path}.{next(iter(unused))}: `{next(iter(unused.values()))}` names part of a hub dataset, but "
+            f"`{location}` is a local file, which has none; leave it out (take part of a file with rows or limit)"
+        )
     datasets.disable_progress_bars()
     try:
         if data_format == "hub":

@@ -294,8 +294,9 @@ class DataSource(Section):
         description="Text encoding of a local file (e.g. `latin-1`, `cp1252`); an undecodable line is an error "
         "naming the line.",
     )
-    split: str | None = Field(None, description="Hub split to load (defaults to the section's own name).")
-    subset: str | None = Field(None, description="Hub dataset configuration name.")
+    split: str | None = Field(
+        None, description="Hub split to load (defaults to the section's own name); a local file has none (refused).")
+    subset: str | None = Field(None, description="Hub dataset configuration name (hub datasets only).")
     rename: dict[str, str] = Field(
         default_factory=dict, description="Columns to rename after loading, `{old: new}`."
     )
