@@ -161,6 +161,27 @@ def test_empty_texts_and_labels_are_an_error_naming_rows_or_skipped_and_counted(
     assert info["labels"] == ["negative", "positive"]
 
 
+def test_csv_texts_that_pandas_takes_for_missing_stay_text_and_whole_float_labels_are_integers(tiny_bert_dir, tmp_path):
+    """pandas read the texts NA, null, None as missing values (a class `NA` became a row without a label), and a column
+    of integer labels with one empty field as floats (classes "0.0" and "1.0", matching no other file's "0" and "1")."""
+    from transformers import AutoTokenizer
+
+    from peftkit.recipe.load import validate_recipe
+    from peftkit.tasks import classification
+
+    words = tmp_path / "words.tsv"
+    words.write_text("text\tlabel\ngood\tpos\nNA\tneg\nnull\tNA\nNone\tpos\n")
+    assert load_source(DataSource(path=str(words)), "data.train")[:] == {
+        "text": ["good", "NA", "null", "None"], "label": ["pos", "neg", "NA", "pos"]}
+
+    numbers = tmp_path / "numbers.csv"
+    numbers.write_text("text,label\n" + "".join(f"{r['text']},{int(r['label'] == 'positive')}\n" for r in sentiment_rows(8, seed=1)) + "blank,\n")
+    recipe = validate_recipe(classification_recipe(tiny_bert_dir, {"train": numbers}, tmp_path / "run", data={"skip_bad_rows": True},
+                                                   training={"eval_strategy": "no", "save_strategy": "no"}))
+    _, info = classification.prepare(recipe, load_splits(recipe.data), AutoTokenizer.from_pretrained(tiny_bert_dir))
+    assert info["labels"] == ["0", "1"]
+
+
 def test_listed_labels_without_training_rows_are_named(tiny_bert_dir, tmp_path, caplog):
     from transformers import AutoTokenizer
 

@@ -258,11 +258,14 @@ def _load_utf8_file(location: str, data_format: str) -> datasets.Dataset:
         if mixed:
             _refuse_mixed_types(location, data_format, mixed)
         return dataset
+    # pandas reads the texts NA, N/A, null, None, nan (and more) as missing values: a label `NA` or an answer `None`
+    # would become null. Only an empty field is missing.
+    as_text = {"keep_default_na": False, "na_values": [""]}
     if data_format == "csv":
-        return datasets.load_dataset("csv", data_files=location, split="train")
+        return datasets.load_dataset("csv", data_files=location, split="train", **as_text)
     if data_format == "tsv":
         # TSV corpora (GLUE among them) use quote characters as plain text.
-        return datasets.load_dataset("csv", data_files=location, split="train", sep="\t", quoting=csv.QUOTE_NONE)
+        return datasets.load_dataset("csv", data_files=location, split="train", sep="\t", quoting=csv.QUOTE_NONE, **as_text)
     return datasets.load_dataset("parquet", data_files=location, split="train")
 
 

@@ -287,7 +287,8 @@ class DataSource(Section):
     format: Literal["auto", "json", "jsonl", "csv", "tsv", "parquet", "label_text", "hub"] = Field(
         "auto",
         description="File format; `auto` uses the file extension, or `hub` when no such file exists. `label_text`: "
-        "one example a line, `<label> <text>` (the SST/SentEval/TREC releases), read into columns `label` and `text`.",
+        "one example a line, `<label> <text>` (the SST/SentEval/TREC releases), read into columns `label` and `text`. "
+        "CSV/TSV fields are text as written (`NA`, `null` stay text); only an empty field is missing.",
     )
     encoding: str = Field(
         "utf-8",

@@ -24,16 +24,22 @@ def label_names(recipe: Recipe, train) -> list[str]:
     """Label names in id order: the recipe's list, else the sorted distinct training labels."""
     if recipe.task.labels:
         return list(recipe.task.labels)
-    values = set(train[recipe.task.label_column])
+    values = {_whole(value) for value in train[recipe.task.label_column]}
     if all(isinstance(value, (int, np.integer)) for value in values):
         return [str(value) for value in sorted(values)]
     return sorted(str(value) for value in values)
 
 
+def _whole(value: Any) -> Any:
+    """A float label that is a whole number as the integer: a CSV column of integer labels with one empty field is
+    read as floats (1.0), which would name the classes "0.0" and "1.0" and match no other file's "0" and "1"."""
+    return int(value) if isinstance(value, (float, np.floating)) and float(value).is_integer() else value
+
+
 def _label_ids(values: list[Any], names: list[str], split: str, source: str, label_column: str) -> list[int]:
     index = {name: i for i, name in enumerate(names)}
     ids, unknown = [], set()
-    for value in values:
+    for value in map(_whole, values):
         key = str(value)
         if key not in index and isinstance(value, (int, np.integer)) and 0 <= value < len(names):
             key = names[value]  # integer labels index into explicit label names
