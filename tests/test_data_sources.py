@@ -182,6 +182,25 @@ def test_csv_texts_that_pandas_takes_for_missing_stay_text_and_whole_float_label
     assert info["labels"] == ["0", "1"]
 
 
+@pytest.mark.parametrize("data", [{"validation_fraction": 0.25}, {"train": {"limit": 15}}, {"train": {"rows": "4:"}}])
+def test_messages_name_the_row_of_the_file_when_the_split_is_reordered(data, tiny_bert_dir, tmp_path):
+    """Rows were counted in the split as loaded: after validation_fraction, limit or rows, `row 3` was another line."""
+    from transformers import AutoTokenizer
+
+    from peftkit.recipe.load import deep_merge, validate_recipe
+    from peftkit.tasks import classification
+
+    rows = sentiment_rows(20, seed=1)
+    rows[12]["text"] = " "
+    files = {"train": write_jsonl(tmp_path / "train.jsonl", rows)}
+    recipe = classification_recipe(tiny_bert_dir, files, tmp_path / "run", training={"eval_strategy": "no", "save_strategy": "no"})
+    recipe = validate_recipe({**recipe, "data": deep_merge(recipe["data"], data)})
+    splits = load_splits(recipe.data)
+    assert any(split[recipe.task.text_column].count(" ") for split in splits.values())  # the bad row was selected
+    with pytest.raises(UserError, match=r"train.jsonl.* column 'text' is empty at row\(s\) \[13\] \(1 of"):
+        classification.prepare(recipe, splits, AutoTokenizer.from_pretrained(tiny_bert_dir))
+
+
 def test_listed_labels_without_training_rows_are_named(tiny_bert_dir, tmp_path, caplog):
     from transformers import AutoTokenizer
 

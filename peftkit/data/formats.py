@@ -24,7 +24,9 @@ import re
 
 from trl.data_utils import extract_prompt, maybe_convert_to_chatml
 
+from peftkit.data.sources import file_rows, split_origin
 from peftkit.errors import UserError
+from peftkit.recipe.schema import DataSection
 
 # Identifying columns, in detection order (more specific first).
 CHAT_FORMATS: dict[str, tuple[str, ...]] = {
@@ -56,29 +58,34 @@ def detect(column_names: list[str], known: dict[str, tuple[str, ...]], origin: s
     )
 
 
-def check_rows(dataset, data_format: str, known: dict[str, tuple[str, ...]], origin: str) -> None:
+def check_rows(dataset, data_format: str, known: dict[str, tuple[str, ...]], data: DataSection, split: str) -> None:
     """Every row carries its format's columns, and a chat row's messages have known roles and text content (named
     by row here, before tokenizing). A JSON-lines file mixing formats loads as the union of their columns with missing
     values, which would silently train on empty turns; name the first row of each format instead."""
+    origin = split_origin(data, split)
+
+    def file_row(position: int) -> int | str:
+        return file_rows(data, split, [position])[0]
+
     needed = known[data_format]
-    for number, row in enumerate(dataset.select_columns(sorted({c for cs in known.values() for c in cs} & set(dataset.column_names))), start=1):
+    for position, row in enumerate(dataset.select_columns(sorted({c for cs in known.values() for c in cs} & set(dataset.column_names)))):
         if all(row.get(column) is not None for column in needed):
             if data_format in CHAT_FORMATS and data_format != "text":
                 try:
                     row_messages(row, data_format, needed[0] if data_format == "messages" else None)
                 except UserError as error:
-                    raise UserError(f"`{origin}` row {number}: {error}; fix or remove that row") from None
+                    raise UserError(f"`{origin}` row {file_row(position)}: {error}; fix or remove that row") from None
             continue
         other = next((name for name, columns in known.items()
                       if name != data_format and all(row.get(column) is not None for column in columns)), None)
         if other:
             raise UserError(
-                f"`{origin}` mixes data formats: rows are `{data_format}` ({', '.join(needed)}) but row {number} is "
+                f"`{origin}` mixes data formats: rows are `{data_format}` ({', '.join(needed)}) but row {file_row(position)} is "
                 f"`{other}` ({', '.join(known[other])}); put each format in its own file (a split may list several "
                 "sources: data.train: [{path: a.jsonl}, {path: b.jsonl}])"
             )
         missing = [column for column in needed if row.get(column) is None]
-        raise UserError(f"`{origin}` row {number} has no value for {missing} (format `{data_format}`); fill or remove that row")
+        raise UserError(f"`{origin}` row {file_row(position)} has no value for {missing} (format `{data_format}`); fill or remove that row")
 
 
 def _check_messages(messages, what: str) -> list[dict]:

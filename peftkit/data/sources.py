@@ -19,6 +19,7 @@ from peftkit.recipe.schema import DataSection, DataSource
 from peftkit.references import looks_like_local_path, resolve_reference
 
 SPLITS = ("train", "validation", "test")
+ROW_COLUMN, FILE_COLUMN = "__peftkit_file_row__", "__peftkit_file__"  # only in `load_split(..., numbered=True)`
 # Far beyond any model's context (about 500k tokens), yet a tokenizer reads all of it before truncating: a
 # 50 MB cell took 6.4 GB of memory and almost 5 minutes in SmolLM2's fast tokenizer here.
 MAX_CELL_CHARS = 2_000_000
@@ -29,9 +30,13 @@ def load_splits(data: DataSection) -> dict[str, datasets.Dataset]:
     """Every split the recipe defines, with `validation_fraction` carved off train when asked."""
     splits = {name: load_split(getattr(data, name), f"data.{name}") for name in SPLITS if getattr(data, name)}
     if data.validation is None and data.validation_fraction:
-        parts = splits["train"].train_test_split(test_size=data.validation_fraction, seed=first_source(data.train).seed)
-        splits["train"], splits["validation"] = parts["train"], parts["test"]
+        splits["train"], splits["validation"] = _carve_validation(splits["train"], data)
     return splits
+
+
+def _carve_validation(train: datasets.Dataset, data: DataSection) -> tuple[datasets.Dataset, datasets.Dataset]:
+    parts = train.train_test_split(test_size=data.validation_fraction, seed=first_source(data.train).seed)
+    return parts["train"], parts["test"]
 
 
 def data_source(fields: dict) -> DataSource:
@@ -52,12 +57,13 @@ def first_source(spec: DataSource | list[DataSource]) -> DataSource:
     return spec[0] if isinstance(spec, list) else spec
 
 
-def load_split(spec: DataSource | list[DataSource], key_path: str) -> datasets.Dataset:
+def load_split(spec: DataSource | list[DataSource], key_path: str, numbered: bool = False) -> datasets.Dataset:
     """One source, or several mixed: each weighted (repeated / sampled with its seed), concatenated, shuffled with
     the first source's seed. A mixed split carries `source_rows` (path, weight, rows) for the run's metrics."""
     if isinstance(spec, DataSource):
-        return load_source(spec, key_path)
-    parts = [_weighted(load_source(source, f"{key_path}[{i}]"), source, f"{key_path}[{i}]") for i, source in enumerate(spec)]
+        return load_source(spec, key_path, numbered)
+    parts = [_weighted(load_source(source, f"{key_path}[{i}]", numbered), source, f"{key_path}[{i}]")
+             for i, source in enumerate(spec)]
     columns = parts[0].column_names
     for i, part in enumerate(parts[1:], start=1):
         if sorted(part.column_names) != sorted(columns):
@@ -88,7 +94,7 @@ def _weighted(dataset: datasets.Dataset, source: DataSource, key_path: str) -> d
     return dataset.select(indices)
 
 
-def load_source(source: DataSource, key_path: str) -> datasets.Dataset:
+def load_source(source: DataSource, key_path: str, numbered: bool = False) -> datasets.Dataset:
     location = resolve_reference(source.path, f"{key_path}.path")
     data_format = "parallel" if source.languages else _detect_format(source, location, key_path)
     unused = {key: value for key, value in (("split", source.split), ("subset", source.subset)) if value is not None}
@@ -120,6 +126,8 @@ def load_source(source: DataSource, key_path: str) -> datasets.Dataset:
     dataset = _rename(dataset, source, key_path)
     if len(dataset) == 0:
         raise UserError(f"{key_path}: `{location}` holds no rows; point it at a file with data")
+    if numbered:
+        dataset = dataset.add_column(ROW_COLUMN, range(1, len(dataset) + 1)).add_column(FILE_COLUMN, [source.path] * len(dataset))
     if source.rows:
         start, _, end = source.rows.partition(":")
         selected = range(len(dataset))[slice(int(start) if start else None, int(end) if end else None)]
@@ -387,6 +395,33 @@ def _locate_file_problem(location: str, data_format: str, encoding: str) -> str 
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]
+
+
+def in_file_order(data: DataSection, split: str) -> bool:
+    """Whether a loaded split's rows are its one file's rows in order: not when `rows`/`limit` selected some,
+    sources were mixed, or `validation_fraction` carved it (train and the carved validation)."""
+    source = getattr(data, split)
+    if source is None or isinstance(source, list):  # mixed (even one weighted source): concatenated and shuffled
+        return False
+    carved = split == "train" and data.validation is None and bool(data.validation_fraction)
+    return not (source.rows or source.limit is not None or carved)
+
+
+def file_rows(data: DataSection, split: str, positions: list[int]) -> list[int | str]:
+    """The rows of their files (1-based) that rows of a loaded split (0-based positions) came from, for messages; a
+    split of several sources gives `file:row`. A split that is not its file in order is loaded again with each row
+    numbered (only on the error paths that call this)."""
+    if in_file_order(data, split):
+        return [position + 1 for position in positions]
+    if data.validation is None and data.validation_fraction and split in ("train", "validation"):
+        train, validation = _carve_validation(load_split(data.train, "data.train", numbered=True), data)
+        rows = {"train": train, "validation": validation}[split].select(positions)
+        split = "train"  # the carved rows are rows of train's sources
+    else:
+        rows = load_split(getattr(data, split), f"data.{split}", numbered=True).select(positions)
+    if isinstance(getattr(data, split), list):
+        return [f"{path}:{row}" for path, row in zip(rows[FILE_COLUMN], rows[ROW_COLUMN])]
+    return list(rows[ROW_COLUMN])
 
 
 def split_origin(data: DataSection, split: str) -> str:

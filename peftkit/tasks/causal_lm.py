@@ -98,7 +98,7 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
             require_columns(dataset, columns, split, origin, "task.prompt/task.response/task.messages_column")
         elif info is None:
             known = _known_formats(task) if not task.messages_column else {"messages": (task.messages_column,)}
-            formats.check_rows(dataset, data_format, known, origin)
+            formats.check_rows(dataset, data_format, known, recipe.data, split)
     train_format = split_formats.get("train", next(iter(split_formats.values())))
     if len(set(split_formats.values())) > 1 and info is None:
         raise UserError(

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForQuestionAnswering, DataCollatorWithPadding
 
-from peftkit.data.sources import require_columns, split_origin
+from peftkit.data.sources import file_rows, require_columns, split_origin
 from peftkit.errors import UserError
 from peftkit.evaluation.analysis import length_bucket_table, lowest_scoring_table, word_count
 from peftkit.evaluation.text_metrics import exact_match, token_f1
@@ -80,13 +80,13 @@ def locate_answer(text: str, start: int | None, context: str) -> int | None:
     return min(occurrences, key=lambda found: abs(found - (start or 0)))
 
 
-def _examples(dataset, task, split: str, source: str, labelled: bool) -> list[dict]:
+def _examples(dataset, task, data, split: str, source: str, labelled: bool) -> list[dict]:
     """Question, context and the first answer located in the context (the training target) of every row."""
     rows, not_found, unanswerable = [], 0, 0
     for index, row in enumerate(dataset):
         context, question = row[task.context_column], row[task.question_column]
         if not isinstance(context, str) or not context.strip() or not isinstance(question, str) or not question.strip():
-            raise UserError(f"data.{split}: `{source}` row {index} has an empty question or context")
+            raise UserError(f"data.{split}: `{source}` row {file_rows(data, split, [index])[0]} has an empty question or context")
         example = {"question": question, "context": context, "answer_start": None, "trainable": True}
         if labelled:
             texts, starts = normalize_answers(row[task.answers_column], context)
@@ -130,7 +130,7 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
         labelled = info is None or task.answers_column in dataset.column_names
         columns = [task.question_column, task.context_column] + ([task.answers_column] if labelled else [])
         require_columns(dataset, columns, split, source, "task.question_column/task.context_column/task.answers_column")
-        examples = _examples(dataset, task, split, source, labelled)
+        examples = _examples(dataset, task, recipe.data, split, source, labelled)
         if split == "train":
             examples = [e for e in examples if e["trainable"]]
             if not examples:

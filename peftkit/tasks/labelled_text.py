@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from peftkit.data.sources import require_columns, split_origin
+from peftkit.data.sources import file_rows, require_columns, split_origin
 from peftkit.errors import UserError
 from peftkit.evaluation.analysis import length_bucket_table, markdown_cell, word_count
 from peftkit.evaluation.plots import plot_confusion_matrix
@@ -107,9 +107,14 @@ def _without_empty_values(dataset, split: str, recipe: Recipe, texts: list[str],
     if not empty:
         return dataset
     bad = sorted(set().union(*empty.values()))
+
+    def what(column: str, rows: list[int]) -> str:
+        other = next((value for value in dataset.select(rows[:50])[column] if value is not None and not isinstance(value, str)), None)
+        return "is empty" if other is None or column in labels else f"is empty or not text (e.g. {other!r:.40})"
+
     where = "; ".join(
-        f"column {column!r} is empty at row(s) {[i + 1 for i in rows[:10]]}{' ...' if len(rows) > 10 else ''} "
-        f"({len(rows)} of {len(dataset)})" for column, rows in empty.items()
+        f"column {column!r} {what(column, rows)} at row(s) {file_rows(recipe.data, split, rows[:10])}"
+        f"{' ...' if len(rows) > 10 else ''} ({len(rows)} of {len(dataset)})" for column, rows in empty.items()
     )
     if not recipe.data.skip_bad_rows or len(bad) == len(dataset):
         raise UserError(f"data.{split}: `{origin}` {where}; fix those rows or set data.skip_bad_rows: true to skip them")

@@ -23,7 +23,7 @@ import torch
 
 from peftkit.data import formats
 from peftkit.data.chat import chat_text, use_chat_template
-from peftkit.data.sources import split_origin
+from peftkit.data.sources import in_file_order, split_origin
 from peftkit.errors import UserError
 from peftkit.evaluation.analysis import markdown_cell
 from peftkit.recipe.schema import Recipe
@@ -137,18 +137,16 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
     for split, dataset in splits.items():
         origin = split_origin(recipe.data, split)
         data_format = detect_format(recipe, dataset, origin, split)
-        formats.check_rows(dataset, data_format, formats.PREFERENCE_FORMATS, origin)
+        formats.check_rows(dataset, data_format, formats.PREFERENCE_FORMATS, recipe.data, split)
         if data_format == "unpaired" and task.loss != "kto":
             raise UserError(
                 f"data.{split}: `{origin}` holds unpaired rows (prompt, completion, label), which only task.loss: kto "
                 f"trains on; use task.loss: kto, or give chosen/rejected pairs for {task.loss}"
             )
         found[split] = data_format
-        source = getattr(recipe.data, split)
-        sources = source if isinstance(source, list) else [source] if source else []
-        # Row numbers name the file's rows unless `rows`/`limit` selected (and shuffled) some or sources were mixed.
-        selected = len(sources) > 1 or any(part.rows or part.limit for part in sources)
-        where = f"`{origin}` (rows as selected/mixed by data.{split}) row" if selected else f"`{origin}` row"
+        # Row numbers name the file's rows unless rows/limit selected (and shuffled) some, sources were mixed or
+        # validation_fraction carved the split (counting them again here would read the data once more per batch).
+        where = f"`{origin}` row" if in_file_order(recipe.data, split) else f"`{origin}` (rows as selected by data.{split}) row"
         prepared[split] = dataset.map(
             _preference_rows, batched=True, with_indices=True, remove_columns=dataset.column_names,
             fn_kwargs={"data_format": data_format, "where": where, "system_prompt": task.system_prompt,
