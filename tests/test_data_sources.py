@@ -110,6 +110,8 @@ def test_broken_json_lines_name_the_file(tmp_path):
          "column 'label' mixes value types: number at lines [1, 3] (e.g. 1); string at lines [2] (e.g. '1')"),
         ("mixed.json", b'[{"text": "a", "label": "pos"}, {"text": "b", "label": 2}]',
          "column 'label' mixes value types: string at rows [1] (e.g. 'pos'); number at rows [2] (e.g. 2)"),
+        ("mixed_inside.jsonl", b'{"text": "a", "label": 1, "tags": [1, "x"]}\n{"text": "b", "label": 0, "tags": [2]}\n',
+         "column 'tags[]' mixes value types: number at lines [1, 2] (e.g. 1); string at lines [1] (e.g. 'x')"),
         ("empty.jsonl", b"", "holds no rows"),  # was "could not read ...: StopIteration"
         ("blank.csv", b"\n \n", "holds no rows"),
         ("huge.jsonl", b'{"text": "ok"}\n{"text": "' + b"x" * (MAX_CELL_CHARS + 1) + b'"}\n',

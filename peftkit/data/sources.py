@@ -330,11 +330,13 @@ def _refuse_mixed_types(location: str, data_format: str, paths: list[tuple[str, 
                 f"{kind} at {where}s {[n for n, _ in found[:3]]}" + (f" (e.g. {found[0][1]!r})" if kind != "object" else "")
                 for kind, found in seen.items()
             )
-            example = "every message's content as text" if "[]" in column else "all labels as strings or all as integers"
+            example = "all as text" if "[]" in column else "all labels as strings or all as integers"
             raise UserError(
                 f"`{location}` column {column!r} mixes value types: {examples}; write every value of the column "
                 f"as one type (e.g. {example})"
             )
+    # Types mixed deeper than the rows above show (inside a list of a row): still JSON-typed, still decoded.
+    raise UserError(f"`{location}` column(s) {columns} mix value types inside their values; write every value as one type")
 
 
 def _refuse_huge_cells(dataset: datasets.Dataset, location: str) -> None:
