@@ -3,6 +3,8 @@ response-only labels; raw text is learned on every token; detection and mixed fi
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -65,6 +67,15 @@ def test_raw_text_learns_every_token_and_long_texts_become_pieces(tiny_llama_dir
     assert [len(piece["input_ids"]) for piece in pieces] == [12, 12, 4, 4]  # max_length 12: cut, not dropped
     assert all(piece["labels"] == piece["input_ids"] for piece in pieces)
     assert tokenizer.decode(sum(pieces["input_ids"][:3], [])) == words.strip() + " </s>"
+
+
+def test_responses_cut_by_max_length_are_counted(tiny_llama_dir, tmp_path, caplog):
+    """A response cut by data.max_length trains without its end token; the run now says how many."""
+    long = {**SAME_CONVERSATION["alpaca"], "output": " ".join([ANSWER] * 8)}
+    with caplog.at_level(logging.WARNING, logger="peftkit"):
+        tokenized, _ = _prepare(tiny_llama_dir, tmp_path, [SAME_CONVERSATION["alpaca"], long, SAME_CONVERSATION["alpaca"]])
+    assert [len(row) for row in tokenized["train"]["input_ids"]] == [6, 12, 6]  # kept, cut at max_length 12
+    assert "data.train: 1 of 3 rows have a response that runs past data.max_length=12 tokens and is cut" in caplog.text
 
 
 def test_system_prompt_comes_first_in_every_format(tiny_llama_dir, tmp_path):

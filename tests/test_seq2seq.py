@@ -116,14 +116,20 @@ def test_missing_target_column_names_the_key(tiny_t5_dir, tmp_path):
         seq2seq.prepare(recipe, {"train": Dataset.from_list(number_rows(3, 1))}, AutoTokenizer.from_pretrained(tiny_t5_dir))
 
 
-def test_source_prefix_and_target_truncation(tiny_t5_dir, tmp_path):
+def test_source_prefix_and_target_truncation(tiny_t5_dir, tmp_path, caplog):
     task = {"type": "translation", "source_prefix": "translate good to bad : ", "max_target_length": 3}
-    recipe = _recipe(tiny_t5_dir, {"train": tmp_path / "t.jsonl"}, tmp_path / "run", task)
+    recipe = _recipe(tiny_t5_dir, {"train": tmp_path / "t.jsonl"}, tmp_path / "run", task, data={"max_length": 8})
     tokenizer = AutoTokenizer.from_pretrained(tiny_t5_dir)
-    rows = [{"source": "fine", "target": "1 2 3 4 5"}]
-    tokenized, _ = seq2seq.prepare(recipe, {"train": Dataset.from_list(rows)}, tokenizer)
+    rows = [{"source": "fine", "target": "1 2 3 4 5"}, {"source": "fine", "target": "1 2"},  # 2 words + </s> fill 3
+            {"source": "fine fine", "target": "1"}, {"source": "fine fine fine", "target": "1"}]  # 6 prefix words: 8, 9
+    with caplog.at_level(logging.WARNING, logger="peftkit"):
+        tokenized, _ = seq2seq.prepare(recipe, {"train": Dataset.from_list(rows)}, tokenizer)
     assert tokenizer.decode(tokenized["train"][0]["input_ids"], skip_special_tokens=True) == "good bad fine"
-    assert len(tokenized["train"][0]["labels"]) == 3
+    assert [len(row) for row in tokenized["train"]["labels"]] == [3, 3, 2, 2]
+    assert [len(row) for row in tokenized["train"]["input_ids"]] == [7, 7, 8, 8]
+    # a cut reference still ends with </s>: the model would learn to stop there, so the count is said
+    assert "1 of 4 references are longer than task.max_target_length=3 tokens and are cut" in caplog.text
+    assert "1 of 4 sources are longer than data.max_length=8 tokens and are cut" in caplog.text
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "summarization" / "scitldr").is_dir(), reason="shared data absent")

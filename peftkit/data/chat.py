@@ -113,8 +113,9 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     return text, spans
 
 
-def encode(tokenizer, messages: list[dict], max_length: int) -> dict[str, list[int]] | None:
-    """input_ids and labels (prompt tokens = -100); None when no response token survives truncation."""
+def encode(tokenizer, messages: list[dict], max_length: int) -> dict | None:
+    """input_ids and labels (prompt tokens = -100), and `cut`: whether truncation cut off the end of the last
+    response (it then trains without its end-of-turn marker); None when no response token survives truncation."""
     text, spans = assistant_spans(tokenizer, messages)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, truncation=True, max_length=max_length)
     labels = [
@@ -123,7 +124,9 @@ def encode(tokenizer, messages: list[dict], max_length: int) -> dict[str, list[i
     ]
     if all(label == IGNORE_INDEX for label in labels):
         return None
-    return {"input_ids": list(encoded["input_ids"]), "labels": labels}
+    last_end = len(text[: spans[-1][1]].rstrip())
+    cut = len(encoded["input_ids"]) >= max_length and encoded["offset_mapping"][-1][1] < last_end
+    return {"input_ids": list(encoded["input_ids"]), "labels": labels, "cut": cut}
 
 
 def encode_text(tokenizer, text: str, max_length: int) -> list[dict[str, list[int]]]:

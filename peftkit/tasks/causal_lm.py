@@ -125,7 +125,7 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
                        "max_length": recipe.data.max_length},
             desc=f"Tokenizing data.{split}",
         )
-        counts = {status: 0 for status in ("ok", "empty", "truncated")}
+        counts = {status: 0 for status in ("ok", "cut", "empty", "truncated")}
         for status in encoded["status"]:
             counts[status] += 1
         if counts["empty"] and info is None:
@@ -135,9 +135,15 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
                 "data.%s: skipped %d of %d rows whose response starts beyond data.max_length=%d tokens",
                 split, counts["truncated"], len(dataset), recipe.data.max_length,
             )
-        if not counts["ok"] and info is None:
+        if counts["cut"]:
+            log.warning(
+                "data.%s: %d of %d rows have a response that runs past data.max_length=%d tokens and is cut (learned "
+                "without its end, so the model does not learn to stop there); raise data.max_length to keep them whole",
+                split, counts["cut"], len(dataset), recipe.data.max_length,
+            )
+        if not counts["ok"] + counts["cut"] and info is None:
             raise UserError(f"data.{split}: no row of `{origin}` has a non-empty response within data.max_length")
-        kept = encoded.filter(lambda batch: [status == "ok" for status in batch["status"]], batched=True,
+        kept = encoded.filter(lambda batch: [status in ("ok", "cut") for status in batch["status"]], batched=True,
                               desc=f"Keeping data.{split} rows with a response")
         tokenized[split] = kept.remove_columns("status")
     info: dict[str, Any] = {"response_metric": task.response_metric, "format": train_format}
@@ -148,8 +154,8 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
 
 
 def _encode_rows(batch: dict, tokenizer, task, names, data_format: str, max_length: int) -> dict:
-    """`datasets.map` body: a batch of rows -> examples with a status (`ok`, or why the row is skipped); a raw
-    text may give several examples."""
+    """`datasets.map` body: a batch of rows -> examples with a status (`ok`; `cut`: kept, its response cut by
+    max_length; or why the row is skipped); a raw text may give several examples."""
     out = {"input_ids": [], "labels": [], "status": []}
     rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
     for row in rows:
@@ -160,7 +166,10 @@ def _encode_rows(batch: dict, tokenizer, task, names, data_format: str, max_leng
             messages = conversation(row, task, names, data_format)
             example = encode(tokenizer, messages, max_length) if prompt_and_response(messages)[1].strip() else None
             examples = [example] if example else []
-            status = "ok" if example else ("truncated" if prompt_and_response(messages)[1].strip() else "empty")
+            if example:
+                status = "cut" if example["cut"] else "ok"
+            else:
+                status = "truncated" if prompt_and_response(messages)[1].strip() else "empty"
         for example in examples or [{"input_ids": [], "labels": []}]:
             out["input_ids"].append(example["input_ids"])
             out["labels"].append(example["labels"])

@@ -68,16 +68,30 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
             if not keep:
                 raise UserError(f"data.train: every row of `{source}` has an empty source or reference")
             sources, targets = [sources[i] for i in keep], [targets[i] for i in keep]
-        encoded = tokenizer(
-            [task.source_prefix + text for text in sources], truncation=True, max_length=recipe.data.max_length
-        )
+        prefixed = [task.source_prefix + text for text in sources]
+        encoded = tokenizer(prefixed, truncation=True, max_length=recipe.data.max_length)
         columns = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        _warn_cut(split, "sources", prefixed, encoded["input_ids"], "data.max_length", recipe.data.max_length, tokenizer)
         if labelled:
             first = [refs[0] if refs else "" for refs in targets]
             columns["labels"] = tokenizer(text_target=first, truncation=True, max_length=task.max_target_length)["input_ids"]
+            _warn_cut(split, "references", first, columns["labels"], "task.max_target_length", task.max_target_length, tokenizer)
         tokenized[split] = datasets.Dataset.from_dict(columns)
     # Deployment encodes sources as training did: same prefix, same truncation.
     return tokenized, {"source_prefix": task.source_prefix, "max_length": recipe.data.max_length}
+
+
+def _warn_cut(split: str, what: str, texts: list[str], ids: list[list[int]], key: str, limit: int, tokenizer) -> None:
+    """Count the texts truncation cut: a cut reference still ends with the end token, so the model learns to stop
+    there, and a cut source hides its end from the model. Only rows that reached the limit are tokenized again."""
+    at_limit = [i for i, row in enumerate(ids) if len(row) >= limit]
+    if not at_limit:
+        return
+    encode = (lambda batch: tokenizer(text_target=batch)) if what == "references" else tokenizer
+    cut = sum(len(row) > limit for row in encode([texts[i] for i in at_limit])["input_ids"])
+    if cut:
+        log.warning("data.%s: %d of %d %s are longer than %s=%d tokens and are cut; raise it to keep them whole",
+                    split, cut, len(texts), what, key, limit)
 
 
 def load_model(recipe: Recipe, info: dict):
