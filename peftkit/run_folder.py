@@ -39,6 +39,7 @@ METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 LOG_HISTORY_FILE = "log_history.json"
 MANIFEST_FILE = "manifest.json"
+DATA_FILE = "data.json"  # SHA-256 of each local data file the run reads, written when it starts; checked on resume
 REPORT_FILE = "report.md"
 PLOTS_DIR = "plots"  # pictures the report links to (relative paths)
 LOSS_PLOT = f"{PLOTS_DIR}/loss.png"
@@ -303,6 +304,23 @@ def check_resume_matches(run_dir: Path, recipe: Recipe, force: bool) -> None:
             "restore those keys, start a new run (another output.dir), or pass --force-resume (the recipe that "
             "ran until the checkpoint is then kept as recipe.until-step-N.yaml)"
         )
+
+
+def check_data_unchanged(run_dir: Path, digests: dict[str, str], force: bool) -> list[str]:
+    """The data files whose content changed since the run in `run_dir` started (refused unless forced; a run from
+    before this record has none)."""
+    saved_file = run_dir / DATA_FILE
+    if not saved_file.is_file():
+        return []
+    saved = json.loads(saved_file.read_text(encoding="utf-8"))
+    changed = sorted(key for key in set(saved) | set(digests) if saved.get(key) != digests.get(key))
+    if changed and not force:
+        raise UserError(
+            f"cannot resume `{run_dir}`: the data changed since the run started ({', '.join(changed)}: other file "
+            "content); the resumed run would skip the batches it had read of the old data and train on the rest of "
+            "the new. Restore the files, start a new run (another output.dir), or pass --force-resume"
+        )
+    return changed
 
 
 def replaced_recipe_name(step: int | str) -> str:

@@ -166,6 +166,25 @@ def test_resume_with_a_changed_recipe_is_refused_unless_forced(uninterrupted, ti
     assert json.loads((run_dir / "manifest.json").read_text())["replaced_recipes"] == ["recipe.until-step-10.yaml"]
 
 
+def test_resume_with_changed_data_is_refused_unless_forced(tiny_bert_dir, tmp_path):
+    """The recipe check passed an edited data file: the resumed run skipped the batches it had read of the old data
+    and trained on the rest of the new one, a run that is neither the interrupted one nor a new one."""
+    from tests.conftest import sentiment_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(40, seed=1))
+    recipe = validate_recipe(_recipe(tiny_bert_dir, {"train": data}, tmp_path / "run", training={"max_steps": 4}))
+    run_dir = train(recipe)
+    recorded = json.loads((run_dir / "data.json").read_text())
+    assert list(recorded) == ["data.train.path"] and len(recorded["data.train.path"]) == 64
+    write_jsonl(data, sentiment_rows(40, seed=2))
+    with pytest.raises(UserError, match=r"data changed since the run started \(data.train.path: other file content\)"):
+        train(recipe, resume=True)
+    path = write_recipe(tmp_path / "r.yaml", recipe.model_dump(mode="json"))
+    forced = run_cli("train", str(path), "--force-resume")
+    assert forced.returncode == 0 and "--force-resume with changed data (data.train.path)" in forced.stderr
+    assert json.loads((run_dir / "data.json").read_text()) != recorded
+
+
 def test_exploding_gradients_stop_with_step_and_checkpoint(uninterrupted, tiny_bert_dir, tmp_path):
     _, files = uninterrupted
     recipe = validate_recipe(_recipe(tiny_bert_dir, files, tmp_path / "run", training={"abort_grad_norm": 1e-12}))

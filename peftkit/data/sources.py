@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import hashlib
 import json
 import tempfile
 import random
@@ -12,7 +13,7 @@ from pathlib import Path
 import datasets
 from pydantic import ValidationError
 
-from peftkit.data.parallel import read_parallel
+from peftkit.data.parallel import language_file, read_parallel
 from peftkit.data.squad import read_nested_squad
 from peftkit.errors import UserError
 from peftkit.recipe.schema import DataSection, DataSource
@@ -397,6 +398,33 @@ def _locate_file_problem(location: str, data_format: str, encoding: str) -> str 
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]
+
+
+def data_digests(data: DataSection) -> dict[str, str]:
+    """The SHA-256 of every local data file a recipe reads, by key path (`data.train.path`, with `.<lang>` for
+    line-aligned files). A resumed run compares them: the Trainer would otherwise skip the batches it had consumed
+    of the edited data and go on, matching neither the interrupted run nor a new one. Hub datasets are left out."""
+    digests = {}
+    for split in SPLITS:
+        spec = getattr(data, split)
+        sources = spec if isinstance(spec, list) else [spec] if spec else []
+        for i, source in enumerate(sources):
+            key = f"data.{split}" + (f"[{i}]" if isinstance(spec, list) else "") + ".path"
+            location = resolve_reference(source.path, key)
+            files = ({f".{language}": language_file(location, language, key[:-5]) for language in source.languages}
+                     if source.languages else {"": Path(location)})
+            for suffix, file in files.items():
+                if file.is_file():
+                    digests[key + suffix] = _sha256(file)
+    return digests
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def in_file_order(data: DataSection, split: str) -> bool:

@@ -29,7 +29,7 @@ from peftkit.adapters import (
     save_adapter,
 )
 from peftkit.console import attach_log_file
-from peftkit.data.sources import load_splits
+from peftkit.data.sources import data_digests, load_splits
 from peftkit.training.distributed import (
     adopt_recipe_sharding,
     check_launcher_agrees,
@@ -49,6 +49,7 @@ from peftkit.run_folder import (
     ADAPTER_DIR,
     LOG_FILE,
     ADAPTER_RECORD,
+    DATA_FILE,
     LOG_HISTORY_FILE,
     LOSS_PLOT,
     MANIFEST_FILE,
@@ -58,6 +59,7 @@ from peftkit.run_folder import (
     PREDICTIONS_FILE,
     RECIPE_FILE,
     TRAINER_ARGUMENTS,
+    check_data_unchanged,
     check_run_folder,
     checkpoint_step,
     keep_replaced_recipe,
@@ -98,6 +100,8 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
     check_launcher_agrees(recipe, os.environ, world_size)
     check_strategy_runs_here(recipe, world_size)
     check_run_folder(recipe, resume, force_resume, resumable_when_finished=fits_itself(task))
+    digests = data_digests(recipe.data)
+    changed_data = check_data_unchanged(run_dir_for(recipe), digests, force_resume) if resume else []
     check_kernel_available(recipe.training.lm_loss)
     share_cpu_threads()
     adopt_recipe_sharding()
@@ -127,7 +131,10 @@ def train(recipe: Recipe, resume: bool = False, force_resume: bool = False, call
                 kept = keep_replaced_recipe(run_dir, recipe, checkpoint_step(checkpoint))
                 if kept:
                     log.warning("--force-resume with changed settings: the recipe that ran until here is kept as %s", kept)
+            if changed_data:
+                log.warning("--force-resume with changed data (%s): the run goes on with the new files", ", ".join(changed_data))
             write_text_atomic(run_dir / RECIPE_FILE, recipe_as_yaml(recipe))
+            write_json(run_dir / DATA_FILE, digests)
             write_sharding_configs(run_dir, recipe, world_size, args.deepspeed)
 
         trackers = open_trackers(recipe, run_dir) if state.is_main_process else []
