@@ -132,6 +132,8 @@ def test_hub_only_keys_on_a_local_file_are_refused(tmp_path, key):
     path = write_jsonl(tmp_path / "rows.jsonl", [{"text": "ok", "label": 1}])
     with pytest.raises(UserError, match=rf"data.test.{key}: `x` names part of a hub dataset, but `.*rows.jsonl` is a local file"):
         load_source(DataSource(path=str(path), **{key: "x"}), "data.test")
+    # the hub default, inherited by a local recipe that extends a hub one (recipes/local/qa_xquad.yaml), changes nothing
+    assert len(load_source(DataSource(path=str(path), split="train"), "data.train[0]")) == 1
 
 
 def test_empty_texts_and_labels_are_an_error_naming_rows_or_skipped_and_counted(tiny_bert_dir, tmp_path, caplog):

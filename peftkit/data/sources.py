@@ -98,8 +98,12 @@ def _weighted(dataset: datasets.Dataset, source: DataSource, key_path: str) -> d
 def load_source(source: DataSource, key_path: str, numbered: bool = False) -> datasets.Dataset:
     location = resolve_reference(source.path, f"{key_path}.path")
     data_format = "parallel" if source.languages else _detect_format(source, location, key_path)
-    unused = {key: value for key, value in (("split", source.split), ("subset", source.subset)) if value is not None}
-    if data_format != "hub" and unused:  # would be ignored: the whole file would be read as if it were that split
+    # Ignored on a file, which would be read whole as if it were that split. A split named like the section itself is
+    # the hub default (a local recipe extending a hub one inherits `split: train` on data.train) and changes nothing.
+    section = key_path.split(".")[1].split("[")[0]
+    unused = {key: value for key, value in (("split", source.split), ("subset", source.subset))
+              if value is not None and not (key == "split" and value == section)}
+    if data_format != "hub" and unused:
         raise UserError(
             f"{key_path}.{next(iter(unused))}: `{next(iter(unused.values()))}` names part of a hub dataset, but "
             f"`{location}` is a local file, which has none; leave it out (take part of a file with rows or limit)"
