@@ -126,6 +126,14 @@ def test_bad_files_name_the_line(tmp_path, name, content, message):
     assert message in str(caught.value) and name in str(caught.value)
 
 
+@pytest.mark.parametrize("rows, fraction", [(1, 0.15), (20, 0.999)])
+def test_a_validation_fraction_that_leaves_a_side_empty_is_refused(tmp_path, rows, fraction):
+    """Was datasets' ValueError with a traceback."""
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"text": "ok", "label": 1}] * rows)
+    with pytest.raises(UserError, match=rf"data.validation_fraction: {fraction} of the {rows} training rows leaves no row"):
+        load_splits(DataSection(train=DataSource(path=str(path)), validation_fraction=fraction))
+
+
 @pytest.mark.parametrize("key", ["split", "subset"])
 def test_hub_only_keys_on_a_local_file_are_refused(tmp_path, key):
     """`peftkit eval RUN --data file.jsonl --split test` scored the whole file as if it were a split of it."""

@@ -36,7 +36,13 @@ def load_splits(data: DataSection) -> dict[str, datasets.Dataset]:
 
 
 def _carve_validation(train: datasets.Dataset, data: DataSection) -> tuple[datasets.Dataset, datasets.Dataset]:
-    parts = train.train_test_split(test_size=data.validation_fraction, seed=first_source(data.train).seed)
+    try:
+        parts = train.train_test_split(test_size=data.validation_fraction, seed=first_source(data.train).seed)
+    except ValueError:  # one side would be empty
+        raise UserError(
+            f"data.validation_fraction: {data.validation_fraction} of the {len(train)} training rows leaves no row for "
+            "training or for validation; give more rows, another fraction, or a data.validation file"
+        ) from None
     return parts["train"], parts["test"]
 
 
