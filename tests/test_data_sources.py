@@ -213,6 +213,22 @@ def test_messages_name_the_row_of_the_file_when_the_split_is_reordered(data, tin
         classification.prepare(recipe, splits, AutoTokenizer.from_pretrained(tiny_bert_dir))
 
 
+def test_texts_cut_by_max_length_are_counted_with_their_pairs(tiny_bert_dir, tmp_path, caplog):
+    from transformers import AutoTokenizer
+
+    from peftkit.recipe.load import validate_recipe
+    from peftkit.tasks import classification
+
+    rows = [{"text": "good", "pair": "movie", "label": "positive"}, {"text": "bad", "pair": "bad bad bad", "label": "negative"}]
+    files = {"train": write_jsonl(tmp_path / "train.jsonl", rows)}
+    recipe = validate_recipe(classification_recipe(tiny_bert_dir, files, tmp_path / "run", task={"text_pair_column": "pair"},
+                                                   data={"max_length": 3}, training={"eval_strategy": "no", "save_strategy": "no"}))
+    with caplog.at_level(logging.WARNING, logger="peftkit"):  # the tiny word-level tokenizer adds no special tokens
+        tokenized, _ = classification.prepare(recipe, load_splits(recipe.data), AutoTokenizer.from_pretrained(tiny_bert_dir))
+    assert [len(ids) for ids in tokenized["train"]["input_ids"]] == [2, 3]  # bad + bad bad bad: 4 words, cut
+    assert "data.train: 1 of 2 texts are longer than data.max_length=3 tokens and are cut" in caplog.text
+
+
 def test_listed_labels_without_training_rows_are_named(tiny_bert_dir, tmp_path, caplog):
     from transformers import AutoTokenizer
 

@@ -11,6 +11,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from peftkit.data.sources import file_rows, require_columns, split_origin
+from peftkit.data.truncation import warn_cut
 from peftkit.errors import UserError
 from peftkit.evaluation.analysis import length_bucket_table, markdown_cell, word_count
 from peftkit.evaluation.plots import plot_confusion_matrix
@@ -77,10 +78,16 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
         pair = batch[task.text_pair_column] if task.text_pair_column else None
         return tokenizer(batch[task.text_column], pair, truncation=True, max_length=recipe.data.max_length)
 
+    def whole(rows) -> list[list[int]]:
+        pairs = list(rows[task.text_pair_column]) if task.text_pair_column else None
+        return tokenizer(list(rows[task.text_column]), pairs)["input_ids"]
+
     tokenized = {}
     for split, dataset in splits.items():
         encoded = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names,
                               desc=f"Tokenizing data.{split}")
+        warn_cut(split, "texts", encoded["input_ids"], "data.max_length", recipe.data.max_length,
+                 lambda rows, dataset=dataset: whole(dataset.select(rows)))
         if task.label_column in dataset.column_names:
             ids = _label_ids(dataset[task.label_column], names, split, split_origin(recipe.data, split), task.label_column)
             encoded = encoded.add_column("labels", ids)

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq
 
 from peftkit.data.sources import require_columns, split_origin
+from peftkit.data.truncation import warn_cut
 from peftkit.errors import UserError
 from peftkit.evaluation.analysis import length_bucket_table, lowest_scoring_table, word_count
 from peftkit.models.build import build_model
@@ -71,27 +72,17 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
         prefixed = [task.source_prefix + text for text in sources]
         encoded = tokenizer(prefixed, truncation=True, max_length=recipe.data.max_length)
         columns = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-        _warn_cut(split, "sources", prefixed, encoded["input_ids"], "data.max_length", recipe.data.max_length, tokenizer)
+        warn_cut(split, "sources", encoded["input_ids"], "data.max_length", recipe.data.max_length,
+                 lambda rows: tokenizer([prefixed[i] for i in rows])["input_ids"])
         if labelled:
             first = [refs[0] if refs else "" for refs in targets]
             columns["labels"] = tokenizer(text_target=first, truncation=True, max_length=task.max_target_length)["input_ids"]
-            _warn_cut(split, "references", first, columns["labels"], "task.max_target_length", task.max_target_length, tokenizer)
+            # a cut reference still ends with the end token: the model learns to stop where the cut is
+            warn_cut(split, "references", columns["labels"], "task.max_target_length", task.max_target_length,
+                     lambda rows: tokenizer(text_target=[first[i] for i in rows])["input_ids"])
         tokenized[split] = datasets.Dataset.from_dict(columns)
     # Deployment encodes sources as training did: same prefix, same truncation.
     return tokenized, {"source_prefix": task.source_prefix, "max_length": recipe.data.max_length}
-
-
-def _warn_cut(split: str, what: str, texts: list[str], ids: list[list[int]], key: str, limit: int, tokenizer) -> None:
-    """Count the texts truncation cut: a cut reference still ends with the end token, so the model learns to stop
-    there, and a cut source hides its end from the model. Only rows that reached the limit are tokenized again."""
-    at_limit = [i for i, row in enumerate(ids) if len(row) >= limit]
-    if not at_limit:
-        return
-    encode = (lambda batch: tokenizer(text_target=batch)) if what == "references" else tokenizer
-    cut = sum(len(row) > limit for row in encode([texts[i] for i in at_limit])["input_ids"])
-    if cut:
-        log.warning("data.%s: %d of %d %s are longer than %s=%d tokens and are cut; raise it to keep them whole",
-                    split, cut, len(texts), what, key, limit)
 
 
 def load_model(recipe: Recipe, info: dict):
