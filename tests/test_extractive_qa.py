@@ -60,6 +60,17 @@ def test_windows_hold_the_answer_tokens_across_long_contexts(tiny_bert_dir, tmp_
     assert found >= len(rows)  # every answer lies wholly in at least one window
 
 
+def test_gold_answers_longer_than_max_answer_tokens_are_counted(tiny_bert_dir, tmp_path, caplog):
+    """Spans are capped at task.max_answer_tokens: such a question can never be answered exactly; the run says so."""
+    rows = qa_rows(6, seed=6)
+    context = rows[2]["context"].split()
+    rows[2]["answers"] = {"text": [" ".join(context[:3])], "answer_start": [0]}  # three words: three tokens
+    recipe = _recipe(tiny_bert_dir, {"train": tmp_path / "t.jsonl"}, tmp_path / "run", max_answer_tokens=2)
+    with caplog.at_level(logging.WARNING, logger="peftkit"):
+        extractive_qa.prepare(recipe, {"train": Dataset.from_list(rows)}, AutoTokenizer.from_pretrained(tiny_bert_dir))
+    assert "data.train: 1 of 6 questions have no gold answer within task.max_answer_tokens=2 tokens" in caplog.text
+
+
 def test_answer_not_in_context_is_counted_and_left_out(tiny_bert_dir, tmp_path, caplog):
     rows = qa_rows(10, seed=6)
     rows[3]["answers"] = {"text": ["nowhere"], "answer_start": [0]}

@@ -131,6 +131,8 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
         columns = [task.question_column, task.context_column] + ([task.answers_column] if labelled else [])
         require_columns(dataset, columns, split, source, "task.question_column/task.context_column/task.answers_column")
         examples = _examples(dataset, task, recipe.data, split, source, labelled)
+        if labelled:
+            _warn_long_answers(split, examples, tokenizer, task.max_answer_tokens)
         if split == "train":
             examples = [e for e in examples if e["trainable"]]
             if not examples:
@@ -145,6 +147,20 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
                 "gold_answers", [json.dumps(examples[i]["answers"]) for i in indices]
             )
     return tokenized, decoding_settings(recipe)
+
+
+def _warn_long_answers(split: str, examples: list[dict], tokenizer, max_tokens: int) -> None:
+    """Predicted spans are capped at `task.max_answer_tokens`: a question whose every gold answer is longer can never
+    be answered exactly, which the scores would show only as an unexplained loss."""
+    groups = [[a for a in e["answers"] if a.strip()] for e in examples]
+    groups = [group for group in groups if group]
+    if not groups:
+        return
+    lengths = iter(len(ids) for ids in tokenizer([a for group in groups for a in group], add_special_tokens=False)["input_ids"])
+    too_long = sum(min(next(lengths) for _ in group) > max_tokens for group in groups)
+    if too_long:
+        log.warning("data.%s: %d of %d questions have no gold answer within task.max_answer_tokens=%d tokens, so no "
+                    "predicted span can match one whole; raise task.max_answer_tokens", split, too_long, len(groups), max_tokens)
 
 
 def decoding_settings(recipe: Recipe) -> dict:
