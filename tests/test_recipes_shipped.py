@@ -45,6 +45,36 @@ def test_hub_list_names_shipped_recipes():
     assert set(NEEDS_HUB) <= set(_shipped())
 
 
+@pytest.mark.parametrize("name", [n for n in _shipped() if "params" not in yaml.safe_load((RECIPES / n).read_text())])
+def test_every_shipped_recipe_plans_offline(name, tmp_path, monkeypatch):
+    """`peftkit plan` needs only the model's shape: the hub models of the shipped recipes (SmolLM2, BART, T5) are
+    built in, so planning works offline too (it failed with "couldn't connect to huggingface.co"), and a GGUF model's
+    shape comes from the file's metadata (planning converted the whole model into the cache first)."""
+    from tests.conftest import run_cli_in_process
+
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
+    result = run_cli_in_process("plan", str(RECIPES / name), "--gpus", "1", "--gpu-memory", "24GiB")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "fits in 24.00 GiB per GPU" in result.stdout
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("name, parameters", [  # the published sizes: 134.5M, 139M, 60.5M
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", 134_515_008), ("facebook/bart-base", 139_420_416), ("google-t5/t5-small", 60_506_624),
+])
+def test_built_in_shapes_of_the_recipes_models(name, parameters):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from peftkit.plan.shapes import load_model_config
+    from peftkit.recipe.schema import ModelSection
+
+    config = load_model_config(ModelSection(name=name))
+    with torch.device("meta"):
+        model = (AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM).from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == parameters
+
+
 @pytest.fixture(scope="module")
 def empty_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("peftkit-cache")

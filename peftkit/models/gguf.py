@@ -38,6 +38,17 @@ def converted_folder(gguf_file: Path) -> Path:
     return folder
 
 
+def gguf_config(gguf_file: Path):
+    """The config of the converted folder, read from the GGUF file's metadata alone (seconds, no conversion): what
+    `peftkit plan` needs. The converted weights are float32."""
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    config.dtype = torch.float32
+    return config
+
+
 def is_plain_model_folder(folder: Path) -> bool:
     """False for a folder converted by an older peftkit, whose config still claims GGUF quantization."""
     import json
@@ -67,7 +78,9 @@ def _convert(gguf_file: Path, folder: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / COMPLETE_MARKER).write_text(str(gguf_file) + "\n")
-        shutil.rmtree(folder, ignore_errors=True)
+        if (folder / COMPLETE_MARKER).is_file() and is_plain_model_folder(folder):
+            return  # another process converted it meanwhile, and may be reading it: keep theirs
+        shutil.rmtree(folder, ignore_errors=True)  # an incomplete or outdated conversion
         os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

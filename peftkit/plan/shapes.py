@@ -22,10 +22,12 @@ from transformers import (
 
 from peftkit.adapters import attach_adapter
 from peftkit.errors import UserError
+from peftkit.models.gguf import gguf_config, is_gguf
 from peftkit.models.load import load_config
 from peftkit.models.build import base_dtype, build_model
 from peftkit.recipe.resolved import resolve_precision
 from peftkit.recipe.schema import ModelSection, Recipe
+from peftkit.references import resolve_reference
 from peftkit.tasks import auto_class_for_peft_type, get_task
 from peftkit.tasks.base import fits_itself
 
@@ -47,6 +49,9 @@ def load_model_config(model: ModelSection) -> PretrainedConfig:
     local = Path(model.name).expanduser()
     if local.is_file() and local.suffix == ".json":
         return AutoConfig.from_pretrained(str(local))
+    location = resolve_reference(model.name, "model.name")
+    if is_gguf(location):  # the shape only: converting the weights would take a minute and half a gigabyte
+        return gguf_config(Path(location))
     if not local.exists():
         known = known_models()
         by_lower_name = {name.lower(): name for name in known} | {
