@@ -106,7 +106,7 @@ def load_source(source: DataSource, key_path: str, numbered: bool = False) -> da
     data_format = "parallel" if source.languages else _detect_format(source, location, key_path)
     # Ignored on a file, which would be read whole as if it were that split. A split named like the section itself is
     # the hub default (a local recipe extending a hub one inherits `split: train` on data.train) and changes nothing.
-    section = key_path.split(".")[1].split("[")[0]
+    section = key_path.removeprefix("data.").split("[")[0]  # `data.train[1]` -> train; `--input` stays
     unused = {key: value for key, value in (("split", source.split), ("subset", source.subset))
               if value is not None and not (key == "split" and value == section)}
     if data_format != "hub" and unused:
