@@ -35,6 +35,7 @@ in both. peftkit's DPO is TRL's trainer plus peftkit's behaviour, so the ratio i
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -52,15 +53,20 @@ DPO_MAX_LENGTH, DPO_BETA = 256, 0.1
 MAX_LENGTH, R, ALPHA, DROPOUT, LR = 512, 16, 32, 0.05, 2e-4
 
 
-def rows(count: int) -> list[dict]:
-    lines = DATA.read_text().splitlines()[:count]
+def rows(count: int, folder: Path) -> list[dict]:
+    """The first `count` Self-Instruct tasks whose conversation fits MAX_LENGTH whole: TRL's padding-free path does
+    not truncate, so a longer row would give the tools different work (3 of the first 64 are longer)."""
     out = []
-    for line in lines:
+    for line in DATA.read_text().splitlines():
         task = json.loads(line)
         instance = task["instances"][0]
         prompt = task["instruction"] + ("\n\n" + instance["input"] if instance["input"] else "")
-        out.append({"prompt": prompt, "response": instance["output"]})
-    return out
+        row = {"prompt": prompt, "response": instance["output"]}
+        if real_tokens([row], folder) < MAX_LENGTH:
+            out.append(row)
+        if len(out) == count:
+            return out
+    sys.exit(f"only {len(out)} rows of {DATA} fit {MAX_LENGTH} tokens; ask for fewer steps or a smaller batch")
 
 
 def model_folder() -> Path:
@@ -70,12 +76,17 @@ def model_folder() -> Path:
     return Path(model_location(ModelSection(name=SMOLLM2)))
 
 
-def real_tokens(data: list[dict], folder: Path) -> int:
+@functools.lru_cache(maxsize=None)
+def _tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def real_tokens(data: list[dict], folder: Path) -> int:
     from peftkit.tasks.causal_lm import encode
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = _tokenizer(folder)
     messages = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["response"]}] for r in data]
     return sum(len(encode(tokenizer, m, MAX_LENGTH)["input_ids"]) for m in messages)
 
@@ -330,12 +341,9 @@ def main() -> None:
         return
     if not DATA.exists():
         sys.exit(f"skipped: {DATA} is absent")
-    data = rows(args.steps * args.batch)
     folder = model_folder()
+    data = rows(args.steps * args.batch, folder)
     tokens = real_tokens(data, folder)
-    longest = max(real_tokens([row], folder) for row in data)
-    if longest >= MAX_LENGTH:  # TRL's padding-free path does not truncate: the work would differ
-        sys.exit(f"a row has {longest} tokens >= max length {MAX_LENGTH}; pick rows that fit")
     runtimes: dict[str, list[float]] = {tool: [] for tool in args.tools.split(",")}
     skipped: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as temporary:
