@@ -119,12 +119,8 @@ def check_run_folder(recipe: Recipe, resume: bool, force_resume: bool = False, r
 
 def recipe_inputs(recipe: Recipe) -> dict[str, str]:
     """What a run reads from the file system, by recipe key: the base model and every data source."""
-    inputs = {"model.name": recipe.model.name}
-    for split in ("train", "validation", "test"):
-        sources = getattr(recipe.data, split)
-        sources = sources if isinstance(sources, list) else [sources] if sources else []
-        inputs.update({f"data.{split}.path" + (f"[{i}]" if len(sources) > 1 else ""): source.path for i, source in enumerate(sources)})
-    return inputs
+    return {"model.name": recipe.model.name,
+            **{f"{key}.path": source.path for key, source in recipe.data.sources_by_key().items()}}
 
 
 def check_replaceable(folder: Path, key: str, reads: dict[str, str]) -> None:

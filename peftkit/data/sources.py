@@ -30,7 +30,7 @@ _EXTENSION_FORMATS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".tsv":
 def load_splits(data: DataSection) -> dict[str, datasets.Dataset]:
     """Every split the recipe defines, with `validation_fraction` carved off train when asked."""
     splits = {name: load_split(getattr(data, name), f"data.{name}") for name in SPLITS if getattr(data, name)}
-    if data.validation is None and data.validation_fraction:
+    if data.carves_validation:
         splits["train"], splits["validation"] = _carve_validation(splits["train"], data)
     return splits
 
@@ -415,17 +415,13 @@ def data_digests(data: DataSection) -> dict[str, str]:
     line-aligned files). A resumed run compares them: the Trainer would otherwise skip the batches it had consumed
     of the edited data and go on, matching neither the interrupted run nor a new one. Hub datasets are left out."""
     digests = {}
-    for split in SPLITS:
-        spec = getattr(data, split)
-        sources = spec if isinstance(spec, list) else [spec] if spec else []
-        for i, source in enumerate(sources):
-            key = f"data.{split}" + (f"[{i}]" if isinstance(spec, list) else "") + ".path"
-            location = resolve_reference(source.path, key)
-            files = ({f".{language}": language_file(location, language, key[:-5]) for language in source.languages}
-                     if source.languages else {"": Path(location)})
-            for suffix, file in files.items():
-                if file.is_file():
-                    digests[key + suffix] = _sha256(file)
+    for key, source in data.sources_by_key().items():
+        location = resolve_reference(source.path, f"{key}.path")
+        files = ({f".{language}": language_file(location, language, key) for language in source.languages}
+                 if source.languages else {"": Path(location)})
+        for suffix, file in files.items():
+            if file.is_file():
+                digests[f"{key}.path{suffix}"] = _sha256(file)
     return digests
 
 
@@ -443,8 +439,7 @@ def in_file_order(data: DataSection, split: str) -> bool:
     source = getattr(data, split)
     if source is None or isinstance(source, list):  # mixed (even one weighted source): concatenated and shuffled
         return False
-    carved = split == "train" and data.validation is None and bool(data.validation_fraction)
-    return not (source.rows or source.limit is not None or carved)
+    return not (source.rows or source.limit is not None or split == "train" and data.carves_validation)
 
 
 def file_rows(data: DataSection, split: str, positions: list[int]) -> list[int | str]:
@@ -453,7 +448,7 @@ def file_rows(data: DataSection, split: str, positions: list[int]) -> list[int |
     numbered (only on the error paths that call this)."""
     if in_file_order(data, split):
         return [position + 1 for position in positions]
-    if data.validation is None and data.validation_fraction and split in ("train", "validation"):
+    if data.carves_validation and split in ("train", "validation"):
         train, validation = _carve_validation(load_split(data.train, "data.train", numbered=True), data)
         rows = {"train": train, "validation": validation}[split].select(positions)
         split = "train"  # the carved rows are rows of train's sources

@@ -362,6 +362,22 @@ class DataSection(Section):
         "warning instead of stopping with an error that names the file and row.",
     )
 
+    @property
+    def carves_validation(self) -> bool:
+        """Whether `validation_fraction` takes the validation rows out of train (no validation source is set)."""
+        return self.validation is None and bool(self.validation_fraction)
+
+    def sources_by_key(self) -> dict[str, DataSource]:
+        """Every data source by its key path: `data.train`, or `data.train[1]` in a list of sources."""
+        found = {}
+        for split in ("train", "validation", "test"):
+            spec = getattr(self, split)
+            if isinstance(spec, list):
+                found.update({f"data.{split}[{i}]": source for i, source in enumerate(spec)})
+            elif spec is not None:
+                found[f"data.{split}"] = spec
+        return found
+
 
 PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
 # The peft config class each method is configured with (names, so that validating a recipe does not import peft).
