@@ -25,7 +25,8 @@ def _trainable(model) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def assert_same_loss_and_gradients(model, batch: dict, num_items_in_batch=None, kernel: str = "chunked") -> None:
+def assert_same_loss_and_gradients(model, batch: dict, num_items_in_batch=None, kernel: str = "chunked",
+                                   placeholder_logits: bool = True) -> None:
     model.eval()  # dropout off (T5 has some), so both forwards are the same function; gradients still flow
     parameters = _trainable(model)
     reference = model(**batch, **({"num_items_in_batch": num_items_in_batch} if num_items_in_batch else {})).loss
@@ -37,7 +38,8 @@ def assert_same_loss_and_gradients(model, batch: dict, num_items_in_batch=None, 
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
     for name, want, got in zip(parameters, expected, gradients):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
-    assert outputs.logits.stride()[-1] == 0  # the vocabulary-wide logits were never allocated
+    if placeholder_logits:
+        assert outputs.logits.stride()[-1] == 0  # the vocabulary-wide logits were never allocated
 
 
 def test_chunked_kernel_matches_cross_entropy_across_chunks(monkeypatch):
@@ -94,6 +96,26 @@ def test_seq2seq_loss_builds_decoder_inputs_from_labels(tiny_t5_dir):
     batch = _batch(model.config.vocab_size, length=9)
     batch["labels"] = batch["labels"][:, 3:].contiguous()  # targets of their own length
     assert_same_loss_and_gradients(model, batch)
+
+
+@pytest.mark.parametrize("model_type", ["m2m_100", "blenderbot"])
+def test_seq2seq_models_that_shift_labels_only_inside_their_forward(model_type):
+    """M2M100 (NLLB) and Blenderbot have no `prepare_decoder_input_ids_from_labels`: their decoder inputs are built
+    from the config as their own forward builds them (this crashed training before)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type, vocab_size=48, d_model=16, encoder_layers=1, decoder_layers=1,
+                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                  decoder_ffn_dim=32, max_position_embeddings=64, pad_token_id=1,
+                                  decoder_start_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(config)
+    assert not hasattr(model, "prepare_decoder_input_ids_from_labels")
+    batch = _batch(config.vocab_size, length=9)
+    batch["labels"] = batch["labels"][:, 3:].contiguous()
+    # Blenderbot adds its final_logits_bias after the head, which allocates the logits again (without the float32
+    # softmax and gradients the loss would keep); the loss is still the head's, as the first batch checks.
+    assert_same_loss_and_gradients(model, batch, placeholder_logits=model_type != "blenderbot")
 
 
 def test_logits_changed_after_the_head_keep_the_standard_loss_or_refuse(caplog):

@@ -37,6 +37,23 @@ GPU_KERNELS = ("liger", "cut_cross_entropy")
 PROBE_TOKENS = 16
 
 
+def decoder_inputs_from_labels(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """The decoder inputs an encoder-decoder builds from its labels: the start token, then the labels shifted right
+    (ignored positions as padding). Most models expose it as `prepare_decoder_input_ids_from_labels`; M2M100 (NLLB)
+    and Blenderbot shift only inside their forward, from their config, which is done here the same way."""
+    if hasattr(model, "prepare_decoder_input_ids_from_labels"):
+        return model.prepare_decoder_input_ids_from_labels(labels=labels)
+    start, pad = model.config.decoder_start_token_id, model.config.pad_token_id
+    if start is None or pad is None:
+        raise UserError(
+            f"model.name: the model's config has no {'decoder_start_token_id' if start is None else 'pad_token_id'}, "
+            "which an encoder-decoder needs to build its decoder inputs; set it in the model's config.json"
+        )
+    shifted = labels.new_full(labels.shape, start)
+    shifted[:, 1:] = labels[:, :-1]
+    return shifted.masked_fill(shifted == IGNORE_INDEX, pad)
+
+
 def chunk_tokens(tokens: int, vocab_size: int, hidden_size: int) -> int:
     """Tokens per chunk such that one chunk's logits hold about as many elements as all the hidden states
     (Liger's rule): the loss then never needs more than a few copies of the hidden states' memory."""
@@ -186,7 +203,7 @@ class EfficientLMLoss:
         if self.shift or "decoder_input_ids" in inputs:
             return inputs
         # Without labels the model cannot build its decoder inputs; it builds them from labels this way.
-        return {**inputs, "decoder_input_ids": self.base.prepare_decoder_input_ids_from_labels(labels=labels)}
+        return {**inputs, "decoder_input_ids": decoder_inputs_from_labels(self.base, labels)}
 
     # --- the loss -------------------------------------------------------------------------------------
     def loss(self, model, inputs: dict, num_items_in_batch=None):

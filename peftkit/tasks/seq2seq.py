@@ -20,6 +20,7 @@ from peftkit.models.build import build_model
 from peftkit.recipe.schema import Recipe
 from peftkit.tasks import generation as decoding_path
 from peftkit.tasks.generation import Decoding
+from peftkit.tasks.lm_loss import decoder_inputs_from_labels
 
 log = logging.getLogger("peftkit")
 
@@ -193,7 +194,7 @@ def forward_logits(model, tokenizer, rows: list[dict], adapter_names: list[str] 
     """
     inputs = _sources(tokenizer, rows, infos or [{}] * len(rows), model.device)
     targets = tokenizer(text_target=[row.get("target", row["text"]) for row in rows], padding=True, return_tensors="pt")
-    decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=targets["input_ids"]).to(model.device)
+    decoder_input_ids = decoder_inputs_from_labels(model, targets["input_ids"]).to(model.device)
     with torch.inference_mode():
         logits = model(
             **inputs, decoder_input_ids=decoder_input_ids, **({"adapter_names": adapter_names} if adapter_names else {})
