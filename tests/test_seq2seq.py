@@ -144,3 +144,83 @@ def test_scitldr_lists_become_documents_and_reference_sets(tiny_t5_dir, tmp_path
     tokenized, _ = seq2seq.prepare(recipe, splits, AutoTokenizer.from_pretrained(tiny_t5_dir))
     assert len(tokenized["train"]) == len(splits["train"]) > 600  # no SciTLDR row has an empty side
     assert max(len(seq2seq.references(v)) for v in splits["train"]["target"]) > 1
+
+
+def _nllb_like(directory):
+    """A tiny M2M100 (NLLB's architecture) saved with NLLB's tokenizer (its built-in vocabulary: language codes and
+    special tokens; words are <unk>, which is enough to see where the codes go)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, NllbTokenizer
+
+    tokenizer = NllbTokenizer()
+    tokenizer.save_pretrained(directory)
+    config = AutoConfig.for_model(
+        "m2m_100", vocab_size=len(tokenizer), d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        decoder_start_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    AutoModelForSeq2SeqLM.from_config(config).save_pretrained(directory)
+    return directory, tokenizer
+
+
+def test_multilingual_tokenizers_need_known_language_codes_and_others_refuse_them(tiny_t5_dir, tmp_path):
+    from transformers import MBart50Tokenizer, MBartTokenizer
+
+    from peftkit.tasks import languages
+
+    model_dir, tokenizer = _nllb_like(tmp_path / "nllb")
+    rows = {"train": Dataset.from_list(number_rows(3, 1))}
+
+    def prepare(model, tokenizer, **codes):
+        recipe = _recipe(model, {"train": tmp_path / "t.jsonl"}, tmp_path / "run", {"type": "translation", **codes})
+        return seq2seq.prepare(recipe, rows, tokenizer)
+
+    with pytest.raises(UserError, match=r"task.source_lang and task.target_lang: .* set both, e.g. eng_Latn"):
+        prepare(model_dir, tokenizer)  # silently tagged every target as English before
+    with pytest.raises(UserError, match=r"task.target_lang: 'fr' is not a language code of this tokenizer"):
+        prepare(model_dir, tokenizer, source_lang="eng_Latn", target_lang="fr")  # would have become <unk>
+    with pytest.raises(UserError, match=r"the tokenizer of .* has no language codes"):
+        prepare(tiny_t5_dir, AutoTokenizer.from_pretrained(tiny_t5_dir), source_lang="en", target_lang="fr")
+
+    tokenized, info = prepare(model_dir, tokenizer, source_lang="deu_Latn", target_lang="fra_Latn")
+    assert info["source_lang"] == "deu_Latn" and info["target_lang"] == "fra_Latn"
+    ids = tokenizer.convert_tokens_to_ids
+    assert {row[0] for row in tokenized["train"]["input_ids"]} == {ids("deu_Latn")}
+    assert {row[0] for row in tokenized["train"]["labels"]} == {ids("fra_Latn")}
+    # where the target's code goes decides how generation starts: first (NLLB, mBART-50) or as the decoder start (mBART)
+    assert languages.decoder_start(tokenizer, info) == {"forced_bos_token_id": ids("fra_Latn")}
+    mbart50, mbart = MBart50Tokenizer(), MBartTokenizer()
+    assert languages.decoder_start(mbart50, {"target_lang": "fr_XX"}) == {"forced_bos_token_id": mbart50.convert_tokens_to_ids("fr_XX")}
+    assert languages.decoder_start(mbart, {"target_lang": "fr_XX"}) == {"decoder_start_token_id": mbart.convert_tokens_to_ids("fr_XX")}
+
+
+@pytest.mark.slow
+def test_a_multilingual_run_generates_in_its_target_language_in_training_and_deployment(tmp_path, monkeypatch):
+    from transformers.generation.utils import GenerationMixin
+
+    from peftkit.deploy.attach import AttachedModel
+    from peftkit.training.run import train
+
+    model_dir, tokenizer = _nllb_like(tmp_path / "nllb")
+    calls = []
+    original = GenerationMixin.generate
+
+    def spy(self, *args, **kwargs):
+        calls.append((kwargs.get("forced_bos_token_id"), kwargs["input_ids"][:, 0].tolist()))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", spy)
+    files = {"train": write_jsonl(tmp_path / "train.jsonl", number_rows(8, seed=1)),
+             "test": write_jsonl(tmp_path / "test.jsonl", number_rows(4, seed=2))}
+    task = {"type": "translation", "source_lang": "deu_Latn", "target_lang": "fra_Latn"}
+    run_dir = train(_recipe(model_dir, files, tmp_path / "run", task))
+    ids = tokenizer.convert_tokens_to_ids
+    assert calls and all(forced == ids("fra_Latn") and set(firsts) == {ids("deu_Latn")} for forced, firsts in calls)
+
+    calls.clear()
+    tokenizer.src_lang = "eng_Latn"  # deployment must not depend on the state a tokenizer was left in
+    attached = AttachedModel(str(model_dir), {"run": str(run_dir)})
+    attached.predict([{"text": row["source"]} for row in number_rows(3, seed=2)], "run")
+    assert calls == [(ids("fra_Latn"), [ids("deu_Latn")] * 3)]

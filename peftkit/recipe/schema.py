@@ -148,6 +148,14 @@ class ExtractiveQATask(Section):
 class _Seq2SeqTask(Section):
     source_prefix: str = Field("", description="Text put before every source (e.g. T5's `translate English to French: `).")
     max_target_length: int = Field(128, gt=0, description="Maximum tokens of a training target; longer ones are truncated.")
+    source_lang: str | None = Field(
+        None, description="Language code of the sources for multilingual models whose tokenizer marks languages "
+        "(NLLB `eng_Latn`, mBART / mBART-50 `en_XX`, M2M100 `en`); required by them, refused by other tokenizers.",
+    )
+    target_lang: str | None = Field(
+        None, description="Language code of the targets for the same models: targets are tagged with it and "
+        "generation starts with it, as the model was pre-trained.",
+    )
 
 
 class TranslationTask(_Seq2SeqTask):

@@ -50,14 +50,16 @@ class Decoding:
 
 def generate(
     model, tokenizer, inputs, new_tokens_start: int, max_new_tokens: list[int] | int, decoding: Decoding = Decoding(),
-    adapter_names: list[str] | None = None, streamer=None,
+    adapter_names: list[str] | None = None, streamer=None, start_tokens: dict | None = None,
 ) -> list[dict]:
     """Generate for a batch and cut each row's answer at its own limit and first end token.
 
     Output tokens from `new_tokens_start` on are new: after the (left-padded) prompt for decoders, after the
     decoder start token for encoder-decoders. Rows share one `generate` call up to the longest limit; under greedy
     decoding or sampling a row's first k tokens do not depend on how many follow, but beam search ranks whole
-    sequences, so beam-search rows run in one call per limit. Returns `{text, tokens, finish_reason}` per row.
+    sequences, so beam-search rows run in one call per limit. `start_tokens` are `generate` arguments that set the
+    decoder's first token (a multilingual model's target language, `peftkit.tasks.languages`). Returns
+    `{text, tokens, finish_reason}` per row.
     """
     count = len(inputs["input_ids"])
     limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * count
@@ -67,7 +69,8 @@ def generate(
             rows = [i for i, row_limit in enumerate(limits) if row_limit == limit]
             part = {key: value[rows] for key, value in inputs.items()}
             names = [adapter_names[i] for i in rows] if adapter_names else None
-            for i, answer in zip(rows, generate(model, tokenizer, part, new_tokens_start, limit, decoding, names)):
+            for i, answer in zip(rows, generate(model, tokenizer, part, new_tokens_start, limit, decoding, names,
+                                                      start_tokens=start_tokens)):
                 answers[i] = answer
         return answers
     if decoding.num_beams > 1 and not decoding.samples:
@@ -78,6 +81,7 @@ def generate(
         output = model.generate(
             **inputs, max_new_tokens=max(limits), pad_token_id=tokenizer.pad_token_id, **decoding.generate_kwargs(),
             **({"adapter_names": adapter_names} if adapter_names else {}), **({"streamer": streamer} if streamer else {}),
+            **(start_tokens or {}),
         )
     return answers_from_tokens(model, tokenizer, output[:, new_tokens_start:].tolist(), limits)
 

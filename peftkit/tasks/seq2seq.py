@@ -19,6 +19,7 @@ from peftkit.evaluation.analysis import length_bucket_table, lowest_scoring_tabl
 from peftkit.models.build import build_model
 from peftkit.recipe.schema import Recipe
 from peftkit.tasks import generation as decoding_path
+from peftkit.tasks import languages
 from peftkit.tasks.generation import Decoding
 from peftkit.tasks.lm_loss import decoder_inputs_from_labels
 
@@ -50,6 +51,7 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
     import datasets
 
     task = recipe.task
+    language_info = languages.apply(tokenizer, task.source_lang, task.target_lang, recipe.model.name)
     tokenized = {}
     for split, dataset in splits.items():
         source = split_origin(recipe.data, split)
@@ -83,7 +85,7 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
                      lambda rows: tokenizer(text_target=[first[i] for i in rows])["input_ids"])
         tokenized[split] = datasets.Dataset.from_dict(columns)
     # Deployment encodes sources as training did: same prefix, same truncation.
-    return tokenized, {"source_prefix": task.source_prefix, "max_length": recipe.data.max_length}
+    return tokenized, {"source_prefix": task.source_prefix, "max_length": recipe.data.max_length, **language_info}
 
 
 def load_model(recipe: Recipe, info: dict):
@@ -107,12 +109,14 @@ def generate(trainer, tokenized, recipe: Recipe) -> list[str]:
     model, tokenizer = trainer.model, trainer.processing_class
     decoding = Decoding.from_settings(recipe.generation)
     batch_size = trainer.args.per_device_eval_batch_size
+    start_tokens = languages.decoder_start(tokenizer, {"target_lang": recipe.task.target_lang})
     model.eval()
     outputs = []
     inputs = tokenized.select_columns(["input_ids", "attention_mask"])
     for start in tqdm(range(0, len(inputs), batch_size), desc="generating", unit="batch"):
         batch = tokenizer.pad(inputs[start : start + batch_size], return_tensors="pt").to(trainer.args.device)
-        answers = decoding_path.generate(model, tokenizer, batch, 1, recipe.generation.max_new_tokens, decoding)
+        answers = decoding_path.generate(model, tokenizer, batch, 1, recipe.generation.max_new_tokens, decoding,
+                                         start_tokens=start_tokens)
         outputs += [answer["text"].strip() for answer in answers]
     return outputs
 
@@ -179,10 +183,12 @@ def inference_rows(recipe: Recipe, dataset) -> list[dict]:
 
 def _sources(tokenizer, rows: list[dict], infos: list[dict], device):
     """Each source with its adapter's prefix and truncation, padded into one batch."""
-    encoded = [
-        tokenizer(info.get("source_prefix", "") + row["text"], truncation=True, max_length=info.get("max_length"))
-        for row, info in zip(rows, infos)
-    ]
+    encoded = []
+    for row, info in zip(rows, infos):
+        languages.use(tokenizer, info)
+        encoded.append(
+            tokenizer(info.get("source_prefix", "") + row["text"], truncation=True, max_length=info.get("max_length"))
+        )
     return tokenizer.pad(encoded, return_tensors="pt").to(device)
 
 
@@ -192,8 +198,13 @@ def forward_logits(model, tokenizer, rows: list[dict], adapter_names: list[str] 
 
     The decoder is causal and padded on the right, so each row's logits do not depend on the batch.
     """
-    inputs = _sources(tokenizer, rows, infos or [{}] * len(rows), model.device)
-    targets = tokenizer(text_target=[row.get("target", row["text"]) for row in rows], padding=True, return_tensors="pt")
+    infos = infos or [{}] * len(rows)
+    inputs = _sources(tokenizer, rows, infos, model.device)
+    targets = []
+    for row, info in zip(rows, infos):
+        languages.use(tokenizer, info)
+        targets.append(tokenizer(text_target=row.get("target", row["text"])))
+    targets = tokenizer.pad(targets, return_tensors="pt")
     decoder_input_ids = decoder_inputs_from_labels(model, targets["input_ids"]).to(model.device)
     with torch.inference_mode():
         logits = model(
@@ -207,6 +218,23 @@ def infer(
     model, tokenizer, rows: list[dict], infos: list[dict], adapter_names: list[str] | None = None,
     max_new_tokens: list[int] | int = decoding_path.DEFAULT_MAX_NEW_TOKENS, decoding: Decoding = Decoding(), streamer=None,
 ) -> list[dict]:
-    """Output text of each source (`peftkit.tasks.generation`); `max_new_tokens` may differ per row."""
-    inputs = _sources(tokenizer, rows, infos, model.device)
-    return decoding_path.generate(model, tokenizer, inputs, 1, max_new_tokens, decoding, adapter_names, streamer)
+    """Output text of each source (`peftkit.tasks.generation`); `max_new_tokens` may differ per row. Adapters
+    trained on different target languages generate in one call per language."""
+    by_language: dict[str | None, list[int]] = {}
+    for i, info in enumerate(infos):
+        by_language.setdefault(info.get("target_lang"), []).append(i)
+    answers: list[dict | None] = [None] * len(rows)
+    for language, indices in by_language.items():
+        inputs = _sources(tokenizer, _pick(rows, indices), _pick(infos, indices), model.device)
+        generated = decoding_path.generate(
+            model, tokenizer, inputs, 1, _pick(max_new_tokens, indices), decoding, _pick(adapter_names, indices),
+            streamer, start_tokens=languages.decoder_start(tokenizer, {"target_lang": language}),
+        )
+        for i, answer in zip(indices, generated):
+            answers[i] = answer
+    return answers
+
+
+def _pick(values, indices: list[int]):
+    """The given rows of a per-row list; a value shared by all rows (or None) as it is."""
+    return [values[i] for i in indices] if isinstance(values, list) else values
