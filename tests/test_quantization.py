@@ -33,6 +33,25 @@ def test_heads_and_lm_head_stay_unquantized(bits, layer_class, tiny_llama_dir):
     assert type(decoder.model.layers[1].mlp.down_proj).__name__ == layer_class
 
 
+@pytest.mark.parametrize("model_type", ["longt5", "switch_transformers"])
+def test_layers_whose_dtype_the_model_casts_to_stay_unquantized(model_type, tmp_path):
+    """LongT5 and SwitchTransformers cast the feed-forward's activations to `wo.weight.dtype` (as T5 does, without
+    T5's `_keep_in_fp32_modules`): a 4-bit `wo` is uint8 storage, and the forward failed ("Float can't be cast to
+    Byte"). `wo` now stays in full precision, read from the model's code; the rest is quantized."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                  num_decoder_layers=1, num_heads=2, num_experts=2, pad_token_id=0,
+                                  decoder_start_token_id=0)
+    AutoModelForSeq2SeqLM.from_config(config).save_pretrained(tmp_path)
+    model = _build(recipe_for(tmp_path, bits=4), AutoModelForSeq2SeqLM)
+    layers = {name.split(".")[-1]: type(module).__name__ for name, module in model.named_modules()
+              if name.endswith((".wo", ".wi", ".q"))}
+    assert layers == {"wo": "Linear", "wi": "Linear4bit", "q": "Linear4bit"}
+    ids = torch.tensor([[5, 6, 7, 1]])
+    assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+
+
 def test_four_bit_settings_reach_bitsandbytes(tiny_llama_dir):
     from peftkit.models.quantization import build_quantization_config
 

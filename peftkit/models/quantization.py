@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+import sys
+
 import torch
 from transformers import BitsAndBytesConfig
 
@@ -10,6 +14,22 @@ from peftkit.recipe.schema import QuantizationSection
 
 # Output layers of decoder LMs: quantizing them costs quality for little memory.
 ALWAYS_UNQUANTIZED = ("lm_head",)
+
+
+# `hidden_states.to(self.wo.weight.dtype)`: code that casts activations to a layer's weight dtype.
+_CAST_TO_WEIGHT_DTYPE = re.compile(r"\.to\(self\.(\w+)\.weight\.dtype\)")
+
+
+def layers_cast_to(auto_class: type, config) -> list[str]:
+    """Layers whose weight dtype the model's code casts activations to (the feed-forward `wo` of T5 and the models
+    copied from it). A quantized weight reports its storage dtype (uint8 for 4-bit), so the activations would be
+    cast to bytes and the forward fails; T5 keeps `wo` out of quantization through `_keep_in_fp32_modules`, LongT5
+    and SwitchTransformers do not. Read from the model's source, so every such model is covered, not a list."""
+    try:
+        model_class = auto_class._model_mapping[type(config)]
+    except (KeyError, AttributeError):  # remote code: its module is not transformers'
+        return []
+    return sorted(set(_CAST_TO_WEIGHT_DTYPE.findall(inspect.getsource(sys.modules[model_class.__module__]))))
 
 
 def torch_dtype(name: str) -> torch.dtype:
