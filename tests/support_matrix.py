@@ -66,6 +66,10 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "bart": (ENCODER_DECODER, dict(model_type="bart", d_model=64, encoder_layers=2, decoder_layers=2,
                                    encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
                                    decoder_ffn_dim=128, max_position_embeddings=128)),
+    # NLLB's architecture: builds its decoder inputs from labels only inside its forward.
+    "m2m_100": (ENCODER_DECODER, dict(model_type="m2m_100", d_model=64, encoder_layers=2, decoder_layers=2,
+                                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                                      decoder_ffn_dim=128, max_position_embeddings=128)),
     "marian": (ENCODER_DECODER, dict(model_type="marian", d_model=64, encoder_layers=2, decoder_layers=2,
                                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
                                      decoder_ffn_dim=128, max_position_embeddings=128)),
@@ -100,7 +104,7 @@ class Cell:
 # The architectures split into test files of about equal time: pytest-xdist's `--dist loadfile` keeps a file on one
 # worker, so one file would run the whole matrix on one core.
 CHUNKS = (
-    ("gpt2", "gpt_neox", "opt", "llama", "bert", "t5"),
+    ("gpt2", "gpt_neox", "opt", "llama", "bert", "t5", "m2m_100"),
     ("qwen2", "qwen3", "mistral", "roberta", "deberta-v2", "mt5"),
     ("gemma", "gemma2", "phi3", "distilbert", "electra", "bart"),
     ("falcon", "bloom", "mixtral", "albert", "modernbert", "marian"),
