@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from typing import NoReturn
 
 from peftkit.console import configure as configure_console
@@ -425,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.handler(args)
     except UserError as error:
+        if args.verbose and error.__cause__ is not None:  # what the message summarizes, for a bug report
+            traceback.print_exception(error.__cause__, file=sys.stderr)
         print(f"peftkit: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
     except Preempted as stop:

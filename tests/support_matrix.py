@@ -202,7 +202,7 @@ def run_cell(cell: Cell, model_dir: Path, files: dict[str, Path], work: Path) ->
 
     from peftkit.errors import UserError
     from peftkit.recipe.load import validate_recipe
-    from peftkit.training.run import train
+    from peftkit.training.run import FirstStepFailed, train
 
     try:
         recipe = validate_recipe(recipe_for(cell, model_dir, files, work / "run"))
@@ -210,7 +210,10 @@ def run_cell(cell: Cell, model_dir: Path, files: dict[str, Path], work: Path) ->
         cell.status, cell.detail = "schema", _first_line(exc, model_dir, cell.architecture)
         return cell
     try:
-        run_dir = train(recipe)
+        try:
+            run_dir = train(recipe)
+        except FirstStepFailed as refusal:  # what users see for an unknown failure; the matrix wants its cause
+            raise refusal.__cause__ from None
         _check_reloads(run_dir, cell, model_dir, work)
     except UserError as exc:
         cell.status, cell.detail = "refused", _first_line(exc, model_dir, cell.architecture)

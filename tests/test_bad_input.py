@@ -32,6 +32,7 @@ def _train_cases(tmp_path: Path, files: dict, model_dir: Path) -> dict:
     not_a_run.mkdir()
     (not_a_run / "notes.txt").write_text("my files")
     qa_file = write_jsonl(tmp_path / "qa.jsonl", qa_rows(8, seed=1))
+    longformer = _tiny_longformer(tmp_path / "longformer")
     plain = yaml.safe_dump(recipe())
     return {
         "output.dir is a file": (recipe(output={"dir": str(a_file)}), (), f"output.dir: `{a_file}` is a file"),
@@ -53,6 +54,13 @@ def _train_cases(tmp_path: Path, files: dict, model_dir: Path) -> dict:
                                   evaluation={"splits": []}),
             (), "answer positions are not",
         ),
+        # Unknown to every check before training: Longformer's classifier builds its global-attention mask from
+        # input_ids, which prompt tuning replaces by embeddings (a TypeError traceback after loading, before).
+        "a method the model's code cannot run": (
+            recipe(model={"name": str(longformer)}, adapter={"method": "prompt_tuning"}), (),
+            "adapter.method prompt_tuning cannot train `" + str(longformer) + "` (longformer) for task.type "
+            "classification: its first training step failed in transformers/models/longformer/modeling_longformer.py",
+        ),
         "--resume on a folder that is not a run": (
             recipe(output={"dir": str(not_a_run)}), ("--resume",), "is not a peftkit run folder"),
         "output.overwrite on a folder that is not a run": (  # deleted the whole folder, then trained into it
@@ -61,9 +69,25 @@ def _train_cases(tmp_path: Path, files: dict, model_dir: Path) -> dict:
     }
 
 
+def _tiny_longformer(directory: Path) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    from tests.conftest import _word_level_tokenizer
+
+    tokenizer = _word_level_tokenizer(directory)
+    config = AutoConfig.for_model("longformer", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=130,
+                                  attention_window=[8], pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForMaskedLM.from_config(config).save_pretrained(directory)
+    return directory
+
+
 @pytest.mark.slow
 def test_bad_recipes_exit_2_without_traceback_or_run_folder(tmp_path, sentiment_files, tiny_bert_dir):
-    for case, (content, extra, expected) in _train_cases(tmp_path, sentiment_files, tiny_bert_dir).items():
+    cases = _train_cases(tmp_path, sentiment_files, tiny_bert_dir)
+    for case, (content, extra, expected) in cases.items():
         path = tmp_path / "bad.yaml"
         path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
         result = run_cli_in_process("train", str(path), *extra)
@@ -71,6 +95,10 @@ def test_bad_recipes_exit_2_without_traceback_or_run_folder(tmp_path, sentiment_
         assert "Traceback" not in result.stderr, (case, result.stderr[-2000:])
         assert expected in result.stderr, (case, result.stderr[-2000:])
         assert not (tmp_path / "run").exists(), case
+    # -v prints what such a refusal summarizes, for a bug report
+    path.write_text(yaml.safe_dump(cases["a method the model's code cannot run"][0]))
+    verbose = run_cli_in_process("train", str(path), "-v")
+    assert verbose.returncode == 2 and "Traceback" in verbose.stderr and "zeros_like" in verbose.stderr
     assert (tmp_path / "not-a-run" / "notes.txt").read_text() == "my files"  # nothing trained into it
     assert sorted(p.name for p in (tmp_path / "not-a-run").iterdir()) == ["notes.txt"]
 

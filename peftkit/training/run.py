@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import traceback
 from pathlib import Path
 
 import torch
@@ -81,7 +82,7 @@ from peftkit.training.checkpoints import (
     check_saved_weights,
     usable_checkpoint,
 )
-from peftkit.errors import Preempted, UserError
+from peftkit.errors import Preempted, UserError, out_of_space
 from peftkit.tasks.base import FitResult, TrainerSetup, fits_itself, trains_with_own_trainer
 from peftkit.training.tracking import final_metrics, open_trackers
 from peftkit.tasks.lm_loss import check_kernel_available
@@ -237,7 +238,13 @@ def fit_with_trainer(
     trainer.model_accepts_loss_kwargs = trainer.model_accepts_loss_kwargs and task.LOSS_SUMS_OVER_ITEMS
     if trains_with_own_trainer(task):
         task.adopt_trainer(trainer, recipe)
-    train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except Exception as exc:  # noqa: BLE001 - only a failure of the very first step is translated
+        if trainer.state.global_step or checkpoint or isinstance(exc, (UserError, torch.OutOfMemoryError)) \
+                or out_of_space(exc, run_dir):
+            raise
+        raise first_step_failure(recipe, model, exc) from exc
     if preemption.received:
         raise Preempted(
             f"SIGTERM received: saved {last_complete_checkpoint(run_dir)} at step {trainer.state.global_step}; "
@@ -263,6 +270,39 @@ def fit_with_trainer(
         log_history=trainer.state.log_history,
         summary={"skipped_steps": trainer.skipped_steps, "fp16_overflow_steps": trainer.overflow_steps},
     )
+
+
+class FirstStepFailed(UserError):
+    """The first training step raised: this architecture x method x quantization does not run (see below)."""
+
+
+def first_step_failure(recipe: Recipe, model, exc: Exception) -> FirstStepFailed:
+    """A first training step that fails before any step was taken means that the model's code, peft or bitsandbytes
+    cannot run this architecture x method x quantization (an unseen architecture reading `input_ids` that a prompt
+    method replaces, a layer read by its dtype, ...): a refusal naming the combination and the place it failed,
+    not a traceback (`-v` prints it). The run folder holds no checkpoint yet, so it is removed."""
+    # the innermost frame above torch's own modules: the model's code, peft's or bitsandbytes' layer
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__) if not _short_path(frame.filename).startswith("torch/")]
+    where = f" in {_short_path(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+    config = getattr(model, "config", None)
+    bits = recipe.quantization.bits
+    method = recipe.adapter.method + (f" on {'an' if bits == 8 else 'a'} {bits}-bit base" if bits else "")
+    message = (str(exc).strip().splitlines() or [""])[0][:300]
+    return FirstStepFailed(
+        f"adapter.method {method} cannot train `{recipe.model.name}` ({getattr(config, 'model_type', '?')}) for "
+        f"task.type {recipe.task.type}: its first training step failed{where}: {type(exc).__name__}: {message}. "
+        "Choose another adapter.method (lora runs on most models) or quantization, or another model "
+        "(docs/support-matrix.md lists what each architecture supports); -v shows the traceback"
+    )
+
+
+def _short_path(filename: str) -> str:
+    """`transformers/models/longformer/modeling_longformer.py` rather than the site-packages path."""
+    parts = Path(filename).parts
+    for package in ("transformers", "peft", "bitsandbytes", "trl", "torch", "peftkit", "accelerate"):
+        if package in parts:
+            return "/".join(parts[len(parts) - 1 - parts[::-1].index(package):])
+    return Path(filename).name
 
 
 def _callbacks(recipe: Recipe) -> list:
