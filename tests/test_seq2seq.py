@@ -224,3 +224,55 @@ def test_a_multilingual_run_generates_in_its_target_language_in_training_and_dep
     attached = AttachedModel(str(model_dir), {"run": str(run_dir)})
     attached.predict([{"text": row["source"]} for row in number_rows(3, seed=2)], "run")
     assert calls == [(ids("fra_Latn"), [ids("deu_Latn")] * 3)]
+
+
+def _tiny_marian(directory):
+    """A tiny MarianMT model with a real MarianTokenizer: sentencepiece models trained here on the test words."""
+    import json
+    import shutil
+
+    import sentencepiece
+    import torch
+    from transformers import MarianConfig, MarianMTModel, MarianTokenizer
+
+    directory.mkdir()
+    corpus = directory / "corpus.txt"
+    corpus.write_text("\n".join(f"{row['source']}\n{row['target']}" for row in number_rows(200, seed=9)))
+    sentencepiece.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(directory / "sp"), vocab_size=40,
+                                             hard_vocab_limit=False, minloglevel=2)
+    pieces = sentencepiece.SentencePieceProcessor(model_file=str(directory / "sp.model"))
+    vocabulary = {"</s>": 0, "<unk>": 1, "<pad>": 2}
+    for i in range(pieces.get_piece_size()):
+        vocabulary.setdefault(pieces.id_to_piece(i), len(vocabulary))
+    (directory / "vocab.json").write_text(json.dumps(vocabulary))
+    for name in ("source.spm", "target.spm"):
+        shutil.copy(directory / "sp.model", directory / name)
+    tokenizer = MarianTokenizer(*(str(directory / name) for name in ("source.spm", "target.spm", "vocab.json")))
+    model_dir = directory / "model"
+    tokenizer.save_pretrained(model_dir)
+    config = MarianConfig(vocab_size=len(vocabulary), d_model=32, encoder_layers=1, decoder_layers=1,
+                          encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                          max_position_embeddings=64, pad_token_id=2, eos_token_id=0, decoder_start_token_id=2)
+    torch.manual_seed(0)
+    MarianMTModel(config).save_pretrained(model_dir)
+    return model_dir
+
+
+@pytest.mark.slow
+def test_marian_with_its_sentencepiece_tokenizer_trains_evaluates_and_deploys(tmp_path):
+    """opus-mt models have only a slow sentencepiece tokenizer: sentencepiece is a dependency (a fresh install
+    refused them: "MarianTokenizer requires the SentencePiece library")."""
+    from peftkit.deploy.attach import AttachedModel
+    from peftkit.saved_run import evaluate_run
+    from peftkit.training.run import train
+
+    model_dir = _tiny_marian(tmp_path / "marian")
+    assert type(AutoTokenizer.from_pretrained(model_dir)).__name__ == "MarianTokenizer"
+    files = {"train": write_jsonl(tmp_path / "train.jsonl", number_rows(16, seed=1)),
+             "test": write_jsonl(tmp_path / "test.jsonl", number_rows(4, seed=2))}
+    run_dir = train(_recipe(model_dir, files, tmp_path / "run", {"type": "translation"}))
+    trained = json.loads((run_dir / "metrics.json").read_text())["test"]
+    assert evaluate_run(run_dir)[1]["chrf"] == pytest.approx(trained["chrf"])
+    attached = AttachedModel(str(model_dir), {"run": str(run_dir)})
+    predicted = [answer["text"].strip() for answer in attached.predict([{"text": r["source"]} for r in number_rows(4, seed=2)], "run")]
+    assert predicted == [record["predicted"] for record in _records(run_dir)]
