@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from peftkit.errors import UserError
 
-KEYS = ("source_lang", "target_lang")
-
 
 def is_multilingual(tokenizer) -> bool:
-    """Tokenizers that put a language code on every sequence expose it as `src_lang`."""
-    return hasattr(tokenizer, "src_lang")
+    """Tokenizers that put a language token on every sequence (NLLB, M2M100, mBART, PLBart, ...) switch it with
+    `set_src_lang_special_tokens`; FSMT's `src_lang` only picks its word splitter and adds no token."""
+    return hasattr(tokenizer, "set_src_lang_special_tokens")
 
 
 def _language_token(tokenizer, code: str, target: bool) -> tuple[int, bool]:
