@@ -62,6 +62,26 @@ def test_hub_loader_reads_a_dataset_folder_by_split(tmp_path):
     assert len(splits["train"]) == 6 and len(splits["validation"]) == 4
 
 
+def test_translation_pairs_of_wmt_and_opus_datasets_become_language_columns(tmp_path):
+    """Hub WMT/OPUS datasets (a `Translation` feature) and JSON written like them hold `translation: {de, en}` per
+    row; each language becomes a column, so `task.source_column: en` reads them (before: "has no column en")."""
+    from datasets import Dataset, Features, Translation
+
+    pairs = [{"en": "a cat", "de": "eine Katze"}, {"en": "a dog", "de": "ein Hund"}, {"en": "a bird", "de": None}]
+    repo = tmp_path / "wmt"
+    (repo / "data").mkdir(parents=True)
+    Dataset.from_dict({"translation": pairs}, features=Features({"translation": Translation(languages=["de", "en"])})
+                      ).to_parquet(repo / "data" / "train-00000-of-00001.parquet")
+    jsonl = write_jsonl(tmp_path / "pairs.jsonl", [{"translation": pair, "id": i} for i, pair in enumerate(pairs)])
+    for source in (DataSource(path=str(repo), format="hub", split="train"), DataSource(path=str(jsonl))):
+        dataset = load_source(source, "data.train")
+        assert dataset["en"] == ["a cat", "a dog", "a bird"] and dataset["de"] == ["eine Katze", "ein Hund", None]
+        assert dataset["translation"][0] == pairs[0]  # kept as it was
+    # a column already named like a language is left alone
+    renamed = load_source(DataSource(path=str(jsonl), rename={"id": "en"}), "data.train")
+    assert renamed["en"] == [0, 1, 2] and renamed["de"] == ["eine Katze", "ein Hund", None]
+
+
 def test_validation_fraction_carves_a_disjoint_split(files):
     splits = load_splits(DataSection(train=DataSource(path=str(files["jsonl"])), validation_fraction=0.3))
     assert len(splits["train"]) == 7 and len(splits["validation"]) == 3

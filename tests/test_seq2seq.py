@@ -276,3 +276,21 @@ def test_marian_with_its_sentencepiece_tokenizer_trains_evaluates_and_deploys(tm
     attached = AttachedModel(str(model_dir), {"run": str(run_dir)})
     predicted = [answer["text"].strip() for answer in attached.predict([{"text": r["source"]} for r in number_rows(4, seed=2)], "run")]
     assert predicted == [record["predicted"] for record in _records(run_dir)]
+
+
+def test_a_wmt_style_pairs_file_trains_and_predicts_by_language(tiny_t5_dir, tmp_path):
+    """`translation: {en: ..., nb: ...}` rows (the WMT / OPUS form) with the languages as source and target columns."""
+    from peftkit.saved_run import predict_file
+    from peftkit.training.run import train
+
+    def pairs(rows):
+        return [{"translation": {"en": row["source"], "nb": row["target"]}} for row in rows]
+
+    files = {"train": write_jsonl(tmp_path / "train.jsonl", pairs(number_rows(16, seed=1))),
+             "test": write_jsonl(tmp_path / "test.jsonl", pairs(number_rows(4, seed=2)))}
+    task = {"type": "translation", "source_column": "en", "target_column": "nb"}
+    run_dir = train(_recipe(tiny_t5_dir, files, tmp_path / "run", task))
+    records = _records(run_dir)
+    assert [r["source"] for r in records] == [row["source"] for row in number_rows(4, seed=2)]
+    assert [r["references"] for r in records] == [[row["target"]] for row in number_rows(4, seed=2)]
+    assert predict_file(run_dir, str(files["test"]), tmp_path / "out.jsonl") == 4

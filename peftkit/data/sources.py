@@ -25,6 +25,7 @@ ROW_COLUMN, FILE_COLUMN = "__peftkit_file_row__", "__peftkit_file__"  # only in 
 # 50 MB cell took 6.4 GB of memory and almost 5 minutes in SmolLM2's fast tokenizer here.
 MAX_CELL_CHARS = 2_000_000
 _EXTENSION_FORMATS = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+PAIRS_COLUMN = "translation"  # WMT / OPUS on the hub: one `{language: sentence}` mapping per row
 
 
 def load_splits(data: DataSection) -> dict[str, datasets.Dataset]:
@@ -134,7 +135,7 @@ def load_source(source: DataSource, key_path: str, numbered: bool = False) -> da
         raise UserError(f"{key_path}.path: could not read {what} `{location}`: {detail}") from None
     finally:
         datasets.enable_progress_bars()
-    dataset = _rename(dataset, source, key_path)
+    dataset = _language_columns(_rename(dataset, source, key_path))
     if len(dataset) == 0:
         raise UserError(f"{key_path}: `{location}` holds no rows; point it at a file with data")
     if numbered:
@@ -148,6 +149,22 @@ def load_source(source: DataSource, key_path: str, numbered: bool = False) -> da
     if source.limit is not None and source.limit < len(dataset):
         dataset = dataset.shuffle(seed=source.seed).select(range(source.limit))
     return dataset
+
+
+def _language_columns(dataset: datasets.Dataset) -> datasets.Dataset:
+    """Each language of a `translation: {de: ..., en: ...}` column as a column of its own, as line-aligned language
+    files are read: the WMT and OPUS datasets on the hub (and JSON files written like them) hold their pairs so,
+    and `task.source_column: en` / `target_column: de` then read them. Languages that already name a column are
+    left alone."""
+    feature = dataset.features.get(PAIRS_COLUMN)
+    languages = list(feature) if isinstance(feature, dict) else getattr(feature, "languages", None)
+    new = [language for language in languages or () if language not in dataset.column_names]
+    if not new:
+        return dataset
+    return dataset.map(
+        lambda batch: {language: [pair and pair.get(language) for pair in batch[PAIRS_COLUMN]] for language in new},
+        batched=True,
+    )
 
 
 def _detect_format(source: DataSource, location: str, key_path: str) -> str:

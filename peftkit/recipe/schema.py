@@ -160,7 +160,10 @@ class _Seq2SeqTask(Section):
 
 class TranslationTask(_Seq2SeqTask):
     type: Literal["translation"] = Field("translation", description="Translation with an encoder-decoder model.")
-    source_column: str = Field("source", description="Column holding the source sentence (a language code for pair files).")
+    source_column: str = Field(
+        "source", description="Column holding the source sentence (a language code for line-aligned language files and "
+        "the WMT / OPUS `translation: {en: ..., de: ...}` rows).",
+    )
     target_column: str = Field("target", description="Column holding the reference translation.")
 
 
