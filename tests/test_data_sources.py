@@ -214,6 +214,31 @@ def test_csv_texts_that_pandas_takes_for_missing_stay_text_and_whole_float_label
     assert info["labels"] == ["0", "1"]
 
 
+def test_hub_integer_labels_are_named_by_their_class_label(tiny_bert_dir, tmp_path):
+    """glue/sst2, imdb, ag_news...: labels are integers with names in a `ClassLabel` feature; the classes are named
+    by it (they were "0" and "1", in id2label, predictions and reports) and other splits' integers index into it."""
+    from datasets import ClassLabel, Dataset, Features, Value
+    from transformers import AutoTokenizer
+
+    from peftkit.recipe.load import validate_recipe
+    from peftkit.tasks import classification
+
+    features = Features({"text": Value("string"), "label": ClassLabel(names=["negative", "positive"])})
+    rows = sentiment_rows(8, seed=1)
+    repo = tmp_path / "hub"
+    (repo / "data").mkdir(parents=True)
+    for split, part in (("train", rows[:6]), ("validation", rows[6:])):
+        Dataset.from_dict({"text": [r["text"] for r in part], "label": [int(r["label"] == "positive") for r in part]},
+                          features=features).to_parquet(repo / "data" / f"{split}-00000-of-00001.parquet")
+    recipe = validate_recipe(classification_recipe(
+        tiny_bert_dir, {}, tmp_path / "run", data={"train": {"path": str(repo), "format": "hub"},
+                                                     "validation": {"path": str(repo), "format": "hub"}}))
+    tokenized, info = classification.prepare(recipe, load_splits(recipe.data), AutoTokenizer.from_pretrained(tiny_bert_dir))
+    assert info["labels"] == ["negative", "positive"]
+    for split, part in (("train", rows[:6]), ("validation", rows[6:])):
+        assert [info["labels"][i] for i in tokenized[split]["labels"]] == [r["label"] for r in part]
+
+
 @pytest.mark.parametrize("data", [{"validation_fraction": 0.25}, {"train": {"limit": 15}}, {"train": {"rows": "4:"}}])
 def test_messages_name_the_row_of_the_file_when_the_split_is_reordered(data, tiny_bert_dir, tmp_path):
     """Rows were counted in the split as loaded: after validation_fraction, limit or rows, `row 3` was another line."""

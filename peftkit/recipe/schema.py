@@ -120,7 +120,8 @@ class ClassificationTask(Section):
     label_column: str = Field("label", description="Column holding the label (string or integer).")
     labels: list[str] | None = Field(
         None,
-        description="Label names in id order; unset sorts the labels found in the training data.",
+        description="Label names in id order (integer labels index into them); unset takes a hub dataset's "
+        "`ClassLabel` names, else sorts the labels found in the training data.",
     )
 
 

@@ -22,9 +22,15 @@ log = logging.getLogger("peftkit")
 
 
 def label_names(recipe: Recipe, train) -> list[str]:
-    """Label names in id order: the recipe's list, else the sorted distinct training labels."""
+    """Label names in id order: the recipe's list, else the names of a hub dataset's integer labels (a `ClassLabel`:
+    glue/sst2's 0/1 are negative/positive), else the sorted distinct training labels."""
+    import datasets
+
     if recipe.task.labels:
         return list(recipe.task.labels)
+    feature = train.features.get(recipe.task.label_column) if train.features else None
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
     values = {_whole(value) for value in train[recipe.task.label_column]}
     if all(isinstance(value, (int, np.integer)) for value in values):
         return [str(value) for value in sorted(values)]
