@@ -214,6 +214,25 @@ def test_csv_texts_that_pandas_takes_for_missing_stay_text_and_whole_float_label
     assert info["labels"] == ["0", "1"]
 
 
+@pytest.mark.parametrize("labels,message", [
+    ([["joy", "love"], ["anger"]], r"holds lists or mappings at row\(s\) \[1, 2, 3, 4\] \(4 of 4; e.g. \['joy', 'love'\]\): "
+                                   r"classification takes one label per row"),  # multi-label: a traceback before
+    ([{"id": 1}, {"id": 2}], r"holds lists or mappings at row\(s\) \[1, 2, 3, 4\]"),
+    ([0.5, 3.0], r"holds fractional numbers at row\(s\) \[1, 3\] \(2 of 4; e.g. 0.5\): a regression target"),  # silently classes
+])
+def test_labels_that_are_not_one_class_per_row_are_refused(labels, message, tiny_bert_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from peftkit.recipe.load import validate_recipe
+    from peftkit.tasks import classification
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": text, "label": label} for text in ("good", "bad") for label in labels])
+    recipe = validate_recipe(classification_recipe(tiny_bert_dir, {"train": train}, tmp_path / "run",
+                                                   training={"eval_strategy": "no", "save_strategy": "no"}))
+    with pytest.raises(UserError, match=r"data.train: `.*train.jsonl` column 'label' " + message):
+        classification.prepare(recipe, load_splits(recipe.data), AutoTokenizer.from_pretrained(tiny_bert_dir))
+
+
 def test_hub_integer_labels_are_named_by_their_class_label(tiny_bert_dir, tmp_path):
     """glue/sst2, imdb, ag_news...: labels are integers with names in a `ClassLabel` feature; the classes are named
     by it (they were "0" and "1", in id2label, predictions and reports) and other splits' integers index into it."""

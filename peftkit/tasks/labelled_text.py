@@ -75,6 +75,8 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
         columns = inputs + ([task.label_column] if labelled else [])
         require_columns(dataset, columns, split, split_origin(recipe.data, split), "task.text_column/task.label_column")
         labels = [task.label_column] if labelled else []
+        if labelled:
+            _refuse_unclassable_labels(dataset, split, recipe, task.label_column)
         splits[split] = _without_empty_values(dataset, split, recipe, inputs, labels)
     names = info["labels"] if info else label_names(recipe, splits["train"])
     if len(names) < 2:
@@ -105,6 +107,31 @@ def prepare(recipe: Recipe, splits: dict, tokenizer, info: dict | None = None) -
             log.warning("task.labels: %s never occur in `%s`; the model cannot learn to predict them",
                         unused, split_origin(recipe.data, "train"))
     return tokenized, {"labels": names}
+
+
+def _refuse_unclassable_labels(dataset, split: str, recipe: Recipe, column: str) -> None:
+    """One class per row. A list or mapping (multi-label data such as go_emotions) cannot be one class and failed
+    with a traceback; fractional numbers are a regression target (STS-B's 0-5 similarity), where every distinct value
+    would silently have become a class of its own."""
+    values = dataset[column]
+    nested = [i for i, value in enumerate(values) if isinstance(value, (list, tuple, dict))]
+    fractional = [i for i, value in enumerate(values)
+                  if isinstance(value, (float, np.floating)) and not float(value).is_integer()]
+    origin = split_origin(recipe.data, split)
+    if nested:
+        raise UserError(
+            f"data.{split}: `{origin}` column {column!r} holds lists or mappings at row(s) "
+            f"{file_rows(recipe.data, split, nested[:10])}{' ...' if len(nested) > 10 else ''} ({len(nested)} of "
+            f"{len(values)}; e.g. {values[nested[0]]!r:.60}): classification takes one "
+            "label per row; keep one label per row, or learn the labels as text with task.type causal_lm"
+        )
+    if fractional:
+        raise UserError(
+            f"data.{split}: `{origin}` column {column!r} holds fractional numbers at row(s) "
+            f"{file_rows(recipe.data, split, fractional[:10])}{' ...' if len(fractional) > 10 else ''} ({len(fractional)} "
+            f"of {len(values)}; e.g. {values[fractional[0]]!r}): a regression target, "
+            "which classification would learn as one class per distinct value; bin the values into classes first"
+        )
 
 
 def _without_empty_values(dataset, split: str, recipe: Recipe, texts: list[str], labels: list[str]):
