@@ -426,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.handler(args)
     except UserError as error:
+        _end_progress_bars()
         if args.verbose and error.__cause__ is not None:  # what the message summarizes, for a bug report
             traceback.print_exception(error.__cause__, file=sys.stderr)
         print(f"peftkit: error: {error}", file=sys.stderr)
@@ -444,6 +445,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         _leave_process_group()
     return 0
+
+
+def _end_progress_bars() -> None:
+    """A bar left open by the step that failed (the Trainer's) would put the error on the end of its line."""
+    std = sys.modules.get("tqdm.std")  # loaded by whatever drew a bar; looked up, not imported
+    for bar in list(std.tqdm._instances) if std else []:
+        bar.close()
 
 
 def run() -> NoReturn:

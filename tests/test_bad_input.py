@@ -94,6 +94,7 @@ def test_bad_recipes_exit_2_without_traceback_or_run_folder(tmp_path, sentiment_
         assert result.returncode == 2, (case, result.stderr[-2000:])
         assert "Traceback" not in result.stderr, (case, result.stderr[-2000:])
         assert expected in result.stderr, (case, result.stderr[-2000:])
+        assert any(line.startswith("peftkit: error: ") for line in result.stderr.splitlines()), case  # not after a bar
         assert not (tmp_path / "run").exists(), case
     # -v prints what such a refusal summarizes, for a bug report
     path.write_text(yaml.safe_dump(cases["a method the model's code cannot run"][0]))
