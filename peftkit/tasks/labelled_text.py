@@ -118,20 +118,17 @@ def _refuse_unclassable_labels(dataset, split: str, recipe: Recipe, column: str)
     fractional = [i for i, value in enumerate(values)
                   if isinstance(value, (float, np.floating)) and not float(value).is_integer()]
     origin = split_origin(recipe.data, split)
-    if nested:
-        raise UserError(
-            f"data.{split}: `{origin}` column {column!r} holds lists or mappings at row(s) "
-            f"{file_rows(recipe.data, split, nested[:10])}{' ...' if len(nested) > 10 else ''} ({len(nested)} of "
-            f"{len(values)}; e.g. {values[nested[0]]!r:.60}): classification takes one "
-            "label per row; keep one label per row, or learn the labels as text with task.type causal_lm"
-        )
-    if fractional:
-        raise UserError(
-            f"data.{split}: `{origin}` column {column!r} holds fractional numbers at row(s) "
-            f"{file_rows(recipe.data, split, fractional[:10])}{' ...' if len(fractional) > 10 else ''} ({len(fractional)} "
-            f"of {len(values)}; e.g. {values[fractional[0]]!r}): a regression target, "
-            "which classification would learn as one class per distinct value; bin the values into classes first"
-        )
+    for rows, what, why in (
+        (nested, "lists or mappings", "classification takes one label per row; keep one label per row, or learn the "
+         "labels as text with task.type causal_lm"),
+        (fractional, "fractional numbers", "a regression target, which classification would learn as one class per "
+         "distinct value; bin the values into classes first"),
+    ):
+        if rows:
+            raise UserError(
+                f"data.{split}: `{origin}` column {column!r} holds {what} at row(s) {file_rows(recipe.data, split, rows[:10])}"
+                f"{' ...' if len(rows) > 10 else ''} ({len(rows)} of {len(values)}; e.g. {values[rows[0]]!r:.60}): {why}"
+            )
 
 
 def _without_empty_values(dataset, split: str, recipe: Recipe, texts: list[str], labels: list[str]):
