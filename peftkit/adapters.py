@@ -317,6 +317,21 @@ def linear_module_names(model) -> set[str]:
     return {name.split(".")[-1] for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))}
 
 
+def _layers_peft_refuses(config: PeftConfig, model) -> set[str]:
+    """Linear layers peft refuses to adapt on this architecture (Mamba's `out_proj`, which its fused kernels read
+    directly), by peft's own rule; `all-linear` would otherwise make peft refuse the model."""
+    from peft.tuners import tuners_utils
+
+    check = getattr(tuners_utils, "_check_lora_target_modules_mamba", None)
+    refused = set()
+    for name in linear_module_names(model) if check else ():
+        try:
+            check(config, model, name)
+        except ValueError:
+            refused.add(name)
+    return refused
+
+
 def fit_config_to_model(config: PeftConfig, model, recipe: Recipe) -> None:
     """Fill in what peft would guess wrongly, or not at all, from the model itself."""
     saved = config.modules_to_save or []
@@ -325,6 +340,10 @@ def fit_config_to_model(config: PeftConfig, model, recipe: Recipe) -> None:
         # saving must not also receive adapter layers (peft refuses such a model), so adapters skip all of them.
         wrapped = {name for name, _ in model.named_modules() if name and any(name.endswith(key) for key in saved)}
         config.exclude_modules = set(config.exclude_modules or ()) | wrapped
+    if isinstance(config, (LoraConfig, AdaLoraConfig)) and config.target_modules == "all-linear":
+        refused = _layers_peft_refuses(config, model)
+        if refused:  # `all-linear` means every layer the method can adapt, not a refusal of the whole model
+            config.exclude_modules = set(config.exclude_modules or ()) | refused
     if isinstance(config, IA3Config) and config.target_modules is None:
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
 

@@ -320,3 +320,27 @@ def test_qlora_with_bf16_embeddings_trains_under_bf16_autocast(tiny_llama_dir, s
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["train"]["global_step"] == 2 and metrics["setup"]["precision"] == "bf16"
     assert metrics["setup"]["kbit_preparation"] and torch.isfinite(torch.tensor(metrics["train"]["train_loss"]))
+
+
+def test_all_linear_leaves_out_the_layers_peft_refuses_on_mamba():
+    """peft refuses LoRA on Mamba's out_proj (its fused kernels read the weight directly), so the default
+    `target_modules: all-linear` made every Mamba LoRA run exit 2; it now adapts every other linear layer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peftkit.adapters import attach_adapter
+    from peftkit.recipe.load import validate_recipe
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "mamba", vocab_size=32, hidden_size=16, num_hidden_layers=1, state_size=4, intermediate_size=32))
+    recipe = validate_recipe({"model": {"name": "tiny-mamba"}, "task": {"type": "causal_lm"},
+                              "data": {"train": {"path": "t.jsonl"}}, "training": {"eval_strategy": "no"}})
+    model = attach_adapter(model, recipe, "CAUSAL_LM")
+    adapted = {name.split(".")[-1] for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    assert adapted == {"in_proj", "x_proj", "dt_proj"}
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    # Mamba's own code multiplies by dt_proj's weight instead of calling the layer, so that adapter stays at its
+    # zero start (training, eval and merge still agree); the others learn.
+    learning = {name.split(".")[-4] for name, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    assert learning == {"in_proj", "x_proj"}
