@@ -12,6 +12,13 @@ class UserError(Exception):
     """A problem in the user's input; the message says what is wrong and how to fix it."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first message line (at most 300 characters), or its type when it has no message: what a
+    UserError quotes of the library error it replaces."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
 class Preempted(Exception):
     """SIGTERM arrived: a checkpoint was saved and the run stopped early on purpose (resume continues it)."""
 

@@ -190,10 +190,10 @@ def test_multilingual_tokenizers_need_known_language_codes_and_others_refuse_the
     assert {row[0] for row in tokenized["train"]["input_ids"]} == {ids("deu_Latn")}
     assert {row[0] for row in tokenized["train"]["labels"]} == {ids("fra_Latn")}
     # where the target's code goes decides how generation starts: first (NLLB, mBART-50) or as the decoder start (mBART)
-    assert languages.decoder_start(tokenizer, info) == {"forced_bos_token_id": ids("fra_Latn")}
+    assert languages.decoder_start(tokenizer, info["target_lang"]) == {"forced_bos_token_id": ids("fra_Latn")}
     mbart50, mbart = MBart50Tokenizer(), MBartTokenizer()
-    assert languages.decoder_start(mbart50, {"target_lang": "fr_XX"}) == {"forced_bos_token_id": mbart50.convert_tokens_to_ids("fr_XX")}
-    assert languages.decoder_start(mbart, {"target_lang": "fr_XX"}) == {"decoder_start_token_id": mbart.convert_tokens_to_ids("fr_XX")}
+    assert languages.decoder_start(mbart50, "fr_XX") == {"forced_bos_token_id": mbart50.convert_tokens_to_ids("fr_XX")}
+    assert languages.decoder_start(mbart, "fr_XX") == {"decoder_start_token_id": mbart.convert_tokens_to_ids("fr_XX")}
 
 
 @pytest.mark.slow

@@ -15,11 +15,10 @@ from pydantic import ValidationError
 
 from peftkit.data.parallel import language_file, read_parallel
 from peftkit.data.squad import read_nested_squad
-from peftkit.errors import UserError
-from peftkit.recipe.schema import DataSection, DataSource
+from peftkit.errors import UserError, first_line
+from peftkit.recipe.schema import SPLITS, DataSection, DataSource
 from peftkit.references import looks_like_local_path, resolve_reference
 
-SPLITS = ("train", "validation", "test")
 ROW_COLUMN, FILE_COLUMN = "__peftkit_file_row__", "__peftkit_file__"  # only in `load_split(..., numbered=True)`
 # Far beyond any model's context (about 500k tokens), yet a tokenizer reads all of it before truncating: a
 # 50 MB cell took 6.4 GB of memory and almost 5 minutes in SmolLM2's fast tokenizer here.
@@ -82,7 +81,7 @@ def load_split(spec: DataSource | list[DataSource], key_path: str, numbered: boo
     try:
         mixed = datasets.concatenate_datasets([part.select_columns(columns).cast(parts[0].features) for part in parts])
     except (ValueError, TypeError) as exc:
-        raise UserError(f"{key_path}: the sources' columns hold different types ({_first_line(exc)}); "
+        raise UserError(f"{key_path}: the sources' columns hold different types ({first_line(exc)}); "
                         "write each column as one type in every file") from None
     mixed = mixed.shuffle(seed=spec[0].seed)
     mixed.source_rows = [{"path": source.path, "weight": source.weight or 1.0, "rows": len(part)}
@@ -131,7 +130,7 @@ def load_source(source: DataSource, key_path: str, numbered: bool = False) -> da
         raise
     except Exception as exc:  # datasets raises many types for unreadable files and unknown hub names
         what = "hub dataset" if data_format == "hub" else f"{data_format} file"
-        detail = _locate_file_problem(location, data_format, source.encoding) or _first_line(exc)
+        detail = _locate_file_problem(location, data_format, source.encoding) or first_line(exc)
         raise UserError(f"{key_path}.path: could not read {what} `{location}`: {detail}") from None
     finally:
         datasets.enable_progress_bars()
@@ -420,11 +419,6 @@ def _locate_file_problem(location: str, data_format: str, encoding: str) -> str 
             if not isinstance(row, dict):
                 return f"line {number} is a JSON {type(row).__name__}, not an object of columns"
     return None
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
 
 
 def data_digests(data: DataSection) -> dict[str, str]:

@@ -19,7 +19,7 @@ import torch
 from peft import LoraConfig, PeftConfig, PeftModel
 
 from peftkit.deploy.adapter_folder import AdapterSource, check_base, find_adapter
-from peftkit.errors import UserError
+from peftkit.errors import UserError, first_line
 from peftkit.models.build import build_model, position_limit
 from peftkit.models.load import context_length, load_config, load_tokenizer, model_location
 from peftkit.recipe.schema import GenerationSection, ModelSection, QuantizationSection
@@ -96,7 +96,7 @@ class AttachedModel:
             except Exception as exc:
                 self._drop_staged(peft_name)
                 if isinstance(exc, (RuntimeError, ValueError, KeyError)):  # shapes or modules that do not match
-                    raise UserError(f"adapter {name!r} (`{reference}`) does not fit the base: {_first_line(exc)}") from None
+                    raise UserError(f"adapter {name!r} (`{reference}`) does not fit the base: {first_line(exc)}") from None
                 raise UserError(  # e.g. unreadable weights: the folder is broken, not the server
                     f"adapter {name!r} (`{reference}`) could not be loaded ({type(exc).__name__}); "
                     "check that the folder holds complete peft adapter weights"
@@ -323,5 +323,3 @@ def _describe(quantization: QuantizationSection) -> str:
     return f"{quantization.bits}-bit ({quantization.quant_type})" if quantization.bits else "full precision"
 
 
-def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__

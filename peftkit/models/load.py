@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from peftkit.errors import UserError
+from peftkit.errors import UserError, first_line
 from peftkit.models.gguf import converted_folder, is_gguf
 from peftkit.recipe.schema import ModelSection
 from peftkit.references import resolve_reference
@@ -28,7 +28,7 @@ def _hub_kwargs(model: ModelSection) -> dict[str, Any]:
 def loader_problem(exc: Exception, model: ModelSection) -> str:
     """The first line of a loader's error, plus the recipe key to change when the model needs its own code."""
     text = str(exc).strip()
-    first = text.splitlines()[0][:300].rstrip(".") if text else type(exc).__name__
+    first = first_line(exc).rstrip(".")
     if "trust_remote_code" in text and not model.trust_remote_code:
         first += (
             ". The model ships its own Python code, which peftkit does not run unless the recipe sets "

@@ -352,6 +352,9 @@ class DataSource(Section):
 Sources = Union[DataSource, Annotated[list[DataSource], Field(min_length=1)]]
 
 
+SPLITS = ("train", "validation", "test")  # the data sections, in the order they are loaded
+
+
 class DataSection(Section):
     train: Sources = Field(description="Training data: one source, or a list of sources mixed by `weight`.")
     validation: Sources | None = Field(None, description="Validation data, used for periodic evaluation.")
@@ -382,7 +385,7 @@ class DataSection(Section):
     def sources_by_key(self) -> dict[str, DataSource]:
         """Every data source by its key path: `data.train`, or `data.train[1]` in a list of sources."""
         found = {}
-        for split in ("train", "validation", "test"):
+        for split in SPLITS:
             spec = getattr(self, split)
             if isinstance(spec, list):
                 found.update({f"data.{split}[{i}]": source for i, source in enumerate(spec)})

@@ -66,10 +66,10 @@ def use(tokenizer, info: dict) -> None:
         tokenizer.src_lang, tokenizer.tgt_lang = info["source_lang"], info["target_lang"]
 
 
-def decoder_start(tokenizer, info: dict) -> dict:
+def decoder_start(tokenizer, target_lang: str | None) -> dict:
     """`generate` arguments that make the decoder write in the target language: a forced first token where targets
     begin with their code (NLLB, M2M100, mBART-50), the decoder start where they end with it (mBART)."""
-    if not info.get("target_lang"):
+    if not target_lang:
         return {}
-    token, first = _language_token(tokenizer, info["target_lang"], target=True)
+    token, first = _language_token(tokenizer, target_lang, target=True)
     return {"forced_bos_token_id": token} if first else {"decoder_start_token_id": token}

@@ -109,7 +109,7 @@ def generate(trainer, tokenized, recipe: Recipe) -> list[str]:
     model, tokenizer = trainer.model, trainer.processing_class
     decoding = Decoding.from_settings(recipe.generation)
     batch_size = trainer.args.per_device_eval_batch_size
-    start_tokens = languages.decoder_start(tokenizer, {"target_lang": recipe.task.target_lang})
+    start_tokens = languages.decoder_start(tokenizer, recipe.task.target_lang)
     model.eval()
     outputs = []
     inputs = tokenized.select_columns(["input_ids", "attention_mask"])
@@ -228,7 +228,7 @@ def infer(
         inputs = _sources(tokenizer, _pick(rows, indices), _pick(infos, indices), model.device)
         generated = decoding_path.generate(
             model, tokenizer, inputs, 1, _pick(max_new_tokens, indices), decoding, _pick(adapter_names, indices),
-            streamer, start_tokens=languages.decoder_start(tokenizer, {"target_lang": language}),
+            streamer, start_tokens=languages.decoder_start(tokenizer, language),
         )
         for i, answer in zip(indices, generated):
             answers[i] = answer

@@ -82,7 +82,7 @@ from peftkit.training.checkpoints import (
     check_saved_weights,
     usable_checkpoint,
 )
-from peftkit.errors import Preempted, UserError, out_of_space
+from peftkit.errors import Preempted, UserError, first_line, out_of_space
 from peftkit.tasks.base import FitResult, TrainerSetup, fits_itself, trains_with_own_trainer
 from peftkit.training.tracking import final_metrics, open_trackers
 from peftkit.tasks.lm_loss import check_kernel_available
@@ -287,10 +287,9 @@ def first_step_failure(recipe: Recipe, model, exc: Exception) -> FirstStepFailed
     config = getattr(model, "config", None)
     bits = recipe.quantization.bits
     method = recipe.adapter.method + (f" on {'an' if bits == 8 else 'a'} {bits}-bit base" if bits else "")
-    message = (str(exc).strip().splitlines() or [""])[0][:300]
     return FirstStepFailed(
         f"adapter.method {method} cannot train `{recipe.model.name}` ({getattr(config, 'model_type', '?')}) for "
-        f"task.type {recipe.task.type}: its first training step failed{where}: {type(exc).__name__}: {message}. "
+        f"task.type {recipe.task.type}: its first training step failed{where}: {type(exc).__name__}: {first_line(exc)}. "
         "Choose another adapter.method (lora runs on most models) or quantization, or another model "
         "(docs/support-matrix.md lists what each architecture supports); -v shows the traceback"
     )
