@@ -2,11 +2,13 @@
 
     python -m benchmarks.lm_loss_peak [--tokens 2048] [--vocab 32000] [--dtype bfloat16]
     python -m benchmarks.lm_loss_peak --activations [--tokens 2048]
+    python -m benchmarks.lm_loss_peak --dora
 
 `--activations` measures the activation model the same way: a 512-wide Llama (8 heads, 4 key/value heads, MLP
 1,536, a 256-entry vocabulary so the loss is negligible) with 2 and with 6 layers, without and with gradient
 checkpointing; the slope over layers is one layer's saved bytes per token, the checkpointed run's excess over
-the plain run's constant part is the recomputation's working set.
+the plain run's constant part is the recomputation's working set. `--dora` measures DoRA's weight-norm transient
+(input width squared, independent of tokens) on the same model with 4,096- and 8,192-wide MLPs at 64 tokens.
 
 A one-layer Llama with a 64-wide hidden state, so the loss dominates everything else, runs forward + backward the
 way the Trainer does (accelerate's bf16 autocast and float32 outputs, the outputs dropped before backward), each
@@ -73,11 +75,12 @@ ACTIVATION_SHAPE = {"hidden": 512, "heads": 8, "head_dim": 64, "kv_heads": 4, "i
 ADAPTERS = {  # setting -> (adapter method, LoRA dropout)
     "LoRA all-linear": ("lora", 0.0), "LoRA all-linear, dropout 0.05": ("lora", 0.05),
     "LoRA q, v": ("lora-qv", 0.0), "full fine-tuning": ("none", 0.0),
+    "DoRA all-linear": ("dora", 0.0), "DoRA all-linear, dropout 0.05": ("dora", 0.05),
 }
 
 
-def measure_activations(setting: str, layers: int, checkpointing: bool, tokens: int) -> dict:
-    """Child process: peak RSS growth of one bf16 step (bytes), and the adapted modules' summed input width/rank."""
+def measure_activations(setting: str, layers: int, checkpointing: bool, tokens: int, intermediate: int) -> dict:
+    """Child process: peak RSS growth of one bf16 step (bytes), the adapted modules' widths and summed rank."""
     import torch
     from accelerate.utils import convert_outputs_to_fp32
     from peft import LoraConfig, get_peft_model
@@ -87,15 +90,16 @@ def measure_activations(setting: str, layers: int, checkpointing: bool, tokens: 
 
     torch.manual_seed(0)
     shape = ACTIVATION_SHAPE
-    config = LlamaConfig(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"], num_hidden_layers=layers,
+    config = LlamaConfig(hidden_size=shape["hidden"], intermediate_size=intermediate, num_hidden_layers=layers,
                          num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"], vocab_size=256,
                          tie_word_embeddings=False, attn_implementation="sdpa")
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     method, dropout = ADAPTERS[setting]
     model.requires_grad_(method == "none")
-    if method.startswith("lora"):
+    if method != "none":
         targets = ["q_proj", "v_proj"] if method == "lora-qv" else "all-linear"
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=targets))
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=targets,
+                                                 use_dora=method == "dora"))
     if checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
@@ -114,12 +118,14 @@ def measure_activations(setting: str, layers: int, checkpointing: bool, tokens: 
     before = _status_kb("VmRSS")
     step()
     lora = [module for module in model.modules() if hasattr(module, "lora_A") and "default" in module.lora_A]
-    return {"peak": (_status_kb("VmHWM") - before) * 1024, "adapter_inputs": sum(m.in_features for m in lora),
+    return {"peak": (_status_kb("VmHWM") - before) * 1024, "adapted": [[m.in_features, m.out_features] for m in lora],
             "adapter_ranks": sum(m.r["default"] for m in lora)}
 
 
-def planned_activations(setting: str, tokens: int, adapter_inputs: int, adapter_ranks: int, layers: int) -> tuple[float, float]:
-    """The plan's (saved bytes per token and layer, working set per token) for the measured model."""
+def planned_activations(setting: str, tokens: int, adapted: list[list[int]], adapter_ranks: int,
+                        layers: int) -> tuple[float, float]:
+    """The plan's (saved bytes per token and layer, working set per token) for the measured model, whose adapted
+    modules have these (input, output) widths."""
     from peftkit.plan.memory import activations
     from peftkit.plan.shapes import ParameterCounts
     from peftkit.recipe.load import validate_recipe
@@ -129,11 +135,15 @@ def planned_activations(setting: str, tokens: int, adapter_inputs: int, adapter_
     for checkpointing in (False, True):
         recipe = validate_recipe({
             "model": {"name": "x"}, "data": {"train": {"path": "x.jsonl"}, "max_length": tokens},
-            "adapter": {"method": "none"} if method == "none" else {"method": "lora", "dropout": dropout},
+            "adapter": {"method": "none"} if method == "none" else {"method": "lora", "dropout": dropout,
+                                                                    "use_dora": method == "dora"},
             "training": {"eval_strategy": "no", "batch_size": 1, "gradient_checkpointing": checkpointing}})
+        dora = adapted if method == "dora" else []
         counts = ParameterCounts(frozen_bytes={}, trainable=[], largest_layer_bytes=0, largest_outer_bytes=0,
-                                 adapter_inputs=adapter_inputs, adapter_ranks=adapter_ranks, logits_width=0,
-                                 dims={**ACTIVATION_SHAPE, "layers": layers})
+                                 adapter_inputs=sum(i for i, _ in adapted), adapter_ranks=adapter_ranks, logits_width=0,
+                                 dims={**ACTIVATION_SHAPE, "layers": layers}, dora_outputs=sum(o for _, o in dora),
+                                 dora_weight_numel=sum(i * o for i, o in dora),
+                                 dora_widest=max(map(tuple, dora), default=(0, 0)))
         per_layer[checkpointing] = activations(recipe, counts, "bf16")
     saved, _, _ = per_layer[False]
     _, working, _ = per_layer[True]
@@ -141,12 +151,17 @@ def planned_activations(setting: str, tokens: int, adapter_inputs: int, adapter_
     return (saved - edge) / (layers * tokens), working / tokens
 
 
+def activation_child(setting: str, layers: int, checkpointing: bool, tokens: int, env: dict,
+                     intermediate: int = ACTIVATION_SHAPE["intermediate"]) -> dict:
+    command = [sys.executable, "-m", "benchmarks.lm_loss_peak", "--child-activations", setting, "--layers", str(layers),
+               "--tokens", str(tokens), "--intermediate", str(intermediate)] + (["--checkpointing"] if checkpointing else [])
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def activation_table(tokens: int, env: dict) -> None:
     def child(setting: str, layers: int, checkpointing: bool) -> dict:
-        command = [sys.executable, "-m", "benchmarks.lm_loss_peak", "--child-activations", setting, "--layers",
-                   str(layers), "--tokens", str(tokens)] + (["--checkpointing"] if checkpointing else [])
-        result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-        return json.loads(result.stdout.strip().splitlines()[-1])
+        return activation_child(setting, layers, checkpointing, tokens, env)
 
     print(f"{tokens} tokens, bf16, {ACTIVATION_SHAPE}: bytes per token")
     print("| setting | saved per layer: measured | plan | recomputation working set: measured | plan |")
@@ -160,9 +175,26 @@ def activation_table(tokens: int, env: dict) -> None:
         constant = two["peak"] - 2 * per_layer
         checkpointed_per_layer = (six_checkpointed["peak"] - two_checkpointed["peak"]) / 4
         working = two_checkpointed["peak"] - 2 * checkpointed_per_layer - constant
-        plan_saved, plan_working = planned_activations(setting, tokens, six["adapter_inputs"] // 6 * 6,
-                                                       six["adapter_ranks"] // 6 * 6, 6)
+        plan_saved, plan_working = planned_activations(setting, tokens, six["adapted"], six["adapter_ranks"], 6)
         print(f"| {setting} | {per_layer / tokens:,.0f} | {plan_saved:,.0f} | {working / tokens:,.0f} | {plan_working:,.0f} |")
+
+
+def dora_table(env: dict, tokens: int = 64) -> None:
+    """DoRA's weight-norm transient, which grows with the square of a module's input width, not with tokens: a
+    checkpointed step of the 2-layer Llama above with wide MLPs, DoRA's peak less LoRA's, next to the plan's."""
+    from peftkit.plan.memory import dora_norm_transient
+    from peftkit.plan.shapes import ParameterCounts
+
+    print(f"{tokens} tokens, bf16, checkpointed, 2 layers, hidden {ACTIVATION_SHAPE['hidden']}: DoRA peak - LoRA peak")
+    print("| MLP width | measured | plan: weight-norm transient | plan / measured |\n|---|---|---|---|")
+    for intermediate in (4096, 8192):
+        lora, dora = (activation_child(setting, 2, True, tokens, env, intermediate)
+                      for setting in ("LoRA all-linear", "DoRA all-linear"))
+        widest = max(map(tuple, dora["adapted"]))
+        counts = ParameterCounts(frozen_bytes={}, trainable=[], largest_layer_bytes=0, largest_outer_bytes=0,
+                                 adapter_inputs=0, adapter_ranks=0, logits_width=0, dora_widest=widest)
+        measured, planned = dora["peak"] - lora["peak"], dora_norm_transient(counts, 2)
+        print(f"| {intermediate:,} | {measured / 2**20:.1f} MiB | {planned / 2**20:.1f} MiB | {planned / measured:.2f} |")
 
 
 def layer_parameter_counts() -> list[int]:
@@ -193,6 +225,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--activations", action="store_true", help="measure the activation model instead")
+    parser.add_argument("--dora", action="store_true", help="measure DoRA's weight-norm transient instead")
+    parser.add_argument("--intermediate", type=int, default=ACTIVATION_SHAPE["intermediate"], help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child-activations", choices=ADAPTERS, help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, default=2, help=argparse.SUPPRESS)
@@ -202,11 +236,15 @@ def main() -> None:
         print(json.dumps(measure(args.tokens, args.vocab, args.dtype)))
         return
     if args.child_activations:
-        print(json.dumps(measure_activations(args.child_activations, args.layers, args.checkpointing, args.tokens)))
+        print(json.dumps(measure_activations(args.child_activations, args.layers, args.checkpointing, args.tokens,
+                                             args.intermediate)))
         return
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if args.activations:
         activation_table(args.tokens, env)
+        return
+    if args.dora:
+        dora_table(env)
         return
     child = subprocess.run(
         [sys.executable, "-m", "benchmarks.lm_loss_peak", "--child", "--tokens", str(args.tokens),

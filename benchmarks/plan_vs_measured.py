@@ -44,6 +44,7 @@ GRID = {
         deep_merge(LORA, shape(4, 1024)),
         deep_merge(FULL, shape(2, 1024)),
         deep_merge(QLORA, shape(4, 1024)),
+        deep_merge(deep_merge(LORA, {"adapter": {"use_dora": True}}), deep_merge(CHECKPOINTED, shape(2, 1024))),
     ],
     "meta-llama/Llama-3.2-3B": [
         deep_merge(LORA, shape(2, 1024)),
@@ -111,6 +112,8 @@ def train_steps(recipe, steps: int, device: str, workdir: Path) -> None:
 
 def describe(recipe) -> str:
     parts = [recipe.adapter.method if not recipe.quantization.bits else f"{recipe.quantization.bits}-bit lora"]
+    if recipe.adapter.use_dora:
+        parts.append("dora")
     parts.append(f"bs{recipe.training.batch_size}x{recipe.data.max_length}")
     if recipe.training.gradient_checkpointing:
         parts.append("ckpt")
@@ -162,7 +165,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         grid = {"tiny-llama": [deep_merge(LORA, shape(2, 32)), deep_merge(FULL, shape(2, 32)),
-                               deep_merge(LORA, shape(2, 32, lm_loss="standard"))]}
+                               deep_merge(LORA, shape(2, 32, lm_loss="standard")),
+                               deep_merge(deep_merge(LORA, {"adapter": {"use_dora": True}}), shape(2, 32))]}
         configs = {"tiny-llama": AutoConfig.for_model(**TINY_LLAMA)}
         run(grid, configs, steps=1, device="cpu")
         return

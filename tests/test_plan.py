@@ -229,6 +229,16 @@ def test_fit_finds_cheapest_changes_that_really_fit():
         assert batch == 8, "micro-batch changes keep the global batch"
 
 
+def test_fit_offers_resharding_after_forward_first_when_fsdp_keeps_the_model_gathered():
+    kept = recipe(model={"name": "meta-llama/Llama-3.1-8B"}, data={"train": {"path": "x.jsonl"}, "max_length": 1024},
+                  distributed={"strategy": "fsdp", "fsdp_reshard_after_forward": False})
+    budget = 40 * GiB
+    assert not fit.plan_recipe(kept, 4, budget).fits
+    first = fit.search(kept, 4, budget)[0]
+    assert first.overrides == {"distributed.fsdp_reshard_after_forward": True}
+    assert first.plan.total < budget
+
+
 def _apply(recipe_, overrides):
     from peftkit.recipe.load import set_key_path
 
@@ -284,9 +294,9 @@ def test_benchmark_smoke_mode_runs_on_cpu():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     rows_ = [line for line in result.stdout.splitlines() if line.startswith("| tiny-llama")]
-    # LoRA and full fine-tuning with the default (chunked) loss, and LoRA with transformers' standard loss.
-    assert len(rows_) == 3 and all("GiB" in line for line in rows_)
-    assert sum("standard loss" in line for line in rows_) == 1
+    # LoRA and full fine-tuning with the default (chunked) loss, LoRA with transformers' standard loss, and DoRA.
+    assert len(rows_) == 4 and all("GiB" in line for line in rows_)
+    assert sum("standard loss" in line for line in rows_) == 1 and sum(" dora " in line for line in rows_) == 1
 
 
 @pytest.mark.slow
@@ -313,6 +323,81 @@ def test_overrides_may_follow_the_options(tmp_path, tiny_llama_dir):
     with pytest.raises(SystemExit) as wrong:  # argparse's usage error: exit code 2
         run_cli_in_process("plan", str(path), "--gpus", "1", "--no-such-option")
     assert wrong.value.code == 2
+
+
+def test_fsdp_without_resharding_after_forward_holds_the_whole_model_gathered():
+    """`distributed.fsdp_reshard_after_forward: false` keeps every unit gathered from its forward to its backward, so
+    backward starts with the whole model unsharded on every GPU; FSDP2's mixed-precision policy gathers float
+    weights in 16-bit."""
+    counts = replace(COUNTS, unsharded_bytes=8 * GiB + 32 * 2**20)
+    fsdp = {"strategy": "fsdp"}
+    resharded = rows(estimate(recipe(distributed=fsdp), counts, 4))
+    kept = rows(estimate(recipe(distributed={**fsdp, "fsdp_reshard_after_forward": False}), counts, 4))
+    assert resharded["gathered layers"] == 2 * COUNTS.largest_layer_bytes
+    assert kept["gathered layers"] == counts.unsharded_bytes
+    assert kept["base weights (bfloat16)"] == resharded["base weights (bfloat16)"] == 2 * GiB  # the shards stay too
+    float32 = replace(counts, dims={**DIMS, "element_bytes": 4})
+    assert rows(estimate(recipe(distributed=fsdp), float32, 4))["gathered layers"] == COUNTS.largest_layer_bytes
+    fp32_training = recipe(distributed=fsdp, training={"precision": "fp32", "eval_strategy": "no"})
+    assert rows(estimate(fp32_training, float32, 4))["gathered layers"] == 2 * COUNTS.largest_layer_bytes
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_fsdp_whole_model_bytes_are_what_fsdp_gathers(tiny_llama_dir, bits):
+    """Every parameter once (tied ones too), a quantized weight as its packed data: its state is not gathered."""
+    sections = {"model": {"name": str(tiny_llama_dir)}, "adapter": {"method": "lora", "r": 4},
+                "distributed": {"strategy": "fsdp", "fsdp_reshard_after_forward": False}}
+    if bits:
+        sections["quantization"] = {"bits": bits, "storage_dtype": "bfloat16", "compute_dtype": "bfloat16"}
+    counts = count_parameters(recipe(**sections))
+    state = sum(counts.quant_state_bytes.values())
+    assert (state > 0) == bool(bits)
+    assert counts.unsharded_bytes == counts.frozen_total_bytes - state + counts.trainable_bytes
+    gathered = rows(estimate(recipe(**sections), counts, 2))["gathered layers"]
+    # the float32 checkpoint is gathered in bf16 under mixed precision; quantized storage as it is
+    assert gathered == (counts.unsharded_bytes if bits else counts.unsharded_bytes // 2)
+
+
+def test_dora_counts_follow_the_adapted_modules(tiny_llama_dir):
+    """The tiny Llama's 7 adapted modules a layer: q 64->64, k/v 64->32, o 64->64, gate/up 64->128, down 128->64."""
+    lora = {"method": "lora", "r": 4, "target_modules": "all-linear"}
+    plain = count_parameters(recipe(model={"name": str(tiny_llama_dir)}, adapter=lora))
+    dora = count_parameters(recipe(model={"name": str(tiny_llama_dir)}, adapter={**lora, "use_dora": True}))
+    assert (plain.dora_outputs, plain.dora_weight_numel, plain.dora_widest) == (0, 0, (0, 0))
+    assert dora.dora_outputs == 2 * (64 + 32 + 32 + 64 + 128 + 128 + 64)
+    assert dora.dora_weight_numel == 2 * 64 * (64 + 32 + 32 + 64 + 128 + 128 + 128)
+    assert dora.dora_widest == (128, 64)
+
+
+def test_dora_keeps_two_outputs_per_module_and_a_weight_norm_transient():
+    """Measured on CPU (`benchmarks/lm_loss_peak.py --activations` and `--dora`): per token, DoRA adds two output-wide
+    tensors per adapted module; with dropout it keeps each adapted weight once more (activation dtype); its weight
+    norm allocates input^2 float32 (+ the autocast copy) and ~3 input x output tensors, once, for the widest input."""
+    lora_counts = replace(COUNTS, adapter_inputs=8 * 7 * 1024, adapter_ranks=8 * 7 * 16)
+    counts = replace(lora_counts, dora_outputs=8 * 6 * 1024 + 8 * 4096, dora_weight_numel=8 * 7 * 1024 * 1024,
+                     dora_widest=(4096, 1024))
+    tokens, a = 4 * 512, 2
+    transient = 4096 * 4096 * (4 + a) + 3 * 4096 * 1024 * a
+
+    def activations(dropout: float, checkpointing: bool, model_counts: ParameterCounts) -> int:
+        sections = {"adapter": {"method": "lora", "r": 16, "dropout": dropout},
+                    "training": {"eval_strategy": "no", "gradient_checkpointing": checkpointing}}
+        return rows(estimate(recipe(**sections), model_counts))["activations"]
+
+    assert activations(0.0, True, counts) - activations(0.0, True, lora_counts) == (
+        tokens * 2 * a * counts.dora_outputs // 8 + transient)  # one layer's outputs: the recomputed one
+    assert activations(0.1, True, counts) - activations(0.1, True, lora_counts) == (
+        tokens * 2 * a * counts.dora_outputs // 8 + transient + a * counts.dora_weight_numel // 8)
+    assert activations(0.1, False, counts) - activations(0.1, False, lora_counts) == (
+        tokens * 2 * a * counts.dora_outputs + a * counts.dora_weight_numel + transient)  # every layer's
+
+
+@pytest.mark.slow
+def test_dora_transient_matches_the_measured_peak():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.lm_loss_peak", "--dora"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, check=True)
+    ratios = [float(line.split("|")[4]) for line in result.stdout.splitlines() if line.startswith("| ") and "MiB" in line]
+    assert len(ratios) == 2 and all(0.95 <= ratio <= 1.25 for ratio in ratios), result.stdout
 
 
 def test_qwen1_shape_has_the_published_parameter_count():

@@ -32,6 +32,7 @@ SLOWDOWN = {
     "distributed.strategy=deepspeed,zero_stage=2": 1.05,
     "distributed.strategy=deepspeed,zero_stage=3": 1.2,
     "distributed.strategy=fsdp": 1.15,
+    "distributed.fsdp_reshard_after_forward=True": 1.1,  # every layer gathered again for its backward
     "distributed.offload_optimizer=True": 1.6,
     "distributed.offload_params=True": 2.5,
     "micro_batch_halving": 1.15,  # per halving: smaller matmuls use the GPU less well
@@ -103,6 +104,9 @@ def _options(recipe: Recipe, gpus: int) -> list[list[tuple[dict[str, Any], float
             {"distributed.strategy": "fsdp", "distributed.offload_params": True},
             SLOWDOWN["distributed.strategy=fsdp"] * SLOWDOWN["distributed.offload_params=True"],
         ))
+    if recipe.distributed.strategy == "fsdp" and not recipe.distributed.fsdp_reshard_after_forward:
+        sharding.append(({"distributed.fsdp_reshard_after_forward": True},
+                         SLOWDOWN["distributed.fsdp_reshard_after_forward=True"]))
     sharding = [keep] + [(o, c) for o, c in sharding[1:] if not _already(recipe, o)]  # `keep` is always "already"
     micro_batch = [keep]
     batch, accumulation, halvings = recipe.training.batch_size, recipe.training.gradient_accumulation, 0

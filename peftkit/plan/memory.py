@@ -188,11 +188,15 @@ def estimate(recipe: Recipe, counts: ParameterCounts, gpus: int = 1, gpu_memory:
     if params_sharded:
         # The embeddings and LM head are gathered whole too, and are often larger than a layer (Llama-3's
         # 128k-vocabulary head); at most one of them is live next to one layer.
-        layer, outer = counts.largest_layer_bytes, counts.largest_outer_bytes
-        if deepspeed and mixed and recipe.quantization.bits is None:  # DeepSpeed casts float weights to 16-bit
-            layer, outer = layer * 2 // counts.element_bytes, outer * 2 // counts.element_bytes
+        layer, outer, whole = counts.largest_layer_bytes, counts.largest_outer_bytes, counts.unsharded_bytes
+        if mixed and recipe.quantization.bits is None:
+            # DeepSpeed casts float weights to 16-bit; FSDP2's mixed-precision policy gathers them in 16-bit
+            layer, outer, whole = (size * 2 // counts.element_bytes for size in (layer, outer, whole))
         gathered = layer + max(layer, outer)
         note = "current + prefetched layer" if layer >= outer else "a layer + the embeddings or LM head"
+        if mode == "fsdp" and not dist.fsdp_reshard_after_forward:
+            # Each unit stays gathered from its forward to its backward: when backward starts, all of them are.
+            gathered, note = whole, "the whole model (distributed.fsdp_reshard_after_forward: false)"
         rows.append(Row("gathered layers", gathered, note + ", unsharded"))
     if deepspeed and dist.zero_stage in (2, 3):
         # With contiguous gradients (peftkit's setting and DeepSpeed's default) ZeRO-2/3 copy gradients into one bucket
@@ -322,11 +326,16 @@ def activations(recipe: Recipe, counts: ParameterCounts, precision: str) -> tupl
         copy = element + 1 if recipe.adapter.dropout > 0 else element
         per_token_layer += copy * counts.adapter_inputs // layers
     per_token_layer += element * counts.adapter_ranks // max(layers, 1)
+    # DoRA (peft's `DoraLinearLayer.forward`) also keeps each module's base output and scaled adapter output for the
+    # magnitude's gradient, and with dropout it recomputes the base output from the dropped input, keeping the
+    # module's weight in the activations' dtype for that product's backward.
+    per_token_layer += 2 * element * counts.dora_outputs // max(layers, 1)
+    dora_weights = element * counts.dora_weight_numel if recipe.adapter.dropout > 0 else 0
     if resolve_gradient_checkpointing(recipe):  # unset means on for a quantized base
-        saved, working = tokens * layers * element * h, tokens * per_token_layer
+        saved, working = tokens * layers * element * h, tokens * per_token_layer + dora_weights // max(layers, 1)
         note = f"checkpointed, {attention} attention"
     else:
-        saved, working = tokens * (layers * per_token_layer + 2 * element * h), 0
+        saved, working = tokens * (layers * per_token_layer + 2 * element * h) + dora_weights, 0
         note = f"{attention} attention"
     # bitsandbytes computes a k-bit layer (4-bit forward and backward, 8-bit backward) with its weight dequantized whole
     # to the activations' dtype, one weight at a time: the largest such copy is live inside the layer's backward.
@@ -334,7 +343,24 @@ def activations(recipe: Recipe, counts: ParameterCounts, precision: str) -> tupl
     if dequantized:
         working += dequantized
         note += f", + {format_bytes(dequantized)} dequantized weight"
+    norm = dora_norm_transient(counts, element)
+    if norm:
+        working += norm
+        note += f", + {format_bytes(norm)} DoRA weight norm"
     return int(saved), int(working), f"{tokens:,} tokens/micro-batch, {note}"
+
+
+def dora_norm_transient(counts: ParameterCounts, element: int) -> int:
+    """What one DoRA module's forward allocates, and frees, to compute its weight norm, for the widest-input module.
+
+    peft builds the adapter's dense weight as `lora_B(lora_A(eye))` (`DoraLinearLayer.get_lora_weight`): a float32
+    identity of input x input elements, under mixed precision cast again for the float32 adapter, then input x output
+    tensors for the product, its scaled sum with the (dequantized) weight and the weight itself: ~3 of them in the
+    activations' dtype. Independent of the tokens, so it dominates on wide MLPs: 1.2 GiB for Llama-3-8B's down_proj
+    (14,336 inputs) in bf16. Measured on CPU (`python -m benchmarks.lm_loss_peak --dora`)."""
+    inputs, outputs = counts.dora_widest
+    identity = inputs * inputs * (4 + (element if element < 4 else 0))
+    return identity + 3 * inputs * outputs * element
 
 
 def format_bytes(size: float) -> str:

@@ -80,6 +80,10 @@ class ParameterCounts:
     dims: dict[str, int] = field(default_factory=dict)
     quant_state_bytes: dict[str, int] = field(default_factory=dict)  # storage kind -> its quantization state's bytes
     largest_quantized_numel: int = 0  # elements of the largest quantized weight (dequantized whole to compute with it)
+    unsharded_bytes: int = 0  # every parameter as FSDP/ZeRO-3 gather it (the whole model, unsharded)
+    dora_outputs: int = 0  # summed output width of the DoRA modules (each keeps two output-wide tensors)
+    dora_weight_numel: int = 0  # elements of the weights DoRA modules wrap (with dropout, each forward keeps a copy)
+    dora_widest: tuple[int, int] = (0, 0)  # (input, output) width of the DoRA module with the widest input
 
     @property
     def frozen_numel(self) -> int:
@@ -172,6 +176,7 @@ def count_parameters(
         else:
             kind, data, state = str(param.dtype).removeprefix("torch."), param.numel() * param.itemsize, 0
         frozen[kind] = frozen.get(kind, 0) + data + state
+    dora = [module for module in _lora_layers(model) if "default" in module.lora_magnitude_vector]
     return ParameterCounts(
         frozen_bytes=frozen,
         trainable=trainable,
@@ -183,6 +188,10 @@ def count_parameters(
         dims={**model_dims(config), "frozen_numel": frozen_numel, "element_bytes": base_dtype(recipe.model, config).itemsize},
         quant_state_bytes=quant_state,
         largest_quantized_numel=largest_quantized,
+        unsharded_bytes=_module_bytes(model),
+        dora_outputs=sum(module.out_features for module in dora),
+        dora_weight_numel=sum(module.in_features * module.out_features for module in dora),
+        dora_widest=max(((module.in_features, module.out_features) for module in dora), default=(0, 0)),
     )
 
 
