@@ -327,8 +327,8 @@ def activations(recipe: Recipe, counts: ParameterCounts, precision: str) -> tupl
         per_token_layer += copy * counts.adapter_inputs // layers
     per_token_layer += element * counts.adapter_ranks // max(layers, 1)
     # DoRA (peft's `DoraLinearLayer.forward`) also keeps each module's base output and scaled adapter output for the
-    # magnitude's gradient, and with dropout it recomputes the base output from the dropped input, keeping the
-    # module's weight in the activations' dtype for that product's backward.
+    # magnitude's gradient, and with dropout it recomputes the base output from the dropped input (which peft has cast
+    # to the float32 adapter's dtype): the weight is cast to match, and autocast saves a 16-bit copy of it.
     per_token_layer += 2 * element * counts.dora_outputs // max(layers, 1)
     dora_weights = element * counts.dora_weight_numel if recipe.adapter.dropout > 0 else 0
     if resolve_gradient_checkpointing(recipe):  # unset means on for a quantized base
@@ -356,7 +356,7 @@ def dora_norm_transient(counts: ParameterCounts, element: int) -> int:
     peft builds the adapter's dense weight as `lora_B(lora_A(eye))` (`DoraLinearLayer.get_lora_weight`): a float32
     identity of input x input elements, under mixed precision cast again for the float32 adapter, then input x output
     tensors for the product, its scaled sum with the (dequantized) weight and the weight itself: ~3 of them in the
-    activations' dtype. Independent of the tokens, so it dominates on wide MLPs: 1.2 GiB for Llama-3-8B's down_proj
+    activations' dtype. Independent of the tokens, so it dominates on wide MLPs: 1.5 GiB for Llama-3-8B's down_proj
     (14,336 inputs) in bf16. Measured on CPU (`python -m benchmarks.lm_loss_peak --dora`)."""
     inputs, outputs = counts.dora_widest
     identity = inputs * inputs * (4 + (element if element < 4 else 0))
