@@ -317,6 +317,12 @@ def linear_module_names(model) -> set[str]:
     return {name.split(".")[-1] for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))}
 
 
+def _output_head_paths(model) -> set[str]:
+    """Module paths of the model's output embeddings (its language-model head), if it has one."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name for name, module in model.named_modules() if head is not None and module is head}
+
+
 def _layers_peft_refuses(config: PeftConfig, model) -> set[str]:
     """Linear layers peft refuses to adapt on this architecture (Mamba's `out_proj`, which its fused kernels read
     directly), by peft's own rule; `all-linear` would otherwise make peft refuse the model."""
@@ -348,8 +354,10 @@ def fit_config_to_model(config: PeftConfig, model, recipe: Recipe) -> None:
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
 
         if model.config.model_type not in TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING:
-            # peft has no IA3 defaults for this architecture: scale the output of every linear layer instead.
-            config.target_modules = linear_module_names(model) - {"lm_head"}
+            # peft has no IA3 defaults for this architecture: scale the output of every linear layer instead, except
+            # the language-model head, whatever its name (BioGPT's `output_projection`), as peft's all-linear does.
+            config.target_modules = linear_module_names(model)
+            config.exclude_modules = set(config.exclude_modules or ()) | _output_head_paths(model)
             config.feedforward_modules = set()
     if isinstance(config, PromptLearningConfig):
         # Read through the config's attribute aliases (DistilBERT's `dim`, `n_heads`), which peft's dict lookup

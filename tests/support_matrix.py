@@ -46,6 +46,8 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "phi3": (DECODER, dict(model_type="phi3", num_key_value_heads=4, max_position_embeddings=128, **_ATTENTION)),
     "falcon": (DECODER, dict(model_type="falcon", hidden_size=64, num_hidden_layers=2, num_attention_heads=4)),
     "bloom": (DECODER, dict(model_type="bloom", hidden_size=64, n_layer=2, n_head=4)),
+    # The LM head is `output_projection`, tied to the input embeddings: not found by the name `lm_head`.
+    "biogpt": (DECODER, dict(model_type="biogpt", max_position_embeddings=128, **_ATTENTION)),
     # Mixture of experts: a router and fused 3-D expert weights, which peft adapts as parameters, not linear layers.
     "mixtral": (DECODER, dict(model_type="mixtral", num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                               max_position_embeddings=128, **_ATTENTION)),
@@ -106,7 +108,7 @@ class Cell:
 CHUNKS = (
     ("gpt2", "gpt_neox", "opt", "llama", "bert", "t5", "m2m_100"),
     ("qwen2", "qwen3", "mistral", "roberta", "deberta-v2", "mt5"),
-    ("gemma", "gemma2", "phi3", "distilbert", "electra", "bart"),
+    ("gemma", "gemma2", "phi3", "distilbert", "electra", "bart", "biogpt"),
     ("falcon", "bloom", "mixtral", "albert", "modernbert", "marian"),
 )
 assert sorted(sum(CHUNKS, ())) == sorted(ARCHITECTURES), "every architecture in exactly one chunk"

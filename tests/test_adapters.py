@@ -344,3 +344,31 @@ def test_all_linear_leaves_out_the_layers_peft_refuses_on_mamba():
     # zero start (training, eval and merge still agree); the others learn.
     learning = {name.split(".")[-4] for name, p in model.named_parameters() if p.requires_grad and p.grad is not None}
     assert learning == {"in_proj", "x_proj"}
+
+
+def test_ia3_without_peft_defaults_scales_every_linear_layer_but_the_output_head():
+    """peft has no IA3 targets for BioGPT, so every linear layer is scaled; its LM head is `output_projection`, tied
+    to the input embeddings: adapted, TRL refused the model and a merge scaled the embeddings too (the merge check
+    refused it: outputs differed by 1.7e-3)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peftkit.adapters import attach_adapter
+    from peftkit.recipe.load import validate_recipe
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "biogpt", vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    recipe = validate_recipe({"model": {"name": "tiny-biogpt"}, "task": {"type": "causal_lm"}, "adapter": {"method": "ia3"},
+                              "data": {"train": {"path": "t.jsonl"}}, "training": {"eval_strategy": "no"}})
+    model = attach_adapter(model, recipe, "CAUSAL_LM")
+    adapted = {name.split(".")[-1] for name, module in model.named_modules() if hasattr(module, "ia3_l")}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "ia3_l" in name:
+                parameter.uniform_(0.5, 1.5)
+    model.eval()
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    attached = model(input_ids=ids).logits
+    merged = model.merge_and_unload()(input_ids=ids).logits
+    torch.testing.assert_close(merged, attached, rtol=0, atol=1e-5)

@@ -52,6 +52,23 @@ def test_layers_whose_dtype_the_model_casts_to_stay_unquantized(model_type, tmp_
     assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_output_layers_stay_unquantized_whatever_their_name(tied, tmp_path):
+    """transformers keeps the output embeddings unquantized only when given no skip list; peftkit always gives one.
+    BioGPT's head is `output_projection`: tied to the input embeddings and quantized, the first step failed inside
+    bitsandbytes (the tied weight is not 4-bit data); untied, it was quantized silently."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("biogpt", vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=64, tie_word_embeddings=tied)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    model = _build(recipe_for(tmp_path, bits=4), AutoModelForCausalLM, keep_unquantized=["lm_head"])
+    assert type(model.get_output_embeddings()) is torch.nn.Linear
+    assert any(type(module).__name__ == "Linear4bit" for module in model.modules())
+    ids = torch.tensor([[5, 6, 7, 1]])
+    assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+
+
 def test_four_bit_settings_reach_bitsandbytes(tiny_llama_dir):
     from peftkit.models.quantization import build_quantization_config
 

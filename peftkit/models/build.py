@@ -18,7 +18,13 @@ from transformers import PretrainedConfig
 
 from peftkit.errors import UserError
 from peftkit.models.load import context_length, loader_problem, is_causal_lm, load_config, model_location
-from peftkit.models.quantization import build_quantization_config, freeze_4bit_layout, layers_cast_to, torch_dtype
+from peftkit.models.quantization import (
+    build_quantization_config,
+    freeze_4bit_layout,
+    layers_cast_to,
+    torch_dtype,
+    transformers_default_skips,
+)
 from peftkit.recipe.schema import ModelSection, QuantizationSection
 
 FRESH_MODULES = "peftkit_fresh_modules"  # attribute of a built model: the modules its checkpoint did not fill
@@ -41,7 +47,8 @@ def build_model(
     check_model_does_task(model, config, auto_class)
     model_kwargs = model_kwargs or {}
     if quantization.bits:
-        keep_unquantized = [*keep_unquantized, *layers_cast_to(auto_class, config)]
+        keep_unquantized = [*keep_unquantized, *layers_cast_to(auto_class, config),
+                            *transformers_default_skips(auto_class, config, model.trust_remote_code)]
     if meta:
         return _build_on_meta(model, quantization, auto_class, model_kwargs, keep_unquantized, config)
     built, report = _from_pretrained(model, quantization, auto_class, model_kwargs, keep_unquantized)

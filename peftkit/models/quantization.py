@@ -32,6 +32,22 @@ def layers_cast_to(auto_class: type, config) -> list[str]:
     return sorted(set(_CAST_TO_WEIGHT_DTYPE.findall(inspect.getsource(sys.modules[model_class.__module__]))))
 
 
+def transformers_default_skips(auto_class: type, config, trust_remote_code: bool) -> list[str]:
+    """What transformers keeps unquantized when it is given no skip list: the output embeddings whatever their name
+    (BioGPT's `output_projection`), tied weights and the last layer. It drops these as soon
+    as any skip list is given, and peftkit always gives one (task heads), so they are added back; read from the
+    model built on the meta device by transformers' own rule (`get_keys_to_not_convert`)."""
+    from accelerate import init_empty_weights
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    try:
+        with init_empty_weights(include_buffers=True):
+            model = auto_class.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError:  # no such head for this architecture: loading it reports that to the user
+        return []
+    return sorted(get_keys_to_not_convert(model))
+
+
 def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}[name]
 
