@@ -195,8 +195,11 @@ def recipe_for(cell: Cell, model_dir: Path, files: dict[str, Path], run_dir: Pat
 
 
 def is_bitsandbytes_error(exc: BaseException) -> bool:
-    """Raised from inside bitsandbytes (its CPU kernels), judged from the traceback, not from the cell's kind."""
-    return any("/bitsandbytes/" in frame.filename for frame in traceback.extract_tb(exc.__traceback__))
+    """Raised from inside bitsandbytes' compute (its CPU kernels), judged from the traceback, not from the cell's kind.
+    The innermost bitsandbytes frame decides: an assertion in its layers (`nn/modules.py`) is a model bitsandbytes
+    was handed wrongly (BioGPT's tied, quantized LM head), not a kernel limit, and fails the cell."""
+    frames = [frame.filename for frame in traceback.extract_tb(exc.__traceback__) if "/bitsandbytes/" in frame.filename]
+    return bool(frames) and "/bitsandbytes/nn/" not in frames[-1]
 
 
 def run_cell(cell: Cell, model_dir: Path, files: dict[str, Path], work: Path) -> Cell:
