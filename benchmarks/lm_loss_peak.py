@@ -72,10 +72,12 @@ def measure(tokens: int, vocab: int, dtype: str) -> dict[str, float]:
 
 
 ACTIVATION_SHAPE = {"hidden": 512, "heads": 8, "head_dim": 64, "kv_heads": 4, "intermediate": 1536, "gated_mlp": 1}
+VIRTUAL_TOKENS = 64
 ADAPTERS = {  # setting -> (adapter method, LoRA dropout)
     "LoRA all-linear": ("lora", 0.0), "LoRA all-linear, dropout 0.05": ("lora", 0.05),
     "LoRA q, v": ("lora-qv", 0.0), "full fine-tuning": ("none", 0.0),
     "DoRA all-linear": ("dora", 0.0), "DoRA all-linear, dropout 0.05": ("dora", 0.05),
+    "IA3 (peft's Llama targets)": ("ia3", 0.0), f"prompt tuning, {VIRTUAL_TOKENS} virtual tokens": ("prompt_tuning", 0.0),
 }
 
 
@@ -83,7 +85,7 @@ def measure_activations(setting: str, layers: int, checkpointing: bool, tokens: 
     """Child process: peak RSS growth of one bf16 step (bytes), the adapted modules' widths and summed rank."""
     import torch
     from accelerate.utils import convert_outputs_to_fp32
-    from peft import LoraConfig, get_peft_model
+    from peft import IA3Config, LoraConfig, PromptTuningConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from benchmarks.training_memory import _release_and_reset_peak, _status_kb
@@ -96,7 +98,11 @@ def measure_activations(setting: str, layers: int, checkpointing: bool, tokens: 
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     method, dropout = ADAPTERS[setting]
     model.requires_grad_(method == "none")
-    if method != "none":
+    if method == "ia3":
+        model = get_peft_model(model, IA3Config(task_type="CAUSAL_LM"))
+    elif method == "prompt_tuning":
+        model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS))
+    elif method != "none":
         targets = ["q_proj", "v_proj"] if method == "lora-qv" else "all-linear"
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=targets,
                                                  use_dora=method == "dora"))
@@ -118,14 +124,16 @@ def measure_activations(setting: str, layers: int, checkpointing: bool, tokens: 
     before = _status_kb("VmRSS")
     step()
     lora = [module for module in model.modules() if hasattr(module, "lora_A") and "default" in module.lora_A]
+    ia3 = [module for module in model.modules() if hasattr(module, "ia3_l") and "default" in module.ia3_l]
     return {"peak": (_status_kb("VmHWM") - before) * 1024, "adapted": [[m.in_features, m.out_features] for m in lora],
-            "adapter_ranks": sum(m.r["default"] for m in lora)}
+            "adapter_ranks": sum(m.r["default"] for m in lora),
+            "ia3_outputs": sum(m.out_features for m in ia3 if not m.is_feedforward),
+            "ia3_feedforward_inputs": sum(m.in_features for m in ia3 if m.is_feedforward)}
 
 
-def planned_activations(setting: str, tokens: int, adapted: list[list[int]], adapter_ranks: int,
-                        layers: int) -> tuple[float, float]:
+def planned_activations(setting: str, tokens: int, measured: dict, layers: int) -> tuple[float, float]:
     """The plan's (saved bytes per token and layer, working set per token) for the measured model, whose adapted
-    modules have these (input, output) widths."""
+    modules the child reported (LoRA/DoRA (input, output) widths, IA3 widths)."""
     from peftkit.plan.memory import activations
     from peftkit.plan.shapes import ParameterCounts
     from peftkit.recipe.load import validate_recipe
@@ -135,19 +143,24 @@ def planned_activations(setting: str, tokens: int, adapted: list[list[int]], ada
     for checkpointing in (False, True):
         recipe = validate_recipe({
             "model": {"name": "x"}, "data": {"train": {"path": "x.jsonl"}, "max_length": tokens},
-            "adapter": {"method": "none"} if method == "none" else {"method": "lora", "dropout": dropout,
-                                                                    "use_dora": method == "dora"},
+            "adapter": {"method": method} if method in ("none", "ia3") else
+                       {"method": method, "num_virtual_tokens": VIRTUAL_TOKENS} if method == "prompt_tuning" else
+                       {"method": "lora", "dropout": dropout, "use_dora": method == "dora"},
             "training": {"eval_strategy": "no", "batch_size": 1, "gradient_checkpointing": checkpointing}})
+        adapted = measured["adapted"]
         dora = adapted if method == "dora" else []
         counts = ParameterCounts(frozen_bytes={}, trainable=[], largest_layer_bytes=0, largest_outer_bytes=0,
-                                 adapter_inputs=sum(i for i, _ in adapted), adapter_ranks=adapter_ranks, logits_width=0,
-                                 dims={**ACTIVATION_SHAPE, "layers": layers}, dora_outputs=sum(o for _, o in dora),
-                                 dora_weight_numel=sum(i * o for i, o in dora),
-                                 dora_widest=max(map(tuple, dora), default=(0, 0)))
+                                 adapter_inputs=sum(i for i, _ in adapted), adapter_ranks=measured["adapter_ranks"],
+                                 logits_width=0, dims={**ACTIVATION_SHAPE, "layers": layers},
+                                 dora_outputs=sum(o for _, o in dora), dora_weight_numel=sum(i * o for i, o in dora),
+                                 dora_widest=max(map(tuple, dora), default=(0, 0)),
+                                 ia3_outputs=measured["ia3_outputs"],
+                                 ia3_feedforward_inputs=measured["ia3_feedforward_inputs"])
         per_layer[checkpointing] = activations(recipe, counts, "bf16")
     saved, _, _ = per_layer[False]
     _, working, _ = per_layer[True]
-    edge = 2 * 2 * ACTIVATION_SHAPE["hidden"] * tokens  # the plain run's input/output hidden states
+    positions = tokens + (VIRTUAL_TOKENS if method == "prompt_tuning" else 0)
+    edge = 2 * 2 * ACTIVATION_SHAPE["hidden"] * positions  # the plain run's input/output hidden states
     return (saved - edge) / (layers * tokens), working / tokens
 
 
@@ -175,7 +188,7 @@ def activation_table(tokens: int, env: dict) -> None:
         constant = two["peak"] - 2 * per_layer
         checkpointed_per_layer = (six_checkpointed["peak"] - two_checkpointed["peak"]) / 4
         working = two_checkpointed["peak"] - 2 * checkpointed_per_layer - constant
-        plan_saved, plan_working = planned_activations(setting, tokens, six["adapted"], six["adapter_ranks"], 6)
+        plan_saved, plan_working = planned_activations(setting, tokens, six, 6)
         print(f"| {setting} | {per_layer / tokens:,.0f} | {plan_saved:,.0f} | {working / tokens:,.0f} | {plan_working:,.0f} |")
 
 

@@ -392,6 +392,23 @@ def test_dora_keeps_two_outputs_per_module_and_a_weight_norm_transient():
         tokens * 2 * a * counts.dora_outputs + a * counts.dora_weight_numel + transient)  # every layer's
 
 
+def test_ia3_keeps_what_it_scales_and_prompt_tuning_adds_its_virtual_tokens(tiny_llama_dir):
+    """Measured (`benchmarks/lm_loss_peak.py --activations`): IA3 keeps each scaled output (activation dtype) and each
+    feed-forward input it scales (cast to its float32 vector first); prompt tuning's virtual tokens are positions
+    like the text's, in every sequence."""
+    counts = count_parameters(recipe(model={"name": str(tiny_llama_dir)}, adapter={"method": "ia3"}))
+    assert (counts.ia3_outputs, counts.ia3_feedforward_inputs) == (2 * (32 + 32), 2 * 128)  # k, v; down_proj
+    ia3 = replace(COUNTS, ia3_outputs=8 * 512, ia3_feedforward_inputs=8 * 4096)
+    training = {"eval_strategy": "no", "gradient_checkpointing": True}
+    scaled = rows(estimate(recipe(adapter={"method": "ia3"}, training=training), ia3))["activations"]
+    plain = rows(estimate(recipe(adapter={"method": "ia3"}, training=training), COUNTS))["activations"]
+    assert scaled - plain == 4 * 512 * (2 * 512 + 4 * 4096)  # one layer's, recomputed
+    prompt = estimate(recipe(adapter={"method": "prompt_tuning", "num_virtual_tokens": 64}), COUNTS)
+    assert prompt.settings["tokens_per_micro_batch"] == 4 * (512 + 64)
+    longer = estimate(recipe(data={"train": {"path": "x.jsonl"}, "max_length": 512 + 64}), COUNTS)
+    assert rows(prompt)["activations"] == rows(longer)["activations"]
+
+
 @pytest.mark.slow
 def test_dora_transient_matches_the_measured_peak():
     result = subprocess.run([sys.executable, "-m", "benchmarks.lm_loss_peak", "--dora"], cwd=REPO_ROOT,

@@ -209,7 +209,7 @@ def estimate(recipe: Recipe, counts: ParameterCounts, gpus: int = 1, gpu_memory:
         live = min(DEEPSPEED_MAX_LIVE_PARAMETERS, counts.frozen_numel) * 2
         rows.append(Row("live offloaded parameters", live, "ZeRO-3 stage3_max_live_parameters (1e9) in 16-bit"))
 
-    tokens = micro_batch_sequences(recipe) * recipe.data.max_length
+    tokens = micro_batch_sequences(recipe) * sequence_length(recipe)
     saved, working, activation_note = activations(recipe, counts, precision)
     rows.append(Row("activations", saved + working, activation_note))
     if counts.logits_width:
@@ -249,6 +249,13 @@ def micro_batch_sequences(recipe: Recipe) -> int:
     """Sequences in one forward pass: a task with its own Trainer says how many each batch row puts through."""
     task = get_task(recipe.task.type)
     return recipe.training.batch_size * (task.sequences_per_row(recipe) if trains_with_own_trainer(task) else 1)
+
+
+def sequence_length(recipe: Recipe) -> int:
+    """Positions per sequence the model computes: prompt tuning and P-tuning prepend their virtual tokens to every
+    sequence (their activations and logits are computed like the text's)."""
+    virtual = recipe.adapter.num_virtual_tokens if recipe.adapter.method in ("prompt_tuning", "p_tuning") else 0
+    return recipe.data.max_length + virtual
 
 
 def reference_passes(recipe: Recipe) -> int:
@@ -306,12 +313,13 @@ def activations(recipe: Recipe, counts: ParameterCounts, precision: str) -> tupl
     Full fine-tuning keeps the inputs of the linear layers whose input is not already kept: a(h + i).
     Gradient checkpointing keeps only each layer's input (ah) and recomputes one layer at a time; that
     recomputation and its backward peak at about one layer's saved bytes (measured 0.9-1.2x).
-    A k-bit base adds its largest weight, dequantized to the activations' dtype, to that working set.
+    A k-bit base adds its largest weight, dequantized to the activations' dtype, to that working set. DoRA and IA3
+    keep more per adapted module (below); prompt tuning's virtual tokens lengthen every sequence (`sequence_length`).
     """
     dims = counts.dims
     element = 2 if precision in ("bf16", "fp16") else 4
     h, kv, i, heads = dims["hidden"], dims["kv_heads"] * dims["head_dim"], dims["intermediate"], dims["heads"]
-    layers, seq = dims["layers"], recipe.data.max_length
+    layers, seq = dims["layers"], sequence_length(recipe)
     tokens = micro_batch_sequences(recipe) * seq
     per_token_layer = 2 * 4 * h + 2 * element * h + 2 * element * kv
     per_token_layer += (3 if dims["gated_mlp"] else 1) * element * i
@@ -330,6 +338,9 @@ def activations(recipe: Recipe, counts: ParameterCounts, precision: str) -> tupl
     # magnitude's gradient, and with dropout it recomputes the base output from the dropped input (which peft has cast
     # to the float32 adapter's dtype): the weight is cast to match, and autocast saves a 16-bit copy of it.
     per_token_layer += 2 * element * counts.dora_outputs // max(layers, 1)
+    # IA3 (peft's `ia3.Linear.forward`) keeps what it scales for its vector's gradient: a module's output, or for a
+    # feed-forward module its input, cast to the float32 vector's dtype first.
+    per_token_layer += (element * counts.ia3_outputs + 4 * counts.ia3_feedforward_inputs) // max(layers, 1)
     dora_weights = element * counts.dora_weight_numel if recipe.adapter.dropout > 0 else 0
     if resolve_gradient_checkpointing(recipe):  # unset means on for a quantized base
         saved, working = tokens * layers * element * h, tokens * per_token_layer + dora_weights // max(layers, 1)

@@ -84,6 +84,8 @@ class ParameterCounts:
     dora_outputs: int = 0  # summed output width of the DoRA modules (each keeps two output-wide tensors)
     dora_weight_numel: int = 0  # elements of the weights DoRA modules wrap (with dropout, each forward keeps a copy)
     dora_widest: tuple[int, int] = (0, 0)  # (input, output) width of the DoRA module with the widest input
+    ia3_outputs: int = 0  # summed output width of the IA3 modules that scale their output
+    ia3_feedforward_inputs: int = 0  # summed input width of the IA3 modules that scale their input (feed-forward)
 
     @property
     def frozen_numel(self) -> int:
@@ -177,6 +179,7 @@ def count_parameters(
             kind, data, state = str(param.dtype).removeprefix("torch."), param.numel() * param.itemsize, 0
         frozen[kind] = frozen.get(kind, 0) + data + state
     dora = [module for module in _lora_layers(model) if "default" in module.lora_magnitude_vector]
+    ia3 = [module for module in model.modules() if "default" in getattr(module, "ia3_l", {}) and hasattr(module, "in_features")]
     return ParameterCounts(
         frozen_bytes=frozen,
         trainable=trainable,
@@ -192,6 +195,8 @@ def count_parameters(
         dora_outputs=sum(module.out_features for module in dora),
         dora_weight_numel=sum(module.in_features * module.out_features for module in dora),
         dora_widest=max(((module.in_features, module.out_features) for module in dora), default=(0, 0)),
+        ia3_outputs=sum(module.out_features for module in ia3 if not module.is_feedforward),
+        ia3_feedforward_inputs=sum(module.in_features for module in ia3 if module.is_feedforward),
     )
 
 
