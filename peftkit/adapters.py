@@ -386,6 +386,11 @@ class AdaLoraRankAllocation(TrainerCallback):
         config.tfinal = int(self.adapter.adalora_final * state.max_steps)
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        # A module the task's forward never reaches (BigBird's pooler under a classifier that reads the sequence) has
+        # no gradient, and peft's sensitivity multiplies by it: its importance is zero, so it gives up its rank.
+        for name, parameter in model.named_parameters():
+            if "lora_" in name and parameter.requires_grad and parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
         model.base_model.update_and_allocate(state.global_step)
 
 

@@ -372,3 +372,37 @@ def test_ia3_without_peft_defaults_scales_every_linear_layer_but_the_output_head
     attached = model(input_ids=ids).logits
     merged = model.merge_and_unload()(input_ids=ids).logits
     torch.testing.assert_close(merged, attached, rtol=0, atol=1e-5)
+
+
+def test_adalora_rank_allocation_survives_an_adapted_module_the_forward_never_reaches():
+    """BigBird's classifier reads the sequence, not the pooler, so an adapted pooler has no gradient: peft's
+    sensitivity update multiplied by None and every such AdaLoRA run crashed after its first optimizer step."""
+    from types import SimpleNamespace
+
+    from peft import get_peft_model
+
+    from peftkit.adapters import AdaLoraRankAllocation
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.used(x)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Toy(), AdaLoraConfig(target_modules=["used", "unused"], init_r=4, target_r=2, total_step=10,
+                                                tinit=0, tfinal=0))
+    with torch.no_grad():  # AdaLoRA starts with zero singular values: no importance anywhere yet
+        for name, parameter in model.named_parameters():
+            if "lora_E" in name:
+                parameter.fill_(0.5)
+    model(torch.randn(4, 8)).pow(2).sum().backward()
+    callback = AdaLoraRankAllocation(adapter=None)
+    callback.on_optimizer_step(None, SimpleNamespace(global_step=1), None, model=model)
+    allocator = model.base_model.rankallocator
+    unused = [name for name in allocator.ipt if name.split(".")[-3] == "unused"]
+    used = [name for name in allocator.ipt if name.split(".")[-3] == "used"]
+    assert unused and all(allocator.ipt[name].abs().sum() == 0 for name in unused)
+    assert any(allocator.ipt[name].abs().sum() > 0 for name in used)
