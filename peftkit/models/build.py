@@ -22,8 +22,8 @@ from peftkit.models.quantization import (
     build_quantization_config,
     freeze_4bit_layout,
     layers_cast_to,
+    tied_output_layers,
     torch_dtype,
-    transformers_default_skips,
 )
 from peftkit.recipe.schema import ModelSection, QuantizationSection
 
@@ -48,7 +48,7 @@ def build_model(
     model_kwargs = model_kwargs or {}
     if quantization.bits:
         keep_unquantized = [*keep_unquantized, *layers_cast_to(auto_class, config),
-                            *transformers_default_skips(auto_class, config, model.trust_remote_code)]
+                            *tied_output_layers(auto_class, config)]
     if meta:
         return _build_on_meta(model, quantization, auto_class, model_kwargs, keep_unquantized, config)
     built, report = _from_pretrained(model, quantization, auto_class, model_kwargs, keep_unquantized)

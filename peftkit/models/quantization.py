@@ -32,20 +32,18 @@ def layers_cast_to(auto_class: type, config) -> list[str]:
     return sorted(set(_CAST_TO_WEIGHT_DTYPE.findall(inspect.getsource(sys.modules[model_class.__module__]))))
 
 
-def transformers_default_skips(auto_class: type, config, trust_remote_code: bool) -> list[str]:
-    """What transformers keeps unquantized when it is given no skip list: the output embeddings whatever their name
-    (BioGPT's `output_projection`), tied weights and the last layer. It drops these as soon
-    as any skip list is given, and peftkit always gives one (task heads), so they are added back; read from the
-    model built on the meta device by transformers' own rule (`get_keys_to_not_convert`)."""
-    from accelerate import init_empty_weights
-    from transformers.quantizers.base import get_keys_to_not_convert
-
+def tied_output_layers(auto_class: type, config) -> list[str]:
+    """The modules the model class ties to its input embeddings: its output head whatever its name (BioGPT's
+    `output_projection`), whether this config ties them or not. transformers keeps these unquantized only when it
+    is given no skip list, and peftkit always gives one (task heads). Read from the class's `_tied_weights_keys`, not
+    from an instance: building one under DeepSpeed ZeRO-3 would start ZeRO-3's own initialisation."""
     try:
-        with init_empty_weights(include_buffers=True):
-            model = auto_class.from_config(config, trust_remote_code=trust_remote_code)
-    except ValueError:  # no such head for this architecture: loading it reports that to the user
+        model_class = auto_class._model_mapping[type(config)]
+    except (KeyError, AttributeError):  # remote code (or no such head): `lm_head` by name only
         return []
-    return sorted(get_keys_to_not_convert(model))
+    tied = getattr(model_class, "_tied_weights_keys", None) or {}
+    keys = [*tied, *tied.values()] if isinstance(tied, dict) else list(tied)
+    return sorted({key.rsplit(".", 1)[0] for key in keys if "." in key})
 
 
 def torch_dtype(name: str) -> torch.dtype:
