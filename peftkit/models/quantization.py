@@ -20,14 +20,22 @@ ALWAYS_UNQUANTIZED = ("lm_head",)
 _CAST_TO_WEIGHT_DTYPE = re.compile(r"\.to\(self\.(\w+)\.weight\.dtype\)")
 
 
+def _transformers_class(auto_class: type, config) -> type | None:
+    """The class `auto_class` builds for this config; None for remote code (its class is not in transformers' map)
+    or a head the architecture does not have."""
+    try:
+        return auto_class._model_mapping[type(config)]
+    except (KeyError, AttributeError):
+        return None
+
+
 def layers_cast_to(auto_class: type, config) -> list[str]:
     """Layers whose weight dtype the model's code casts activations to (the feed-forward `wo` of T5 and the models
     copied from it). A quantized weight reports its storage dtype (uint8 for 4-bit), so the activations would be
     cast to bytes and the forward fails; T5 keeps `wo` out of quantization through `_keep_in_fp32_modules`, LongT5
     and SwitchTransformers do not. Read from the model's source, so every such model is covered, not a list."""
-    try:
-        model_class = auto_class._model_mapping[type(config)]
-    except (KeyError, AttributeError):  # remote code: its module is not transformers'
+    model_class = _transformers_class(auto_class, config)
+    if model_class is None:  # remote code: its module is not transformers'
         return []
     return sorted(set(_CAST_TO_WEIGHT_DTYPE.findall(inspect.getsource(sys.modules[model_class.__module__]))))
 
@@ -37,9 +45,8 @@ def tied_output_layers(auto_class: type, config) -> list[str]:
     `output_projection`), whether this config ties them or not. transformers keeps these unquantized only when it
     is given no skip list, and peftkit always gives one (task heads). Read from the class's `_tied_weights_keys`, not
     from an instance: building one under DeepSpeed ZeRO-3 would start ZeRO-3's own initialisation."""
-    try:
-        model_class = auto_class._model_mapping[type(config)]
-    except (KeyError, AttributeError):  # remote code (or no such head): `lm_head` by name only
+    model_class = _transformers_class(auto_class, config)
+    if model_class is None:  # remote code: `lm_head` by name only (ALWAYS_UNQUANTIZED)
         return []
     tied = getattr(model_class, "_tied_weights_keys", None) or {}
     keys = [*tied, *tied.values()] if isinstance(tied, dict) else list(tied)
